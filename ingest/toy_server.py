@@ -1,0 +1,46 @@
+"""Serve the toy dataset over loopback HTTP so that img2dataset downloads it as it would LAION."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from ingest import toy
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # one line per image would drown the progress bar
+        pass
+
+
+@contextmanager
+def serve_directory(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `directory` on host:<free port> in a background thread; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = ThreadingHTTPServer((host, 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="toy-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def write_toy_images(directory: Path, count: int, size: int, seed: int) -> pd.DataFrame:
+    """Draw the toy set as PNG files; returns (file name, caption) rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (spec, image) in enumerate(toy.generate(count, size, seed)):
+        name = f"{index:06d}.png"
+        (directory / name).write_bytes(toy.to_png_bytes(image))
+        rows.append({"file": name, "caption": spec.caption})
+    return pd.DataFrame(rows)

@@ -1,0 +1,100 @@
+"""`pipeline`: run the whole pipeline or one stage against a run directory (any fsspec URL).
+
+    pipeline run --preset tiny --out runs/demo       # every stage; rerun to resume or skip
+    pipeline encode runs/demo                        # one stage of an existing run
+    pipeline config show --preset sd15-256           # the resolved config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from pipeline import layout
+from pipeline.config import ConfigError, load_config, to_toml
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+app.add_typer(config_app, name="config")
+
+PresetOption = typer.Option(None, "--preset", "-p", help="Preset: tiny or sd15-256.")
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML file merged over the preset.")
+SetOption = typer.Option([], "--set", "-s", help="Override KEY=VALUE, e.g. train.max_steps=200 (repeatable).")
+ForceOption = typer.Option(False, "--force", help="Rerun even if the run directory says it is done.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    out: str = typer.Option(..., "--out", "-o", help="Run directory: local path or fsspec URL (s3://...)."),
+    preset: Optional[str] = PresetOption,
+    config: Optional[str] = ConfigOption,
+    overrides: list[str] = SetOption,
+    force: bool = ForceOption,
+) -> None:
+    """Run every stage; a finished run is skipped and a half-finished one resumed."""
+    from pipeline.rundir import RunDir
+    from pipeline.runner import load_run_config, run_stages
+
+    run_dir = RunDir(out)
+    try:
+        if preset or config or overrides or not run_dir.exists(layout.CONFIG):
+            resolved = load_config(preset, config, overrides)
+        else:
+            resolved = load_run_config(run_dir)  # rerun of an existing run: keep its config
+    except ConfigError as error:
+        _fail(str(error))
+    run_stages(resolved, run_dir, force=force)
+
+
+def _stage_command(name: str):
+    def command(
+        run_url: str = typer.Argument(..., metavar="RUN", help="An existing run directory."),
+        force: bool = ForceOption,
+    ) -> None:
+        from pipeline.rundir import RunDir
+        from pipeline.runner import StageError, load_run_config, run_stages
+
+        run_dir = RunDir(run_url)
+        try:
+            run_stages(load_run_config(run_dir), run_dir, stages=[name], force=force)
+        except (ConfigError, StageError) as error:
+            _fail(str(error))
+
+    command.__doc__ = f"Run the {name} stage against an existing run directory."
+    return command
+
+
+for _name in layout.STAGES:
+    app.command(name=_name)(_stage_command(_name))
+
+
+@config_app.command("show")
+def config_show(
+    preset: Optional[str] = PresetOption,
+    config: Optional[str] = ConfigOption,
+    overrides: list[str] = SetOption,
+) -> None:
+    """Print the resolved config as TOML, every default written out."""
+    try:
+        typer.echo(to_toml(load_config(preset, config, overrides)), nl=False)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The one typed config schema: sections ingest, encode, train, sample (and ray), loaded from TOML.
+
+Presets are TOML files in `pipeline/presets/`; a user file or `--set section.key=value`
+overrides are merged over the preset. Unknown keys and bad values fail before any work,
+naming the key (pydantic's error location, e.g. `train.lr`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    source: Literal["toy", "urls"] = Field(
+        "toy", description="'toy': generate the offline toy set and serve it on loopback; 'urls': read url_list."
+    )
+    url_list: str | None = Field(None, description="Parquet of image URLs and captions (any fsspec URL); for source='urls'.")
+    url_column: str = Field("url", description="Column of url_list holding the image URL (LAION: 'URL').")
+    caption_column: str = Field("caption", description="Column of url_list holding the caption (LAION: 'TEXT').")
+    toy_count: int = Field(3000, ge=1, description="Number of toy images to generate (source='toy').")
+    toy_image_size: int = Field(64, ge=16, description="Side of the generated toy images in pixels.")
+    image_size: int = Field(64, ge=8, description="img2dataset resizes every image to this side.")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
+        "center_crop", description="img2dataset resize mode."
+    )
+    samples_per_shard: int = Field(500, ge=1, description="Images per webdataset shard.")
+    processes: int = Field(1, ge=1, description="img2dataset processes.")
+    threads: int = Field(16, ge=1, description="img2dataset download threads per process.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-image download timeout in seconds.")
+    retries: int = Field(0, ge=0, description="img2dataset retries per image.")
+
+
+class EncodeConfig(Section):
+    vae: str = Field("builtin:tiny-vae", description="AutoencoderKL: Hugging Face id, local path or builtin:NAME.")
+    vae_subfolder: str | None = Field(None, description="Subfolder of `vae` holding the model (e.g. 'vae' in an SD repo).")
+    text_encoder: str = Field("builtin:tiny-text-encoder", description="CLIPTextModel: Hugging Face id, local path or builtin:NAME.")
+    text_encoder_subfolder: str | None = Field(None, description="Subfolder of `text_encoder` holding the model.")
+    tokenizer: str = Field("builtin:clip-tokenizer", description="CLIPTokenizer: Hugging Face id, local path or builtin:NAME.")
+    tokenizer_subfolder: str | None = Field(None, description="Subfolder of `tokenizer` holding the tokenizer.")
+    resolution: int = Field(64, ge=8, description="Images are resized (shorter side) and centre-cropped to this side before the VAE.")
+    batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
+    num_actors: int = Field(1, ge=1, description="Encoder actors, each holding the VAE and text encoder once.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per encoder actor (fractional on small machines).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor; 0 runs on CPU.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Autocast precision for the encoders (GPU only).")
+
+
+class TrainConfig(Section):
+    unet: Literal["tiny", "sd15"] = Field("tiny", description="UNet2DConditionModel preset.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers, each running one DeepSpeed engine.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker (CPU training).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Training precision.")
+    batch_size_per_worker: int = Field(32, ge=1, description="Micro-batch per worker.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Schedule after warmup.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0 disables.")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing a caption embedding with the empty caption's.")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="What the UNet predicts.")
+    noise_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = Field(
+        "squaredcos_cap_v2", description="DDPM beta schedule."
+    )
+    num_train_timesteps: int = Field(1000, ge=1, description="Diffusion timesteps.")
+    checkpoint_every: int = Field(500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves.")
+    keep_checkpoints: int = Field(3, ge=1, description="Resumable checkpoints kept (exports are all kept).")
+    log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One image per prompt and seed.")
+    guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.5], description="Classifier-free guidance scales to validate.")
+    scheduler: Literal["ddpm", "ddim", "dpmsolver++", "euler"] = Field("dpmsolver++", description="Sampling scheduler.")
+    steps: int = Field(20, ge=1, description="Denoising steps.")
+    batch_size: int = Field(64, ge=1, description="Images per UNet batch.")
+    judge: Literal["toy", "none"] = Field("none", description="'toy': exact prompt accuracy with the toy pixel judge.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster to join; unset starts a local instance (or uses RAY_ADDRESS).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance; unset lets Ray count them.")
+
+
+class PipelineConfig(Section):
+    seed: int = Field(0, description="Base seed for toy data, shuffles, dropout and noise.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _sources_consistent(self) -> "PipelineConfig":
+        if self.ingest.source == "urls" and not self.ingest.url_list:
+            raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
+        if self.sample.judge == "toy" and self.ingest.source != "toy":
+            raise ValueError("sample.judge = 'toy' needs ingest.source = 'toy'")
+        return self
+
+
+PRESETS = ("tiny", "sd15-256")
+
+
+def preset_data(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("pipeline.presets").joinpath(f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}}; the value is parsed as TOML, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def validate(data: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            lines.append(f"  {key}: {problem['msg']}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()
+) -> PipelineConfig:
+    """Preset (default 'tiny' when no file is given), then the TOML file, then overrides."""
+    data: dict[str, Any] = preset_data(preset or "tiny") if preset or not path else {}
+    if path:
+        try:
+            data = _merge(data, tomllib.loads(Path(path).read_text()))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    for item in overrides:
+        data = _merge(data, _parse_override(item))
+    return validate(data)
+
+
+def to_toml(config: PipelineConfig) -> str:
+    """Every value written out, so a run directory's config.toml is complete on its own."""
+    data = config.model_dump(mode="json")
+    lines = [f"seed = {_toml_value(data.pop('seed'))}"]
+    for section, values in data.items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is unset")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,44 @@
+"""Names that two stages share: run-directory paths (relative to the run URL) and shard columns."""
+
+CONFIG = "config.toml"
+RUN_MANIFEST = "run.json"
+
+INGEST_SHARDS = "ingest/shards"
+INGEST_STATS = "ingest/stats.json"
+
+ENCODE_SHARDS = "encode/shards"
+ENCODE_MANIFEST = "encode/manifest.json"
+
+TRAIN_DIR = "train"
+TRAIN_CHECKPOINTS = "train/checkpoints"
+TRAIN_EXPORT = "train/export"
+TRAIN_LOGS = "train/logs"
+TRAIN_METRICS = "train/metrics.jsonl"
+
+SAMPLE_VALIDATION = "sample/validation.json"
+SAMPLE_IMAGES = "sample/images"
+REPORT_INDEX = "report/index.html"
+
+# A directory (checkpoint, export) counts only once this marker exists inside it.
+COMMIT_MARKER = "COMMITTED"
+
+# Raw shard members (img2dataset's format) and latent shard members.
+IMAGE_KEY = "jpg"
+CAPTION_KEY = "txt"
+META_KEY = "json"
+LATENT_KEY = "latent.npy"
+TEXT_EMBEDDING_KEY = "text.npy"
+
+STAGES = ("ingest", "encode", "train", "sample", "report")
+
+
+def step_name(step: int) -> str:
+    """Checkpoint and export folder name for an optimizer step: step-0000500."""
+    return f"step-{step:07d}"
+
+
+def parse_step(name: str) -> int | None:
+    """Inverse of step_name; None for anything else."""
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None

@@ -1,0 +1,142 @@
+"""The run directory on any fsspec URL, and its manifest `run.json`.
+
+Files are published atomically: on a local filesystem they are written under a temporary
+name and renamed; object stores publish a put atomically by themselves. Directories that
+must appear whole (checkpoints, exports) carry a commit marker written last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import layout
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    """One run under `url` (a local path, file://, s3://, ...)."""
+
+    def __init__(self, url: str | os.PathLike):
+        url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.url = self.root if self.is_local else f"{protocol}://{self.root}"
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    # paths -------------------------------------------------------------------------------
+    def path(self, relative: str = "") -> str:
+        """Full URL (or absolute local path) of `relative` inside the run."""
+        return f"{self.url}/{relative}".rstrip("/") if relative else self.url
+
+    def _fs_path(self, relative: str) -> str:
+        return f"{self.root}/{relative}".rstrip("/") if relative else self.root
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self._fs_path(relative))
+
+    def list(self, relative: str, suffix: str = "") -> list[str]:
+        """Names (not paths) directly inside `relative`, sorted; [] if it does not exist."""
+        folder = self._fs_path(relative)
+        if not self.fs.exists(folder):
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(folder, detail=False)]
+        return sorted(name for name in names if name.endswith(suffix) and ".tmp-" not in name)
+
+    def committed_steps(self, relative: str) -> list[int]:
+        """Steps of the step-NNNNNNN folders under `relative` whose commit marker exists."""
+        steps = []
+        for name in self.list(relative):
+            step = layout.parse_step(name)
+            if step is not None and self.exists(f"{relative}/{name}/{layout.COMMIT_MARKER}"):
+                steps.append(step)
+        return sorted(steps)
+
+    # reading and writing -----------------------------------------------------------------
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open(self._fs_path(relative), "rb") as handle:
+            return handle.read()
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def read_json(self, relative: str, default: Any = None) -> Any:
+        if default is not None and not self.exists(relative):
+            return default
+        return json.loads(self.read_text(relative))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self._fs_path(relative)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_json(self, relative: str, value: Any) -> None:
+        self.write_text(relative, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+    def put_dir(self, local_dir: str | os.PathLike, relative: str) -> None:
+        """Upload a local folder to `relative`, then write its commit marker last."""
+        target = self._fs_path(relative)
+        if self.is_local:
+            temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(local_dir, temporary)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(temporary, target)
+        else:
+            self.fs.put(str(local_dir).rstrip("/") + "/", target, recursive=True)
+        self.write_text(f"{relative}/{layout.COMMIT_MARKER}", now() + "\n")
+
+    def get_dir(self, relative: str, local_dir: str | os.PathLike) -> Path:
+        """Local copy of `relative` (the folder itself when the run is local)."""
+        if self.is_local:
+            return Path(self._fs_path(relative))
+        self.fs.get(self._fs_path(relative) + "/", str(local_dir), recursive=True)
+        return Path(local_dir)
+
+    def remove(self, relative: str) -> None:
+        target = self._fs_path(relative)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
+    # manifest ----------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return self.read_json(layout.RUN_MANIFEST, default={"stages": {}})
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.manifest()["stages"].get(name, {"status": "pending"})
+
+    def update_stage(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into the stage's entry of run.json (single writer: the driver)."""
+        manifest = self.manifest()
+        entry = manifest["stages"].setdefault(name, {"status": "pending"})
+        entry.update(fields)
+        manifest["updated"] = now()
+        self.write_json(layout.RUN_MANIFEST, manifest)
+        return entry

@@ -1,0 +1,78 @@
+"""The runner's skip / resume / restart rules, with stand-in stages that record their calls."""
+
+import pytest
+
+from pipeline import layout, runner
+from pipeline.config import load_config
+from pipeline.rundir import RunDir
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    calls = []
+    fail = {}
+
+    def make(name):
+        def stage(config, run):
+            calls.append(name)
+            if fail.get(name):
+                fail[name] -= 1
+                raise RuntimeError(f"{name} broke")
+            run.write_text(f"{name}/out.txt", "x")
+            return {"counts": {"n": 1}}
+
+        return stage
+
+    monkeypatch.setattr(runner, "stage_function", make)
+    monkeypatch.setattr(runner, "ensure_ray", lambda config: None)
+    return calls, fail
+
+
+def test_finished_run_skips_every_stage(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    config, run = load_config("tiny"), RunDir(tmp_path)
+    runner.run_stages(config, run)
+    assert calls == list(layout.STAGES)
+    runner.run_stages(config, run)
+    assert calls == list(layout.STAGES)  # nothing ran again
+    assert all(run.stage(name)["status"] == "done" for name in layout.STAGES)
+    assert run.exists(layout.CONFIG)
+
+
+def test_half_finished_run_resumes_at_first_incomplete_stage(tmp_path, fake_stages):
+    calls, fail = fake_stages
+    config, run = load_config("tiny"), RunDir(tmp_path)
+    fail["train"] = 1
+    with pytest.raises(RuntimeError, match="train broke"):
+        runner.run_stages(config, run)
+    assert run.stage("train")["status"] == "failed" and "train broke" in run.stage("train")["error"]
+    calls.clear()
+    runner.run_stages(config, run)
+    assert calls == ["train", "sample", "report"]
+
+
+def test_changed_section_reruns_that_stage_and_later_ones_only(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4"]), run)
+    assert calls == ["train", "sample", "report"]
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4", "sample.steps=5"]), run)
+    assert calls == ["sample", "report"]
+
+
+def test_single_stage_requires_earlier_stages_done(tmp_path, fake_stages):
+    run = RunDir(tmp_path)
+    with pytest.raises(runner.StageError, match="ingest"):
+        runner.run_stages(load_config("tiny"), run, stages=["encode"])
+
+
+def test_force_reruns_a_done_stage(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    config, run = load_config("tiny"), RunDir(tmp_path)
+    runner.run_stages(config, run)
+    calls.clear()
+    runner.run_stages(config, run, stages=["sample"], force=True)
+    assert calls == ["sample"]
