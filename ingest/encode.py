@@ -9,6 +9,7 @@ empty-caption embedding that training uses for caption dropout.
 from __future__ import annotations
 
 import io
+import math
 import json
 import time
 from typing import Any
@@ -67,7 +68,12 @@ def preprocess(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.nd
             valid[index] = True
         except Exception:  # noqa: BLE001 - any decode error means "skip and count"
             pass
-    return {KEY: batch[KEY], layout.CAPTION_KEY: batch[layout.CAPTION_KEY], layout.META_KEY: batch[layout.META_KEY], PIXELS: pixels, VALID: valid}
+    captions = np.array([_text(caption) for caption in batch[layout.CAPTION_KEY]], dtype=object)
+    return {KEY: batch[KEY], layout.CAPTION_KEY: captions, layout.META_KEY: batch[layout.META_KEY], PIXELS: pixels, VALID: valid}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class Encoder:
@@ -118,7 +124,7 @@ def _counting_webdataset_sink(path: str, min_rows_per_file: int):
 
         def on_write_complete(self, write_result):
             super().on_write_complete(write_result)
-            CountingSink.rows_written = write_result.num_rows
+            CountingSink.rows_written = int(write_result.num_rows)
 
     return CountingSink(path, encoder=None, min_rows_per_file=min_rows_per_file)
 
@@ -143,7 +149,7 @@ def build_manifest(config: EncodeConfig) -> dict[str, Any]:
         "latent_shape": latent_shape,
         "text_embedding_shape": list(empty.shape),
         "dtype": "float16",
-        "bytes_per_sample": int(2 * (np.prod(latent_shape) + np.prod(empty.shape))),
+        "bytes_per_sample": 2 * (math.prod(latent_shape) + math.prod(empty.shape)),
         "empty_caption_embedding": to_base64_npy(empty),
     }
 

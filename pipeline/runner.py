@@ -102,7 +102,7 @@ def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, finger
         run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
                          error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8))
         raise
-    run.update_stage(name, status="done", finished=now(), seconds=round(time.monotonic() - started, 2), **summary)
+    run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": round(time.monotonic() - started, 2)})
 
 
 def _print_summary(run: RunDir) -> None:

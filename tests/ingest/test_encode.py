@@ -31,12 +31,13 @@ def test_preprocess_marks_undecodable_images_invalid():
     batch = {
         "__key__": np.array(["a", "b", "c"]),
         "jpg": [good.getvalue(), b"not an image", good.getvalue()[:100]],
-        "txt": np.array(["x", "y", "z"]),
+        "txt": [b"x", "y", b"z"],
         "json": [b"{}", b"{}", b"{}"],
     }
     out = encode.preprocess(batch, resolution=32)
     assert out["valid"].tolist() == [True, False, False]
     assert out["pixels"].shape == (3, 32, 32, 3)
+    assert out["txt"].tolist() == ["x", "y", "z"]
 
 
 def test_encode_batch_shapes_and_scaling():

@@ -1,0 +1,217 @@
+"""The sample stage: validate every committed export with fixed prompts, seeds and guidance scales.
+
+For each committed `train/export/step-NNNNNNN/` not yet in `sample/validation.json` (or validated
+with other sampling settings), it samples every prompt x seed at every guidance scale, writes
+one image grid per (step, guidance scale) and, with the toy judge, the share of images whose
+shape and background colours are the prompt's. `validation.json` is rewritten (atomically)
+after each checkpoint, so an interrupted stage resumes where it stopped.
+
+The VAE, text encoder and tokenizer are the ones named in the encode manifest (the ones that
+made the training latents), checked against its weight hashes; the unconditional branch uses
+the manifest's empty-caption embedding, the exact tensor caption dropout trained on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from ingest import models
+from ingest.toy import parse_caption
+from pipeline import layout
+from pipeline.arrays import from_base64_npy
+from pipeline.config import PipelineConfig, SampleConfig
+from pipeline.rundir import RunDir
+from sample.grid import image_grid, png_bytes
+from sample.guidance import make_scheduler, sample_images
+from sample.judge import is_correct
+
+# What an entry of validation.json must agree on with the config to count as done.
+SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps")
+
+
+class ModelMismatchError(RuntimeError):
+    """A model loaded for sampling is not the one the encode manifest recorded."""
+
+
+def scale_key(guidance_scale: float) -> str:
+    """7.5 -> "7.5", 3.0 -> "3": the key of a guidance scale in validation.json."""
+    return f"{guidance_scale:g}"
+
+
+def grid_path(step: int, guidance_scale: float) -> str:
+    return f"{layout.SAMPLE_IMAGES}/{layout.step_name(step)}/guidance-{scale_key(guidance_scale)}.png"
+
+
+def settings_of(sample: SampleConfig) -> dict[str, Any]:
+    return {
+        "prompts": list(sample.prompts),
+        "seeds": list(sample.seeds),
+        "guidance_scales": list(sample.guidance_scales),
+        "scheduler": sample.scheduler,
+        "steps": sample.steps,
+    }
+
+
+def is_current(entry: dict[str, Any], settings: dict[str, Any], judged: bool) -> bool:
+    """Was this checkpoint validated with these settings (and the judge, if one is asked for)?"""
+    if any(entry.get(key) != settings[key] for key in SETTINGS):
+        return False
+    return not judged or "prompt_accuracy" in entry.get("metrics", {})
+
+
+def best_of(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The (step, guidance scale) with the highest prompt accuracy; ties go to the later step."""
+    candidates = [
+        (accuracy, entry["step"], float(key))
+        for entry in checkpoints
+        for key, accuracy in entry.get("metrics", {}).get("prompt_accuracy", {}).items()
+    ]
+    if not candidates:
+        return None
+    accuracy, step, guidance_scale = max(candidates, key=lambda c: (c[0], c[1], -c[2]))
+    return {"step": step, "guidance_scale": guidance_scale, "prompt_accuracy": accuracy}
+
+
+def load_checked(kind: str, record: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The VAE or text encoder a manifest record names, refused if its weights hash differs."""
+    load = {"vae": models.load_vae, "text_encoder": models.load_text_encoder}[kind]
+    model = load(record["id"], subfolder=record.get("subfolder"))
+    expected = record.get("weights_sha256")
+    actual = models.weights_sha256(model)
+    if expected and actual != expected:
+        raise ModelMismatchError(
+            f"{kind} {record['id']!r} (subfolder {record.get('subfolder')!r}) has weights_sha256 {actual}, "
+            f"but the encode manifest ({layout.ENCODE_MANIFEST}) recorded {expected}: the latents were made "
+            f"with other weights, so samples decoded or conditioned with these would be meaningless"
+        )
+    return model.to(device)
+
+
+def load_export(run: RunDir, step: int, scratch: str, device: torch.device):
+    """(UNet, training scheduler config) of a committed export; copied locally first if remote."""
+    folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    unet.eval().requires_grad_(False)
+    return unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
+
+
+def validate_checkpoint(
+    run: RunDir,
+    step: int,
+    unet: UNet2DConditionModel,
+    scheduler_config: dict[str, Any],
+    vae: torch.nn.Module,
+    prompt_embeddings: torch.Tensor,
+    empty_embedding: torch.Tensor,
+    manifest: dict[str, Any],
+    sample: SampleConfig,
+) -> dict[str, Any]:
+    """Sample every prompt x seed at every guidance scale; write the grids; return the entry."""
+    started = time.monotonic()
+    scheduler = make_scheduler(sample.scheduler, scheduler_config)
+    specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
+    entry: dict[str, Any] = {"step": step, **settings_of(sample), "metrics": {}, "images": {}}
+    accuracy: dict[str, float] = {}
+    for guidance_scale in sample.guidance_scales:
+        scale_started = time.monotonic()
+        key = scale_key(guidance_scale)
+        images = sample_images(
+            unet, vae, scheduler, prompt_embeddings, empty_embedding, guidance_scale, sample.seeds,
+            sample.steps, manifest["latent_shape"], manifest["vae"]["scaling_factor"], sample.batch_size,
+        )  # fmt: skip
+        run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, sample.prompts)))
+        entry["images"][key] = grid_path(step, guidance_scale)
+        line = f"[sample] step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
+        if specs is not None:
+            correct = sum(is_correct(image, spec) for spec, row in zip(specs, images) for image in row)
+            accuracy[key] = correct / (images.shape[0] * images.shape[1])
+            line += f", prompt accuracy {accuracy[key]:.3f}"
+        print(f"{line} ({time.monotonic() - scale_started:.1f}s)", flush=True)
+    if specs is not None:
+        entry["metrics"]["prompt_accuracy"] = accuracy
+    entry["seconds"] = round(time.monotonic() - started, 3)
+    return entry
+
+
+def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
+    """Fail before any work on prompts the judge cannot read or a manifest missing what we need."""
+    if config.sample.judge == "toy":
+        for index, prompt in enumerate(config.sample.prompts):
+            try:
+                parse_caption(prompt)
+            except ValueError:
+                raise ValueError(
+                    f"sample.prompts[{index}] = {prompt!r} is not a toy caption, but sample.judge = 'toy'"
+                ) from None
+    for key in ("vae", "text_encoder", "tokenizer", "latent_shape"):
+        if key not in manifest:
+            raise KeyError(f"{layout.ENCODE_MANIFEST} has no {key!r}")
+
+
+def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
+    sample = config.sample
+    settings = settings_of(sample)
+    judged = sample.judge == "toy"
+    validation = run.read_json(layout.SAMPLE_VALIDATION, default={"checkpoints": [], "best": None})
+    done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, judged)}
+    exported = run.committed_steps(layout.TRAIN_EXPORT)
+    todo = [step for step in exported if step not in done]
+    # run.json keeps this summary in the stage's entry (the runner prints its "counts").
+    summary = {"validated": [], "best": validation.get("best"),
+               "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0}}  # fmt: skip
+    if not sample.prompts:
+        print("[sample] no sample.prompts configured: nothing to validate", flush=True)
+        return summary
+    if not todo:
+        print(f"[sample] all {len(exported)} committed exports already validated", flush=True)
+        return summary
+
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    check_inputs(config, manifest)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_checked("vae", manifest["vae"], device)
+    text_encoder = load_checked("text_encoder", manifest["text_encoder"], device)
+    tokenizer = models.load_tokenizer(manifest["tokenizer"]["id"], subfolder=manifest["tokenizer"].get("subfolder"))
+    prompt_embeddings = models.encode_prompts(tokenizer, text_encoder, sample.prompts).float().cpu()
+    if "empty_caption_embedding" in manifest:
+        empty_embedding = torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float()
+    else:  # older manifests: the same text encoder on "" gives the same tensor
+        empty_embedding = models.encode_prompts(tokenizer, text_encoder, [""]).float().cpu()[0]
+    if empty_embedding.shape != prompt_embeddings.shape[1:]:
+        raise ValueError(
+            f"empty-caption embedding {tuple(empty_embedding.shape)} does not match the prompt embeddings "
+            f"{tuple(prompt_embeddings.shape[1:])} of text encoder {manifest['text_encoder']['id']!r}"
+        )
+    del text_encoder
+
+    print(f"[sample] validating steps {todo} ({len(sample.prompts)} prompts x {len(sample.seeds)} seeds, "
+          f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, {device})",
+          flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
+        for step in todo:
+            unet, scheduler_config = load_export(run, step, scratch, device)
+            if unet.config.cross_attention_dim != prompt_embeddings.shape[-1]:
+                raise ValueError(
+                    f"UNet of step {step} expects {unet.config.cross_attention_dim}-d text embeddings, "
+                    f"the text encoder gives {prompt_embeddings.shape[-1]}"
+                )
+            entry = validate_checkpoint(
+                run, step, unet, scheduler_config, vae, prompt_embeddings, empty_embedding, manifest, sample
+            )
+            others = [e for e in validation["checkpoints"] if e["step"] != step]
+            validation["checkpoints"] = sorted([*others, entry], key=lambda e: e["step"])
+            validation["best"] = best_of(validation["checkpoints"])
+            run.write_json(layout.SAMPLE_VALIDATION, validation)
+            summary["validated"].append(step)
+            summary["counts"]["newly_validated"] += 1
+            summary["counts"]["images"] += len(sample.prompts) * len(sample.seeds) * len(sample.guidance_scales)
+            print(f"[sample] step {step} done in {entry['seconds']:.1f}s", flush=True)
+            del unet
+    summary["best"] = validation["best"]
+    return summary

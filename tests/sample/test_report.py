@@ -1,0 +1,83 @@
+"""The HTML report: self-contained (no network references), one <img> per grid, notes for gaps."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pipeline import layout
+from pipeline.config import to_toml
+from pipeline.rundir import RunDir
+from sample import report, validate
+from sample_support import sample_config
+
+REMOTE_REFERENCE = re.compile(r"""(?:src|href|srcset)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""", re.I)
+
+
+def fill_other_stages(run: RunDir, config) -> None:
+    """What the other stages leave behind: run.json, config.toml, train/metrics.jsonl."""
+    run.write_text(layout.CONFIG, to_toml(config) + '# <script>alert("not escaped")</script>\n')
+    stages = {
+        "ingest": {"status": "done", "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:09+00:00",
+                   "seconds": 9.2, "counts": {"succeeded": 3000, "failed": 2}},
+        "encode": {"status": "done", "seconds": 20.0, "samples": 2998},
+        "train": {"status": "done", "seconds": 300.5, "steps": 20},
+        "sample": {"status": "running"},
+    }  # fmt: skip
+    run.write_json(layout.RUN_MANIFEST, {"stages": stages})
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 0.5, "samples_per_s": 200.0}) for s in range(1, 41)]
+    run.write_text(layout.TRAIN_METRICS, "\n".join(lines) + '\n{"step": 41, "lo')  # torn last line
+
+
+def test_report_is_self_contained_with_one_image_per_grid(synthetic_run):
+    config = sample_config()
+    validate.run_stage(config, synthetic_run)
+    fill_other_stages(synthetic_run, config)
+    summary = report.run_stage(config, synthetic_run)
+
+    page = synthetic_run.read_text(layout.REPORT_INDEX)
+    assert summary["path"] == layout.REPORT_INDEX
+    assert not REMOTE_REFERENCE.search(page)
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'<img[^>]*\ssrc="([^"]*)"', page))
+
+    validation = synthetic_run.read_json(layout.SAMPLE_VALIDATION)
+    grids = [(e["step"], key) for e in validation["checkpoints"] for key in e["images"]]
+    assert len(grids) == 6
+    assert page.count('<img class="grid"') == len(grids)
+    for step, key in grids:
+        assert f"step {step}, guidance {key}" in page
+    # Loss curve, learning rate, accuracy vs step, accuracy vs guidance: four plots.
+    assert page.count("<img ") == len(grids) + 4
+    assert "&lt;script&gt;alert(&quot;not escaped&quot;)&lt;/script&gt;" in page
+    assert "<script>" not in page
+    assert "Best: step" in page
+    for stage in ("ingest", "encode", "train", "sample"):
+        assert f"<td>{stage}</td>" in page
+    assert "counts.succeeded: 3000" in page
+    manifest = synthetic_run.read_json(layout.ENCODE_MANIFEST)
+    assert manifest["vae"]["weights_sha256"] in page and manifest["text_encoder"]["id"] in page
+
+
+def test_report_on_an_empty_run_renders_notes(tmp_path):
+    run = RunDir(tmp_path / "fresh")
+    summary = report.run_stage(None, run)
+    page = run.read_text(layout.REPORT_INDEX)
+    assert summary["counts"]["images"] == 0
+    for missing in (layout.RUN_MANIFEST, layout.TRAIN_METRICS, layout.SAMPLE_VALIDATION, layout.ENCODE_MANIFEST, layout.CONFIG):
+        assert missing in page
+    assert "<img" not in page
+
+
+def test_sample_and_report_run_through_the_pipeline_runner(synthetic_run):
+    """The runner merges each stage's summary into run.json and skips both on a second run."""
+    from pipeline import runner
+
+    config = sample_config()
+    chain = runner.fingerprints(config)
+    for name in ("ingest", "encode", "train"):
+        synthetic_run.update_stage(name, status="done", fingerprint=chain[name], seconds=1.0)
+    runner.run_stages(config, synthetic_run, ["sample", "report"])
+    stages = synthetic_run.manifest()["stages"]
+    assert stages["sample"]["status"] == "done" and stages["sample"]["validated"] == [10, 20]
+    assert stages["report"]["status"] == "done" and stages["report"]["counts"]["images"] == 6 + 2
+    assert synthetic_run.exists(layout.REPORT_INDEX)

@@ -1,0 +1,24 @@
+"""Fixtures for the train tests: a run directory whose encode stage is done."""
+
+from __future__ import annotations
+
+import pytest
+from synthetic_latents import write_latent_run
+
+from pipeline.rundir import RunDir
+
+
+@pytest.fixture
+def latent_run(tmp_path) -> RunDir:
+    return write_latent_run(tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, more threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

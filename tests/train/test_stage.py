@@ -1,0 +1,94 @@
+"""The train stage end to end: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, checkpoints,
+exports, metrics and resume (train.stage), plus its fail-fast input check."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from synthetic_latents import write_latent_run
+
+from pipeline import layout
+from pipeline.config import load_config
+from train.checkpoint import STATE_FILE
+from train.stage import TrainStageError, check_inputs, run_stage
+
+# Constant lr makes the schedule independent of max_steps, so 6 steps resumed to 9 must
+# equal 9 steps in one go if resume is exact (weights, optimizer, data order, noise).
+OVERRIDES = [
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.zero_stage=2",
+    "train.batch_size_per_worker=8",
+    "train.warmup_steps=0",
+    'train.lr_schedule="constant"',
+    "train.checkpoint_every=3",
+    "train.keep_checkpoints=3",
+    "train.log_every=1",
+]
+
+
+def config(max_steps: int):
+    return load_config("tiny", overrides=[*OVERRIDES, f"train.max_steps={max_steps}"])
+
+
+def metrics_rows(run) -> list[dict]:
+    return [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines()]
+
+
+def export_weights(run, step: int) -> dict[str, torch.Tensor]:
+    unet = UNet2DConditionModel.from_pretrained(run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}/unet"))
+    return unet.state_dict()
+
+
+def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local):
+    run = write_latent_run(tmp_path / "run")
+    started = time.perf_counter()
+    first = run_stage(config(6), run)
+    seconds = time.perf_counter() - started
+
+    assert first["steps"] == 6 and first["checkpoints"] == [3, 6] and first["exports"] == [3, 6]
+    assert first["skipped_nonfinite"] == 0 and first["final_loss"] > 0 and first["samples_per_s"] > 0
+    for step in (3, 6):
+        checkpoint = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(step)}"
+        assert run.exists(f"{checkpoint}/{layout.COMMIT_MARKER}")
+        assert run.read_json(f"{checkpoint}/{STATE_FILE}")["step"] == step
+        export = f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"
+        assert run.exists(f"{export}/{layout.COMMIT_MARKER}")
+        assert DDPMScheduler.from_pretrained(run.path(f"{export}/scheduler")).config.clip_sample is False
+    assert not all(torch.equal(a, b) for a, b in zip(export_weights(run, 3).values(), export_weights(run, 6).values()))
+    assert [row["step"] for row in metrics_rows(run)] == [1, 2, 3, 4, 5, 6]
+    assert run.list(layout.TRAIN_LOGS)
+    global_batch = 2 * 8
+    print(f"\nrun_stage, 6 steps: {seconds:.1f} s wall; {global_batch / first['samples_per_s']:.3f} s per step in the loop")
+
+    marker = run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(3)}/{layout.COMMIT_MARKER}")
+    written = os.stat(marker).st_mtime_ns
+    second = run_stage(config(9), run)
+    assert second["steps"] == 9 and second["checkpoints"] == [3, 6, 9] and second["exports"] == [3, 6, 9]
+    assert os.stat(marker).st_mtime_ns == written  # steps 1-6 were not trained again
+    assert [row["step"] for row in metrics_rows(run)] == list(range(1, 10))
+
+    straight = write_latent_run(tmp_path / "straight")
+    run_stage(config(9), straight)
+    resumed_losses = [row["loss"] for row in metrics_rows(run)]
+    assert resumed_losses == pytest.approx([row["loss"] for row in metrics_rows(straight)], rel=1e-5)
+    for a, b in zip(export_weights(run, 9).values(), export_weights(straight, 9).values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_too_few_shards_fails_before_any_worker_starts(tmp_path):
+    run = write_latent_run(tmp_path / "run", shards=1)
+    with pytest.raises(TrainStageError, match="1 latent shard.*num_workers = 2"):
+        check_inputs(config(6), run)
+
+
+def test_missing_encode_output_fails_before_any_worker_starts(tmp_path):
+    from pipeline.rundir import RunDir
+
+    with pytest.raises(TrainStageError, match="run the encode stage first"):
+        check_inputs(config(6), RunDir(tmp_path / "empty"))

@@ -1,0 +1,107 @@
+"""Resumable checkpoints (DeepSpeed state through Ray Train) and diffusers-format exports.
+
+A checkpoint is `RUN/train/checkpoints/step-NNNNNNN/`: the DeepSpeed engine state of every
+rank under `deepspeed/` (Ray Train merges the ranks' folders), `train_state.json` (step and
+where the data order stands) and a `COMMITTED` marker rank 0 writes once every rank's
+upload has returned. Ray Train keeps the newest `keep_checkpoints` and hands the latest to
+`ray.train.get_checkpoint()` when the stage runs again with the same storage path.
+
+An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
+(safetensors), published with `RunDir.put_dir` (marker last). Exports are for others to
+load; DeepSpeed's own files are unpickled with `weights_only=False`, so only this run reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import layout
+from pipeline.config import TrainConfig
+from pipeline.rundir import RunDir, now
+from train import distributed
+from train.data import BatchPosition
+from train.step import make_noise_scheduler
+
+DEEPSPEED_TAG = "deepspeed"
+# Isolated non-finite losses are skipped; this many in a row means the weights themselves went bad.
+MAX_CONSECUTIVE_SKIPS = 20
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must add to the engine state for the run to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data order resumes at (epoch, batch_index): the next batch to take
+    batch_index: int = 0
+    skipped_nonfinite: int = 0  # micro-batches skipped for a non-finite loss
+    skipped_in_a_row: int = 0
+
+    def advance(self, position: BatchPosition, skipped: bool, step: int) -> None:
+        self.epoch, self.batch_index = position.epoch, position.index + 1
+        self.skipped_nonfinite += int(skipped)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.step = step
+        if self.skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(
+                f"the loss was not finite for {self.skipped_in_a_row} micro-batches in a row after step {step}: "
+                "training diverged (try a lower train.lr or fp32 precision); the last checkpoint is intact"
+            )
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict) -> None:
+    """Every rank saves its engine state and reports it; collective."""
+    import ray.train
+
+    name = layout.step_name(state.step)
+    with tempfile.TemporaryDirectory(prefix="checkpoint-", ignore_cleanup_errors=True) as local:
+        engine.save_checkpoint(local, tag=DEEPSPEED_TAG)
+        if distributed.is_rank_zero():
+            saved = {**asdict(state), "world_size": distributed.world_size()}
+            Path(local, STATE_FILE).write_text(json.dumps(saved) + "\n")
+        checkpoint = ray.train.Checkpoint.from_directory(local)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    distributed.barrier()  # every rank's upload has returned
+    if distributed.is_rank_zero():
+        run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{name}/{layout.COMMIT_MARKER}", now() + "\n")
+
+
+def resume(engine) -> TrainState:
+    """Load the latest checkpoint Ray Train knows of into `engine`; a fresh state if none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as local:
+        saved = json.loads(Path(local, STATE_FILE).read_text())
+        saved_world = saved.pop("world_size")
+        if saved_world != distributed.world_size():
+            raise RuntimeError(
+                f"{checkpoint.path} was written by {saved_world} workers; resume it with train.num_workers = "
+                f"{saved_world} (ZeRO partitions and the data order depend on it), or start a new run directory"
+            )
+        state = TrainState(**saved)
+        loaded, _ = engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
+    if loaded is None or engine.global_steps != state.step:
+        raise RuntimeError(f"checkpoint {checkpoint.path} could not be loaded (engine at step {engine.global_steps})")
+    distributed.log(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_index})")
+    return state
+
+
+def export_model(engine, run: RunDir, config: TrainConfig, step: int) -> None:
+    """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3."""
+    with distributed.full_parameters(engine, config.zero_stage):
+        if distributed.is_rank_zero():
+            with tempfile.TemporaryDirectory(prefix="export-") as local:
+                engine.module.save_pretrained(f"{local}/unet", safe_serialization=True)
+                make_noise_scheduler(config).save_pretrained(f"{local}/scheduler")
+                run.put_dir(local, f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}")

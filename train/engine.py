@@ -1,0 +1,60 @@
+"""The DeepSpeed engine around the UNet: AdamW, warmup-then-cosine/constant schedule, ZeRO."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from pipeline.config import TrainConfig
+from train.step import learning_rate_factor
+
+
+def deepspeed_config(config: TrainConfig) -> dict:
+    """DeepSpeed's JSON config for one worker's micro-batch; the global batch is derived from it."""
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size_per_worker,
+        "gradient_accumulation_steps": config.gradient_accumulation,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+        # We log ourselves (train.metrics); DeepSpeed's own step prints would only interleave.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(unet: torch.nn.Module, config: TrainConfig):
+    """deepspeed.initialize on the process group Ray Train made (see train.distributed.setup)."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(step, config.warmup_steps, config.max_steps, config.lr_schedule),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=unet,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(config),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def restart_schedule(engine, config: TrainConfig) -> None:
+    """After a resume, take the peak lr and schedule from this run's config, not the checkpoint's.
+
+    The restored scheduler would otherwise keep the old peak lr, and the optimizer the lr the old
+    schedule set last (0 at the end of a finished cosine run that is now being extended).
+    """
+    schedule = engine.lr_scheduler
+    schedule.base_lrs = [config.lr for _ in schedule.base_lrs]
+    factor = learning_rate_factor(schedule.last_epoch, config.warmup_steps, config.max_steps, config.lr_schedule)
+    for group in schedule.optimizer.param_groups:
+        group["lr"] = config.lr * factor
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

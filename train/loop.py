@@ -1,0 +1,93 @@
+"""The function every Ray Train worker runs: build, resume, loop over `train_step`, save.
+
+`train.stage.run_stage` starts it through `TorchTrainer`; `loop_config` holds only plain
+data (the run URL and the config as JSON), so the same call works on any cluster.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import PipelineConfig
+from pipeline.rundir import RunDir
+from train import distributed
+from train.checkpoint import TrainState, export_model, is_due, resume, save_checkpoint
+from train.data import DataOrder, load_latent_data
+from train.engine import make_engine, restart_schedule
+from train.metrics import LogWindow, MetricsLog
+from train.step import make_noise_scheduler, train_step
+from train.unet import build_unet, parameter_count
+
+
+def train_worker(loop_config: dict) -> None:
+    config = PipelineConfig.model_validate(loop_config["config"])
+    train, run = config.train, RunDir(loop_config["run_url"])
+    distributed.setup(train)
+    rank = distributed.rank()
+
+    data = load_latent_data(run)
+    order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
+    distributed.seed_initial_weights(config.seed)
+    unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
+    parameters = parameter_count(unet)  # before ZeRO-3 would shard them
+    engine = make_engine(unet, train)
+    state = resume(engine)
+    restart_schedule(engine, train)
+    noise_scheduler = make_noise_scheduler(train)
+    empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
+    metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
+    _log_start(data, order, state, parameters)
+
+    batches = order.batches(rank, state.epoch, state.batch_index)
+    while state.step < train.max_steps:
+        position = next(batches)
+        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
+        batch = data.batch(position.samples)
+        result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator)
+        previous_step = state.step
+        state.advance(position, result["skipped"], engine.global_steps)
+        window.add(result["loss"], len(position.samples))
+        if state.step == previous_step:
+            continue  # inside a gradient accumulation window, or a skipped step
+        if is_due(state.step, train.log_every, train.max_steps):
+            metrics.add(window.row(state.step, engine))
+        if is_due(state.step, train.checkpoint_every, train.max_steps):
+            _save(engine, run, config, state, metrics)
+            window.restart()
+
+    _finish(state, metrics)
+
+
+def _save(engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog) -> None:
+    """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
+    export_model(engine, run, config.train, state.step)
+    metrics.publish()
+    save_checkpoint(engine, run, state, _summary(state, metrics))
+
+
+def _finish(state: TrainState, metrics: MetricsLog) -> None:
+    """The last report carries the summary the driver returns (every rank must report)."""
+    import ray.train
+
+    metrics.close()
+    summary = _summary(state, metrics)
+    ray.train.report(summary)
+    distributed.log(f"done at step {state.step}: {summary}")
+
+
+def _summary(state: TrainState, metrics: MetricsLog) -> dict:
+    return {
+        "step": state.step,
+        "final_loss": metrics.final_loss,
+        "samples_per_s": metrics.samples_per_s,
+        "skipped_nonfinite": state.skipped_nonfinite,
+    }
+
+
+def _log_start(data, order: DataOrder, state: TrainState, parameters: int) -> None:
+    plan = order.plan(state.epoch)
+    distributed.log(
+        f"{parameters / 1e6:.1f}M-parameter UNet, {distributed.world_size()} workers; data {data.counts()}; "
+        f"epoch {state.epoch}: {plan.steps} batches per rank, {len(plan.shards_dropped)} shard(s) and "
+        f"{plan.samples_dropped} sample(s) left out; starting at step {state.step}"
+    )

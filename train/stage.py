@@ -1,0 +1,73 @@
+"""The train stage: Ray Train's TorchTrainer running `train.loop.train_worker` on every worker.
+
+Checkpoints land in `RUN/train/checkpoints/step-NNNNNNN` because the trainer's storage is
+`RUN/train` and its run name is `checkpoints`. Running the stage again with the same run
+directory resumes from the latest checkpoint (Ray Train V2 has no `resume_from_checkpoint`:
+the same name and storage path is how it finds the previous run's checkpoints).
+
+Assumes Ray is initialised (`pipeline.ray_runtime.ensure_ray`).
+"""
+
+from __future__ import annotations
+
+from pipeline import layout
+from pipeline.config import PipelineConfig
+from pipeline.rundir import RunDir
+from train.loop import train_worker
+
+CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
+
+
+class TrainStageError(RuntimeError):
+    """Training could not start or did not finish; the message says why."""
+
+
+def run_stage(config: PipelineConfig, run: RunDir) -> dict:
+    """Train (or resume) to `config.train.max_steps`; the summary for run.json."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_inputs(config, run)
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_RUN_NAME,
+            storage_path=run.path(layout.TRAIN_DIR),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors; keep its message, which names the rank
+        raise TrainStageError(f"training failed ({type(error).__name__}): {error}") from error
+    worker_summary = result.metrics or {}
+    exports = run.committed_steps(layout.TRAIN_EXPORT)
+    return {
+        "counts": {"steps": worker_summary.get("step"), "exports": len(exports), "skipped_nonfinite": worker_summary.get("skipped_nonfinite")},
+        "steps": worker_summary.get("step"),
+        "final_loss": worker_summary.get("final_loss"),
+        "checkpoints": run.committed_steps(layout.TRAIN_CHECKPOINTS),
+        "exports": exports,
+        "samples_per_s": worker_summary.get("samples_per_s"),
+        "skipped_nonfinite": worker_summary.get("skipped_nonfinite"),
+    }
+
+
+def check_inputs(config: PipelineConfig, run: RunDir) -> None:
+    """Fail before any worker starts if the encode stage's output cannot feed this config."""
+    if not run.exists(layout.ENCODE_MANIFEST):
+        raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
+    shards = run.list(layout.ENCODE_SHARDS, suffix=".tar")
+    workers = config.train.num_workers
+    if len(shards) < workers:
+        raise TrainStageError(
+            f"{len(shards)} latent shard(s) under {run.path(layout.ENCODE_SHARDS)} for train.num_workers = {workers}: "
+            "every worker needs at least one shard. Encode into more shards (lower ingest.samples_per_shard) "
+            "or lower train.num_workers."
+        )

@@ -1,0 +1,120 @@
+"""One training step of text-conditional latent diffusion, free of Ray and process groups.
+
+`train_step` takes an engine: a DeepSpeed engine in the Ray workers, or `PlainEngine` (a
+module plus a torch optimizer behind the same four methods) in tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from pipeline.config import TrainConfig
+from train import distributed
+
+
+def make_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
+    """The DDPM forward process training uses; exported next to the UNet for sampling.
+
+    `clip_sample=False` because latents are scaled, not bounded to [-1, 1].
+    """
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.noise_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=False,
+    )
+
+
+def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based).
+
+    Linear warmup to 1 over `warmup_steps` (the first step already moves), then constant or a
+    half cosine to 0 at `max_steps`.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def drop_captions(
+    text_embeddings: torch.Tensor, empty_caption_embedding: torch.Tensor, probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each sample's caption embedding by the empty caption's with `probability`.
+
+    This is what lets one UNet give both the conditional and the unconditional prediction
+    that classifier-free guidance combines at sampling time.
+    """
+    dropped = torch.rand(text_embeddings.shape[0], generator=generator) < probability
+    empty = empty_caption_embedding.to(text_embeddings.dtype).expand_as(text_embeddings)
+    return torch.where(dropped[:, None, None], empty, text_embeddings)
+
+
+def train_step(
+    engine,
+    batch: dict[str, torch.Tensor],
+    noise_scheduler: DDPMScheduler,
+    empty_caption_embedding: torch.Tensor,
+    caption_dropout: float,
+    generator: torch.Generator,
+) -> dict:
+    """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch.
+
+    All randomness (dropout, timesteps, noise) comes from `generator`, on the CPU, so a
+    step is reproducible on any device. A loss that is not finite on any rank skips the
+    backward and the step on every rank (ranks must agree, or ZeRO's gradient collectives
+    would wait forever); the caller counts `skipped`.
+    """
+    latents, text = batch["latents"], batch["text_embeddings"]
+    text = drop_captions(text, empty_caption_embedding, caption_dropout, generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    dtype = next(engine.module.parameters()).dtype
+    device = engine.device
+    prediction = engine(
+        noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=text.to(device, dtype)
+    ).sample
+    loss = F.mse_loss(prediction.float(), target.to(device).float())
+    if not distributed.all_ranks_finite(loss):
+        return {"loss": float("nan"), "skipped": True}
+    engine.backward(loss)
+    engine.step()
+    return {"loss": loss.item(), "skipped": False}
+
+
+class PlainEngine:
+    """A module and a torch optimizer behind the slice of DeepSpeed's engine API `train_step` uses."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
+        self.module, self.optimizer, self.grad_clip = module, optimizer, grad_clip
+        self.device = next(module.parameters()).device
+        self.global_steps = 0
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm

@@ -1,0 +1,59 @@
+"""The denoising UNet: a diffusers `UNet2DConditionModel` in one of two named shapes.
+
+`tiny` is the offline demo's ~4M-parameter UNet (two levels, cross-attention in both);
+`sd15` is Stable Diffusion 1.5's UNet shape (~860M parameters). Both cross-attend to the
+text encoder's last hidden state, whose width is `cross_attention_dim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # One layer per block gives the 4.2M parameters the demo was calibrated with
+        # (STACK-NOTES); two would give 6.1M.
+        layers_per_block=1,
+        # diffusers reads `attention_head_dim` as the number of heads here (as SD-1.5 does).
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+}
+
+
+def build_unet(preset: str, cross_attention_dim: int, sample_size: int, on_meta: bool = False) -> UNet2DConditionModel:
+    """A freshly initialised UNet for 4-channel latents of side `sample_size`.
+
+    `on_meta` builds it on the meta device (shapes only, no memory), to count parameters of
+    models too large to allocate.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    device = torch.device("meta") if on_meta else contextlib.nullcontext()
+    with device:
+        return UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=cross_attention_dim,
+            **PRESETS[preset],
+        )
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
