@@ -98,6 +98,9 @@ class SampleConfig(Section):
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.5], description="Classifier-free guidance scales to validate.")
     scheduler: Literal["ddpm", "ddim", "dpmsolver++", "euler"] = Field("dpmsolver++", description="Sampling scheduler.")
     steps: int = Field(20, ge=1, description="Denoising steps.")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field(
+        "trailing", description="How sampling steps are spread over the training timesteps; 'trailing' starts from pure noise."
+    )
     batch_size: int = Field(64, ge=1, description="Images per UNet batch.")
     judge: Literal["toy", "none"] = Field("none", description="'toy': exact prompt accuracy with the toy pixel judge.")
 

@@ -40,13 +40,23 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
-def make_scheduler(name: str, training_scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
+def make_scheduler(
+    name: str, training_scheduler_config: Mapping[str, Any], timestep_spacing: str = "trailing"
+) -> SchedulerMixin:
     """A sampling scheduler built from the exported training scheduler's config, so the beta
-    schedule, number of training timesteps and prediction_type are the ones the UNet learned."""
+    schedule, number of training timesteps and prediction_type are the ones the UNet learned.
+
+    "trailing" spacing starts at the last training timestep, where the latent is pure noise;
+    "leading" (diffusers' default) starts lower, near t=950 for 20 steps, where the model
+    expects some signal and reads it from the noise, so the seed rather than the prompt picks
+    low-frequency content such as a background colour (Lin et al., "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", 2023). At t=T an epsilon model's x0 estimate is
+    ill-conditioned under schedules that reach zero signal; v-prediction is not.
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     scheduler_class, overrides = SCHEDULERS[name]
-    return scheduler_class.from_config(dict(training_scheduler_config), **overrides)
+    return scheduler_class.from_config(dict(training_scheduler_config), **overrides, timestep_spacing=timestep_spacing)
 
 
 def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:

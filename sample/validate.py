@@ -32,7 +32,7 @@ from sample.guidance import make_scheduler, sample_images
 from sample.judge import is_correct
 
 # What an entry of validation.json must agree on with the config to count as done.
-SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps")
+SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing")
 
 
 class ModelMismatchError(RuntimeError):
@@ -49,13 +49,7 @@ def grid_path(step: int, guidance_scale: float) -> str:
 
 
 def settings_of(sample: SampleConfig) -> dict[str, Any]:
-    return {
-        "prompts": list(sample.prompts),
-        "seeds": list(sample.seeds),
-        "guidance_scales": list(sample.guidance_scales),
-        "scheduler": sample.scheduler,
-        "steps": sample.steps,
-    }
+    return {key: sample.model_dump(mode="json")[key] for key in SETTINGS}
 
 
 def is_current(entry: dict[str, Any], settings: dict[str, Any], judged: bool) -> bool:
@@ -114,7 +108,7 @@ def validate_checkpoint(
 ) -> dict[str, Any]:
     """Sample every prompt x seed at every guidance scale; write the grids; return the entry."""
     started = time.monotonic()
-    scheduler = make_scheduler(sample.scheduler, scheduler_config)
+    scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
     specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
     entry: dict[str, Any] = {"step": step, **settings_of(sample), "metrics": {}, "images": {}}
     accuracy: dict[str, float] = {}

@@ -130,3 +130,13 @@ def test_decode_and_sample_images_give_uint8_grids(unet):
     # Chunking into batches of 4 (over 6 images) matches one batch of 6.
     whole = sample_images(unet, vae, scheduler, prompts, torch.zeros(77, TEXT_DIM), 3.0, [0, 1], 2, LATENT_SHAPE, 0.5, 6)
     assert np.abs(grid.astype(int) - whole.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_trailing_spacing_starts_from_pure_noise(name):
+    scheduler = make_scheduler(name, training_scheduler().config)
+    scheduler.set_timesteps(20)
+    assert int(scheduler.timesteps[0]) == training_scheduler().config.num_train_timesteps - 1
+    leading = make_scheduler(name, training_scheduler().config, timestep_spacing="leading")
+    leading.set_timesteps(20)
+    assert int(leading.timesteps[0]) < int(scheduler.timesteps[0])
