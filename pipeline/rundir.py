@@ -106,9 +106,13 @@ class RunDir:
         if self.is_local:
             temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
             shutil.copytree(local_dir, temporary)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(temporary, target)
+            if os.path.exists(target):  # move the old one aside first: a folder is always there
+                stale = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                os.replace(target, stale)
+                os.replace(temporary, target)
+                shutil.rmtree(stale)
+            else:
+                os.replace(temporary, target)
         else:
             self.fs.put(str(local_dir).rstrip("/") + "/", target, recursive=True)
         self.write_text(f"{relative}/{layout.COMMIT_MARKER}", now() + "\n")

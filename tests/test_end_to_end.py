@@ -104,4 +104,24 @@ def test_rerun_of_a_finished_run_skips_every_stage(tiny_run):
     after = json.loads((tiny_run / layout.RUN_MANIFEST).read_text())
     for name in layout.STAGES:
         assert after["stages"][name]["finished"] == before["stages"][name]["finished"]
-        assert f"skip" in result.stderr
+        assert f"skip {name}:" in result.stderr
+
+
+def test_half_finished_run_resumes_at_the_first_incomplete_stage(tiny_run):
+    """Mark `sample` as interrupted and drop the report: a rerun redoes exactly those two,
+    and validation, being incremental, samples no checkpoint twice."""
+    manifest_path = tiny_run / layout.RUN_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"]["sample"]["status"] = "running"
+    del manifest["stages"]["report"]
+    manifest_path.write_text(json.dumps(manifest))
+    (tiny_run / layout.REPORT_INDEX).unlink()
+
+    result = pipeline("run", "--out", str(tiny_run), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads(manifest_path.read_text())
+    for name in ("ingest", "encode", "train"):
+        assert after["stages"][name]["finished"] == manifest["stages"][name]["finished"]
+    assert after["stages"]["sample"]["status"] == after["stages"]["report"]["status"] == "done"
+    assert after["stages"]["sample"]["counts"]["newly_validated"] == 0
+    assert (tiny_run / layout.REPORT_INDEX).exists()

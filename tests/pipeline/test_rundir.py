@@ -43,3 +43,15 @@ def test_works_on_other_fsspec_filesystems():
     run.write_json("run.json", {"stages": {}})
     assert run.url == "memory:///runs/one"
     assert run.list("") == ["run.json"]
+
+
+def test_put_dir_replaces_an_existing_folder_whole(tmp_path):
+    run = RunDir(tmp_path / "run")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / "old.bin").write_bytes(b"old")
+    (second / "new.bin").write_bytes(b"new")
+    run.put_dir(first, "export/step-0000001")
+    run.put_dir(second, "export/step-0000001")
+    assert sorted(os.listdir(tmp_path / "run" / "export" / "step-0000001")) == ["COMMITTED", "new.bin"]
+    assert os.listdir(tmp_path / "run" / "export") == ["step-0000001"]
