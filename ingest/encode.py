@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ingest.distribute import complete_shards
 from pipeline import layout
 from pipeline.arrays import to_base64_npy, to_npy_bytes
 from pipeline.config import EncodeConfig, PipelineConfig
@@ -159,7 +160,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
 
     settings = config.encode
     started = time.monotonic()
-    raw_shards = [run.path(f"{layout.INGEST_SHARDS}/{name}") for name in run.list(layout.INGEST_SHARDS, suffix=".tar")]
+    raw_shards = [run.path(f"{layout.INGEST_SHARDS}/{name}") for name in complete_shards(run)]
     if not raw_shards:
         raise FileNotFoundError(f"no raw shards under {run.path(layout.INGEST_SHARDS)}: run the ingest stage first")
     manifest = build_manifest(settings)

@@ -24,13 +24,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ColumnFilter(Section):
+    min: float | None = Field(None, description="Keep rows with value >= min.")
+    max: float | None = Field(None, description="Keep rows with value <= max.")
+
+
 class IngestConfig(Section):
     source: Literal["toy", "urls"] = Field(
         "toy", description="'toy': generate the offline toy set and serve it on loopback; 'urls': read url_list."
     )
-    url_list: str | None = Field(None, description="Parquet of image URLs and captions (any fsspec URL); for source='urls'.")
+    url_list: str | None = Field(None, description="URL list as parquet, CSV or JSONL (any fsspec URL); for source='urls'.")
+    url_list_format: Literal["auto", "parquet", "csv", "jsonl"] = Field("auto", description="Format of url_list; 'auto' goes by its extension.")
     url_column: str = Field("url", description="Column of url_list holding the image URL (LAION: 'URL').")
     caption_column: str = Field("caption", description="Column of url_list holding the caption (LAION: 'TEXT').")
+    extra_columns: list[str] = Field(default_factory=list, description="Columns passed through into each sample's JSON (e.g. WIDTH, HEIGHT, similarity, punsafe, pwatermark).")
+    filters: dict[str, ColumnFilter] = Field(default_factory=dict, description="Pre-filters on numeric columns, e.g. {punsafe = {max = 0.5}}; each counts what it drops.")
+    min_caption_chars: int = Field(1, ge=0, description="Rows whose caption is shorter are dropped and counted.")
+    max_caption_chars: int = Field(2000, ge=1, description="Rows whose caption is longer are dropped and counted.")
+    allow_loopback: bool = Field(False, description="Allow image URLs whose host resolves to loopback (the toy server needs it).")
+    allow_private_addresses: bool = Field(False, description="Allow private, link-local and other non-public addresses (refused by default: SSRF).")
+    max_megapixels: float = Field(89.0, gt=0, description="Images larger than this are refused before decoding (decompression bombs).")
+    min_image_size: int = Field(0, ge=0, description="Images whose shorter side is smaller are dropped and counted.")
     toy_count: int = Field(3000, ge=1, description="Number of toy images to generate (source='toy').")
     toy_image_size: int = Field(64, ge=16, description="Side of the generated toy images in pixels.")
     image_size: int = Field(64, ge=8, description="img2dataset resizes every image to this side.")
@@ -38,8 +52,9 @@ class IngestConfig(Section):
         "center_crop", description="img2dataset resize mode."
     )
     samples_per_shard: int = Field(500, ge=1, description="Images per webdataset shard.")
-    processes: int = Field(1, ge=1, description="img2dataset processes.")
-    threads: int = Field(16, ge=1, description="img2dataset download threads per process.")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per shard download task (one Ray task per shard).")
+    threads: int = Field(16, ge=1, description="Download threads per shard task.")
+    shard_retries: int = Field(2, ge=0, description="Ray retries of a shard task that failed as a whole.")
     timeout_s: float = Field(10.0, gt=0, description="Per-image download timeout in seconds.")
     retries: int = Field(0, ge=0, description="img2dataset retries per image.")
 
@@ -202,6 +217,10 @@ def to_toml(config: PipelineConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -211,4 +230,7 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml_key(key)} = {_toml_value(item)}" for key, item in value.items() if item is not None)
+        return "{ " + ", ".join(items) + " }" if value else "{}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

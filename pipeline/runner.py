@@ -33,7 +33,7 @@ class StageError(RuntimeError):
 
 # name -> (entry point, config sections it reads, output folder, needs Ray)
 STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
-    "ingest": ("ingest.stage:run_stage", ("seed", "ingest"), "ingest", False),
+    "ingest": ("ingest.stage:run_stage", ("seed", "ingest"), "ingest", True),
     "encode": ("ingest.encode:run_stage", ("encode",), "encode", True),
     "train": ("train.stage:run_stage", ("seed", "train"), "train", True),
     "sample": ("sample.validate:run_stage", ("sample",), "sample", False),

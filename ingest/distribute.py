@@ -1,0 +1,100 @@
+"""img2dataset over Ray: one Ray task per shard, retried by Ray, resumable per shard.
+
+img2dataset's own pieces do the work (its `Reader` splits the URL list into shard files, its
+`Downloader` fetches, resizes and writes one webdataset shard plus `NNNNN_stats.json`); this
+module replaces its distributor so that each task installs the egress guard first (the
+guard must live in the process that downloads), has its own CPU share and retries, and the
+driver can show a progress bar. A shard counts as complete once its `_stats.json` exists
+(written after the tar), so a rerun redoes only missing or partial shards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pipeline import layout
+from pipeline.config import IngestConfig
+from pipeline.rundir import RunDir
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+STATS_SUFFIX = "_stats.json"
+
+
+def complete_shard_ids(run: RunDir) -> set[int]:
+    """Shards whose stats file exists: img2dataset writes it after the tar is closed."""
+    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=STATS_SUFFIX)}
+
+
+def complete_shards(run: RunDir) -> list[str]:
+    """Names of the tars later stages may read (a killed download leaves a tar without stats)."""
+    done = complete_shard_ids(run)
+    return [name for name in run.list(layout.INGEST_SHARDS, suffix=".tar") if int(name.split(".")[0]) in done]
+
+
+def _download_shard(downloader, task: tuple[int, str], guard: dict[str, Any]) -> int:
+    from ingest import egress
+
+    egress.install(**guard)
+    ok, _ = downloader(task)
+    if not ok:  # img2dataset printed the traceback; raising lets Ray retry the shard
+        raise RuntimeError(f"shard {task[0]} failed")
+    return task[0]
+
+
+def download(settings: IngestConfig, url_list: str, run: RunDir, extra_columns: list[str]) -> dict[str, Any]:
+    """Download `url_list` (a parquet with url, caption and `extra_columns`) into the run's raw shards."""
+    import ray
+    from img2dataset.downloader import Downloader
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+    from tqdm import tqdm
+
+    from ingest import egress
+
+    output = run.path(layout.INGEST_SHARDS)
+    run.fs.makedirs(run._fs_path(f"{layout.INGEST_SHARDS}/_tmp"), exist_ok=True)  # img2dataset's shard lists
+    done = complete_shard_ids(run)
+    reader = Reader(
+        url_list, "parquet", "url", "caption", None, None, extra_columns or None,
+        settings.samples_per_shard, done, output + "/_tmp", 0,
+    )  # fmt: skip
+    resizer = Resizer(
+        image_size=settings.image_size, resize_mode=settings.resize_mode, resize_only_if_bigger=False,
+        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=95, encode_format="jpg",
+        skip_reencode=False, disable_all_reencoding=False, min_image_size=settings.min_image_size,
+        max_image_area=settings.max_megapixels * 1e6, max_aspect_ratio=float("inf"),
+    )  # fmt: skip
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=settings.threads,
+        save_caption=True, extract_exif=False, output_folder=output, column_list=reader.column_list,
+        timeout=settings.timeout_s, number_sample_per_shard=settings.samples_per_shard, oom_shard_count=5,
+        compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=settings.retries,
+        user_agent_token=None, disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+        blurring_bbox_col=None,
+    )  # fmt: skip
+    guard = {"allow_loopback": settings.allow_loopback, "allow_private": settings.allow_private_addresses,
+             "max_megapixels": settings.max_megapixels}  # fmt: skip
+    task = ray.remote(_download_shard).options(
+        num_cpus=settings.cpus_per_task,
+        max_retries=settings.shard_retries,
+        retry_exceptions=True,
+        # Set before the worker imports cv2, which reads its pixel limit once.
+        runtime_env={"env_vars": egress.env_for(**guard)},
+    )
+    started = time.monotonic()
+    pending = [task.remote(downloader, shard, guard) for shard in reader]
+    images = 0
+    with tqdm(total=len(pending) + len(done), initial=len(done), desc="ingest shards", unit="shard") as bar:
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            shard_id = ray.get(finished[0])
+            stats = run.read_json(f"{layout.INGEST_SHARDS}/{shard_id:05d}{STATS_SUFFIX}")
+            images += stats.get("successes", 0)
+            bar.set_postfix(images_per_s=f"{images / max(time.monotonic() - started, 1e-9):.0f}")
+            bar.update(1)
+    run.remove(f"{layout.INGEST_SHARDS}/_tmp")
+    return {"resumed_shards": len(done)}
