@@ -79,6 +79,26 @@ for _name in layout.STAGES:
     app.command(name=_name)(_stage_command(_name))
 
 
+BENCHES = {"ingest": "ingest.bench:run_bench"}
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help=f"Which bench: {', '.join(BENCHES)}."),
+    images: int = typer.Option(2000, help="Images the bench downloads or encodes."),
+    cpus: int = typer.Option(2, help="CPUs of the private Ray instance."),
+) -> None:
+    """Measure a stage against a bare baseline in the same run; the last line is one JSON object."""
+    import importlib
+    import json
+
+    if name not in BENCHES:
+        _fail(f"unknown bench {name!r}; choose one of {', '.join(BENCHES)}")
+    module, function = BENCHES[name].split(":")
+    result = getattr(importlib.import_module(module), function)(images=images, cpus=cpus)
+    typer.echo(json.dumps(result))
+
+
 @config_app.command("show")
 def config_show(
     preset: Optional[str] = PresetOption,

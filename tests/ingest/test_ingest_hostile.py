@@ -69,6 +69,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, _bomb_png(), {"Content-Type": "image/png"})
         elif path == "/opt-out":
             self._send(200, self.images["/good/0"], {"Content-Type": "image/png", "X-Robots-Tag": "noai"})
+        elif path == "/truncated":
+            self._send(200, self.images["/good/1"][:200], {"Content-Type": "image/png"})
+        elif path == "/slow":
+            self.server.release.wait(30)  # answers only after the client gave up (the test releases it)
+            self._send(200, self.images["/good/2"], {"Content-Type": "image/png"})
         elif path == "/tiny":
             self._send(200, _png(Image.new("RGB", (4, 4), (1, 2, 3))), {"Content-Type": "image/png"})
         else:
@@ -79,9 +84,12 @@ class Handler(BaseHTTPRequestHandler):
 def hostile_server():
     Handler.images = {f"/good/{i}": _png(image) for i, (_, image) in enumerate(toy.generate(GOOD, 64, seed=5))}
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.release = threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -98,6 +106,8 @@ def test_every_bad_row_is_counted_and_never_fatal(tmp_path, hostile_server, ray_
         (f"{base}/bomb", "a decompression bomb", 0.1),
         (f"{base}/opt-out", "X-Robots-Tag noai", 0.1),
         (f"{base}/tiny", "too small", 0.1),
+        (f"{base}/truncated", "a truncated image", 0.1),
+        (f"{base}/slow", "slower than the timeout", 0.1),
         ("ftp://example.org/a.png", "malformed", 0.1),
         ("not a url", "malformed", 0.1),
         (f"{base}/good/1?again", "", 0.1),
@@ -109,7 +119,7 @@ def test_every_bad_row_is_counted_and_never_fatal(tmp_path, hostile_server, ray_
     config = load_config("tiny", overrides=[
         "ingest.source='urls'", f"ingest.url_list='{url_list}'", "ingest.url_column='URL'",
         "ingest.caption_column='TEXT'", "ingest.extra_columns=['punsafe']", "ingest.filters={punsafe={max=0.5}}",
-        "ingest.allow_loopback=true", "ingest.min_image_size=16", "ingest.max_megapixels=50", "ingest.timeout_s=5",
+        "ingest.allow_loopback=true", "ingest.min_image_size=16", "ingest.max_megapixels=50", "ingest.timeout_s=3",
         "ingest.samples_per_shard=10", "sample.judge='none'",
     ])  # fmt: skip
     run = RunDir(tmp_path / "run")
@@ -123,11 +133,13 @@ def test_every_bad_row_is_counted_and_never_fatal(tmp_path, hostile_server, ray_
     failed = stats["failed"]
     assert failed.get("http_error") == 1
     assert failed.get("refused_address") == 2
-    assert failed.get("not_an_image") == 1
+    assert failed.get("not_an_image") == 2  # garbage bytes, truncated PNG
+    assert failed.get("timeout") == 1
     assert failed.get("too_large") == 1
     assert failed.get("opt_out") == 1
     assert failed.get("too_small") == 1
-    assert stats["attempted"] == GOOD + 7
+    assert stats["attempted"] == GOOD + 9
+    assert sum(failed.values()) == 9
 
     members = {}
     for shard in run.list(layout.INGEST_SHARDS, suffix=".tar"):
