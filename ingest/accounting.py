@@ -49,8 +49,6 @@ REASONS = (
     "opt_out", "refused_address", "other",
 )  # fmt: skip
 
-STATS_SUFFIX = "_stats.json"
-
 _HTTP_ERROR = re.compile(r"\bhttp error \d{3}\b")
 # Checked in this order. The egress guard's refusals (ingest/egress.py: REFUSED_* phrases)
 # come first: they may quote a URL, which could contain any later needle, and they may be
@@ -99,7 +97,7 @@ def classify(status: str | None, error_message: str | None) -> str:
 def _shard_ids(run: RunDir) -> tuple[list[str], list[str]]:
     """(complete shard ids, incomplete shard ids), e.g. '00003'; complete = its stats file exists."""
     names = run.list(layout.INGEST_SHARDS)
-    complete = sorted(name[: -len(STATS_SUFFIX)] for name in names if name.endswith(STATS_SUFFIX))
+    complete = sorted(name[: -len(layout.SHARD_STATS_SUFFIX)] for name in names if name.endswith(layout.SHARD_STATS_SUFFIX))
     started = {name.rsplit(".", 1)[0] for name in names if name.endswith((".tar", ".parquet"))}
     return complete, sorted(started - set(complete))
 
@@ -152,7 +150,7 @@ def aggregate(run: RunDir, prefilter: dict[str, Any] | None = None) -> dict[str,
     bytes_total = 0
     reasons: Counter[str] = Counter()
     for shard in complete:
-        stats = json.loads(run.read_bytes(f"{layout.INGEST_SHARDS}/{shard}{STATS_SUFFIX}"))
+        stats = json.loads(run.read_bytes(f"{layout.INGEST_SHARDS}/{shard}{layout.SHARD_STATS_SUFFIX}"))
         attempted += int(stats.get("count", 0))
         reasons.update(_shard_reasons(run, shard, stats))
         bytes_total += _size(run, f"{layout.INGEST_SHARDS}/{shard}.tar")

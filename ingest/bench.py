@@ -2,7 +2,7 @@
 
 Both download the same toy images from the same loopback server in the same process run:
 the baseline is `img2dataset.download` with its multiprocessing distributor (one process,
-same threads), the stage is URL-list cleaning plus one guarded Ray task per shard, first with
+same threads; its Ray distributor is measured too, for the choice between the two), the stage is URL-list cleaning plus one guarded Ray task per shard, first with
 one task at a time, then two. Ratios, not seconds, are what compare across machines.
 """
 
@@ -21,7 +21,7 @@ from pipeline.config import IngestConfig
 from pipeline.rundir import RunDir
 
 
-def _plain(url_list: str, output: str, settings: IngestConfig) -> float:
+def _plain(url_list: str, output: str, settings: IngestConfig, distributor: str = "multiprocessing") -> float:
     from img2dataset import download
 
     started = time.perf_counter()
@@ -29,7 +29,7 @@ def _plain(url_list: str, output: str, settings: IngestConfig) -> float:
         url_list=url_list, input_format="parquet", url_col="url", caption_col="caption", output_format="webdataset",
         output_folder=output, image_size=settings.image_size, resize_mode=settings.resize_mode, processes_count=1,
         thread_count=settings.threads, number_sample_per_shard=settings.samples_per_shard, timeout=int(settings.timeout_s),
-        encode_format="jpg", encode_quality=95, distributor="multiprocessing", extract_exif=False, enable_wandb=False,
+        encode_format="jpg", encode_quality=95, distributor=distributor, extract_exif=False, enable_wandb=False,
     )  # fmt: skip
     return time.perf_counter() - started
 
@@ -65,6 +65,9 @@ def run_bench(images: int = 2000, cpus: int = 2, seed: int = 0) -> dict[str, Any
             plain_dir = str(workdir / "plain" / layout.INGEST_SHARDS)
             plain_seconds = _plain(url_list, plain_dir, base)
             plain_ok = _succeeded(str(workdir / "plain"))
+            # img2dataset's own Ray distributor (one task per shard, no guard, no retries)
+            ray_seconds = _plain(url_list, str(workdir / "ray" / layout.INGEST_SHARDS), base, distributor="ray")
+            ray_ok = _succeeded(str(workdir / "ray"))
             one = base.model_copy(update={"cpus_per_task": float(cpus)})  # one shard task at a time
             one_seconds = _stage(url_list, str(workdir / "one"), one, workdir)
             two = base.model_copy(update={"cpus_per_task": cpus / 2})
@@ -77,8 +80,9 @@ def run_bench(images: int = 2000, cpus: int = 2, seed: int = 0) -> dict[str, Any
         "ratio": round(one_rate / plain_rate, 3),
         "img_per_s": round(one_rate, 1),
         "plain_img_per_s": round(plain_rate, 1),
+        "img2dataset_ray_distributor_img_per_s": round(ray_ok / ray_seconds, 1),
         "scaling_2_vs_1": round(two_rate / one_rate, 3),
         "img_per_s_2_workers": round(two_rate, 1),
         "images": images,
-        "succeeded": {"plain": plain_ok, "stage_1_worker": one_ok, "stage_2_workers": two_ok},
+        "succeeded": {"plain": plain_ok, "img2dataset_ray": ray_ok, "stage_1_worker": one_ok, "stage_2_workers": two_ok},
     }

@@ -20,12 +20,10 @@ from pipeline.rundir import RunDir
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-STATS_SUFFIX = "_stats.json"
-
 
 def complete_shard_ids(run: RunDir) -> set[int]:
     """Shards whose stats file exists: img2dataset writes it after the tar is closed."""
-    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=STATS_SUFFIX)}
+    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=layout.SHARD_STATS_SUFFIX)}
 
 
 def complete_shards(run: RunDir) -> list[str]:
@@ -56,7 +54,7 @@ def download(settings: IngestConfig, url_list: str, run: RunDir, extra_columns: 
     from ingest import egress
 
     output = run.path(layout.INGEST_SHARDS)
-    run.fs.makedirs(run._fs_path(f"{layout.INGEST_SHARDS}/_tmp"), exist_ok=True)  # img2dataset's shard lists
+    run.makedirs(f"{layout.INGEST_SHARDS}/_tmp")  # img2dataset's Reader writes its shard lists there
     done = complete_shard_ids(run)
     reader = Reader(
         url_list, "parquet", "url", "caption", None, None, extra_columns or None,
@@ -92,7 +90,7 @@ def download(settings: IngestConfig, url_list: str, run: RunDir, extra_columns: 
         while pending:
             finished, pending = ray.wait(pending, num_returns=1)
             shard_id = ray.get(finished[0])
-            stats = run.read_json(f"{layout.INGEST_SHARDS}/{shard_id:05d}{STATS_SUFFIX}")
+            stats = run.read_json(f"{layout.INGEST_SHARDS}/{shard_id:05d}{layout.SHARD_STATS_SUFFIX}")
             images += stats.get("successes", 0)
             bar.set_postfix(images_per_s=f"{images / max(time.monotonic() - started, 1e-9):.0f}")
             bar.update(1)

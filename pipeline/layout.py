@@ -5,6 +5,8 @@ RUN_MANIFEST = "run.json"
 
 INGEST_SHARDS = "ingest/shards"
 INGEST_STATS = "ingest/stats.json"
+# img2dataset writes NNNNN_stats.json after NNNNN.tar: a shard is complete once it exists.
+SHARD_STATS_SUFFIX = "_stats.json"
 
 ENCODE_SHARDS = "encode/shards"
 ENCODE_MANIFEST = "encode/manifest.json"

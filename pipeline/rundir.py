@@ -124,6 +124,9 @@ class RunDir:
         self.fs.get(self._fs_path(relative) + "/", str(local_dir), recursive=True)
         return Path(local_dir)
 
+    def makedirs(self, relative: str) -> None:
+        self.fs.makedirs(self._fs_path(relative), exist_ok=True)
+
     def remove(self, relative: str) -> None:
         target = self._fs_path(relative)
         if self.fs.exists(target):

@@ -13,6 +13,6 @@ def test_bench_ingest_prints_ratio_json_last():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["bench"] == "ingest"
-    assert report["succeeded"] == {"plain": 120, "stage_1_worker": 120, "stage_2_workers": 120}
+    assert report["succeeded"] == {"plain": 120, "img2dataset_ray": 120, "stage_1_worker": 120, "stage_2_workers": 120}
     assert report["ratio"] > 0 and report["img_per_s"] > 0 and report["scaling_2_vs_1"] > 0
     assert abs(report["ratio"] - report["img_per_s"] / report["plain_img_per_s"]) < 0.05 * report["ratio"]
