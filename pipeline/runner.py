@@ -2,9 +2,12 @@
 
 A stage's fingerprint hashes the config sections it reads and the fingerprint of the stage
 before it, so a changed upstream stage makes every later one stale. A stage is skipped when
-run.json says it is done with the same fingerprint; an interrupted one (running or failed)
-with the same fingerprint is resumed (each stage resumes what it can); a stage whose
-fingerprint changed starts over from an empty output folder.
+run.json says it is done with the same fingerprint. Otherwise it resumes (each stage resumes
+what it can from its output folder) when its *base* fingerprint is unchanged: the same hash
+without the keys that only say how far to go (`train.max_steps`, checkpoint cadence), chained
+through the base fingerprints upstream; so raising max_steps continues training from the last
+checkpoint and validates only the new exports. Any other change starts the stage over from an
+empty output folder.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class StageError(RuntimeError):
     """A stage failed; run.json records it as failed with the error."""
 
 
+# Keys whose change extends a stage's work instead of invalidating it.
+RESUMABLE_KEYS: dict[str, set[str]] = {"train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}}
+
 # name -> (entry point, config sections it reads, output folder, needs Ray)
 STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
     "ingest": ("ingest.stage:run_stage", ("seed", "ingest"), "ingest", True),
@@ -47,13 +53,26 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
     return getattr(importlib.import_module(module), function)
 
 
-def fingerprints(config: PipelineConfig) -> dict[str, str]:
+def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
+    """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
     data = config.model_dump(mode="json")
-    chain, previous = {}, ""
+    chain: dict[str, tuple[str, str]] = {}
+    previous, previous_base = "", ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
-        payload = json.dumps({section: data[section] for section in sections}, sort_keys=True) + previous
-        previous = chain[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        payload = {section: data[section] for section in sections}
+        base_payload = {
+            section: {k: v for k, v in value.items() if k not in RESUMABLE_KEYS.get(section, ())}
+            if isinstance(value, dict) else value
+            for section, value in payload.items()
+        }  # fmt: skip
+        previous = _digest(payload, previous)
+        previous_base = _digest(base_payload, previous_base)
+        chain[name] = (previous, previous_base)
     return chain
+
+
+def _digest(payload: dict, previous: str) -> str:
+    return hashlib.sha256((json.dumps(payload, sort_keys=True) + previous).encode()).hexdigest()[:16]
 
 
 def load_run_config(run: RunDir) -> PipelineConfig:
@@ -73,7 +92,7 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
     chain = fingerprints(config)
     for name in layout.STAGES:
         entry = run.stage(name)
-        up_to_date = entry.get("status") == "done" and entry.get("fingerprint") == chain[name]
+        up_to_date = entry.get("status") == "done" and entry.get("fingerprint") == chain[name][0]
         if name not in wanted:
             if not up_to_date and any(layout.STAGES.index(w) > layout.STAGES.index(name) for w in wanted):
                 raise StageError(f"stage {name!r} is not done for this config; run `pipeline {name} {run.url}` first")
@@ -86,16 +105,18 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
     return run.manifest()
 
 
-def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, fingerprint: str, force: bool) -> None:
+def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str], force: bool) -> None:
     entry_point, _, output, needs_ray = STAGE_SPECS[name]
-    resuming = entry.get("status") in ("running", "failed") and entry.get("fingerprint") == fingerprint and not force
+    fingerprint, base = stage_fingerprints
+    resuming = entry.get("status") != "pending" and entry.get("base_fingerprint") == base and not force
     if not resuming:
         run.remove(output)  # stale or forced: start from an empty folder
     console.rule(f"[bold]{name}[/] ({'resume' if resuming else 'start'})")
     if needs_ray:
         ensure_ray(config.ray)
     started = time.monotonic()
-    run.update_stage(name, status="running", started=now(), finished=None, fingerprint=fingerprint, error=None)
+    run.update_stage(name, status="running", started=now(), finished=None, fingerprint=fingerprint,
+                     base_fingerprint=base, error=None)  # fmt: skip
     try:
         summary = stage_function(name)(config, run) or {}
     except BaseException as error:

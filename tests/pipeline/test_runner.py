@@ -76,3 +76,21 @@ def test_force_reruns_a_done_stage(tmp_path, fake_stages):
     calls.clear()
     runner.run_stages(config, run, stages=["sample"], force=True)
     assert calls == ["sample"]
+
+
+def test_raising_max_steps_resumes_training_and_keeps_its_outputs(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    (tmp_path / "train" / "checkpoint-from-before").write_text("kept")
+    (tmp_path / "sample" / "validated-before").write_text("kept")
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["train.max_steps=3000"]), run)
+    assert calls == ["train", "sample", "report"]
+    assert (tmp_path / "train" / "checkpoint-from-before").exists()  # resumed, not wiped
+    assert (tmp_path / "sample" / "validated-before").exists()  # validation stays incremental
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["train.max_steps=3000", "train.lr=1e-4"]), run)
+    assert calls == ["train", "sample", "report"]
+    assert not (tmp_path / "train" / "checkpoint-from-before").exists()  # a real change starts over
+    assert not (tmp_path / "sample" / "validated-before").exists()

@@ -75,7 +75,7 @@ def test_sample_and_report_run_through_the_pipeline_runner(synthetic_run):
     config = sample_config()
     chain = runner.fingerprints(config)
     for name in ("ingest", "encode", "train"):
-        synthetic_run.update_stage(name, status="done", fingerprint=chain[name], seconds=1.0)
+        synthetic_run.update_stage(name, status="done", fingerprint=chain[name][0], base_fingerprint=chain[name][1], seconds=1.0)
     runner.run_stages(config, synthetic_run, ["sample", "report"])
     stages = synthetic_run.manifest()["stages"]
     assert stages["sample"]["status"] == "done" and stages["sample"]["validated"] == [10, 20]
