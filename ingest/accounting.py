@@ -40,6 +40,7 @@ import re
 from collections import Counter
 from typing import Any
 
+from ingest.distribute import complete_shard_ids
 from pipeline import layout
 from pipeline.rundir import RunDir
 
@@ -97,7 +98,7 @@ def classify(status: str | None, error_message: str | None) -> str:
 def _shard_ids(run: RunDir) -> tuple[list[str], list[str]]:
     """(complete shard ids, incomplete shard ids), e.g. '00003'; complete = its stats file exists."""
     names = run.list(layout.INGEST_SHARDS)
-    complete = sorted(name[: -len(layout.SHARD_STATS_SUFFIX)] for name in names if name.endswith(layout.SHARD_STATS_SUFFIX))
+    complete = [f"{shard:05d}" for shard in sorted(complete_shard_ids(run))]
     started = {name.rsplit(".", 1)[0] for name in names if name.endswith((".tar", ".parquet"))}
     return complete, sorted(started - set(complete))
 

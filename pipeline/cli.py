@@ -15,9 +15,10 @@ import typer
 
 from pipeline import layout
 from pipeline.config import ConfigError, load_config, to_toml
+from pipeline.ray_runtime import WORKER_ENV
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _key, _value in WORKER_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")

@@ -106,7 +106,7 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
 
 
 def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str], force: bool) -> None:
-    entry_point, _, output, needs_ray = STAGE_SPECS[name]
+    _, _, output, needs_ray = STAGE_SPECS[name]
     fingerprint, base = stage_fingerprints
     resuming = entry.get("status") != "pending" and entry.get("base_fingerprint") == base and not force
     if not resuming:

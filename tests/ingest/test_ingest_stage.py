@@ -42,7 +42,7 @@ def test_ingest_writes_webdataset_shards_and_stats(tmp_path, ray_local):
                 key, _, ext = member.name.partition(".")
                 samples.setdefault(key, {})[ext] = archive.extractfile(member).read()
     assert len(samples) == 120
-    for key, members in list(samples.items())[:20]:
+    for members in list(samples.values())[:20]:
         assert {"jpg", "txt", "json"} <= set(members)
         caption = members["txt"].decode()
         image = np.asarray(Image.open(io.BytesIO(members["jpg"])).convert("RGB"))
