@@ -40,12 +40,11 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Union
 from urllib.parse import urljoin, urlparse
 
 log = logging.getLogger(__name__)
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Phrases the accounting classifies by (each refusal's message contains exactly one).
 REFUSED_ADDRESS = "refused non-public address"

@@ -38,7 +38,8 @@ import os
 import uuid
 import warnings
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -38,8 +37,8 @@ def _fail(message: str) -> None:
 @app.command()
 def run(
     out: str = typer.Option(..., "--out", "-o", help="Run directory: local path or fsspec URL (s3://...)."),
-    preset: Optional[str] = PresetOption,
-    config: Optional[str] = ConfigOption,
+    preset: str | None = PresetOption,
+    config: str | None = ConfigOption,
     overrides: list[str] = SetOption,
     force: bool = ForceOption,
 ) -> None:
@@ -80,13 +79,13 @@ for _name in layout.STAGES:
     app.command(name=_name)(_stage_command(_name))
 
 
-BENCHES = {"ingest": "ingest.bench:run_bench"}
+BENCHES = {"ingest": "ingest.bench:run_bench", "encode": "ingest.encode_bench:run_bench"}
 
 
 @app.command()
 def bench(
     name: str = typer.Argument(..., help=f"Which bench: {', '.join(BENCHES)}."),
-    images: int = typer.Option(2000, help="Images the bench downloads or encodes."),
+    images: int | None = typer.Option(None, help="Images the bench downloads or encodes (default: the bench's own)."),
     cpus: int = typer.Option(2, help="CPUs of the private Ray instance."),
 ) -> None:
     """Measure a stage against a bare baseline in the same run; the last line is one JSON object."""
@@ -96,14 +95,15 @@ def bench(
     if name not in BENCHES:
         _fail(f"unknown bench {name!r}; choose one of {', '.join(BENCHES)}")
     module, function = BENCHES[name].split(":")
-    result = getattr(importlib.import_module(module), function)(images=images, cpus=cpus)
+    sizes = {} if images is None else {"images": images}
+    result = getattr(importlib.import_module(module), function)(cpus=cpus, **sizes)
     typer.echo(json.dumps(result))
 
 
 @config_app.command("show")
 def config_show(
-    preset: Optional[str] = PresetOption,
-    config: Optional[str] = ConfigOption,
+    preset: str | None = PresetOption,
+    config: str | None = ConfigOption,
     overrides: list[str] = SetOption,
 ) -> None:
     """Print the resolved config as TOML, every default written out."""

@@ -71,7 +71,17 @@ class EncodeConfig(Section):
     num_actors: int = Field(1, ge=1, description="Encoder actors, each holding the VAE and text encoder once.")
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per encoder actor (fractional on small machines).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor; 0 runs on CPU.")
+    cpus_per_decode_task: float = Field(
+        1.0, gt=0, description="CPUs reserved per task that reads and decodes one raw shard (decoding is single-threaded)."
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Autocast precision for the encoders (GPU only).")
+    store_distribution: bool = Field(
+        False,
+        description="Store the VAE posterior's mean and std instead of its mode; training then draws a fresh latent each time it sees an image.",
+    )
+    flip_copies: bool = Field(
+        False, description="Also encode every image mirrored left-right; training picks one of the two at random (p=0.5)."
+    )
 
 
 class TrainConfig(Section):

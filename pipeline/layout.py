@@ -10,6 +10,8 @@ SHARD_STATS_SUFFIX = "_stats.json"
 
 ENCODE_SHARDS = "encode/shards"
 ENCODE_MANIFEST = "encode/manifest.json"
+# Per raw shard and per written part: what makes encode resumable shard by shard.
+ENCODE_PROGRESS = "encode/progress"
 
 TRAIN_DIR = "train"
 TRAIN_CHECKPOINTS = "train/checkpoints"
@@ -30,6 +32,11 @@ CAPTION_KEY = "txt"
 META_KEY = "json"
 LATENT_KEY = "latent.npy"
 TEXT_EMBEDDING_KEY = "text.npy"
+# Only with encode.store_distribution: the posterior's std (latent.npy then holds its mean).
+LATENT_STD_KEY = "latent_std.npy"
+# Only with encode.flip_copies: the same for the image mirrored left-right.
+LATENT_FLIP_KEY = "latent_flip.npy"
+LATENT_FLIP_STD_KEY = "latent_flip_std.npy"
 
 STAGES = ("ingest", "encode", "train", "sample", "report")
 

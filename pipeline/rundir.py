@@ -7,13 +7,15 @@ must appear whole (checkpoints, exports) carry a commit marker written last.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -72,6 +74,18 @@ class RunDir:
         with self.fs.open(self._fs_path(relative), "rb") as handle:
             return handle.read()
 
+    def open_read(self, relative: str) -> IO[bytes]:
+        """A streaming binary handle (for files too large to hold in memory at once)."""
+        return self.fs.open(self._fs_path(relative), "rb")
+
+    def read_many(self, relatives: list[str]) -> dict[str, bytes]:
+        """Several small files at once (concurrently on object stores), by relative path."""
+        if not relatives:
+            return {}
+        paths = {self._fs_path(relative): relative for relative in relatives}
+        found = self.fs.cat(list(paths), on_error="raise")
+        return {paths[path]: data for path, data in found.items()}
+
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode("utf-8")
 
@@ -81,18 +95,34 @@ class RunDir:
         return json.loads(self.read_text(relative))
 
     def write_bytes(self, relative: str, data: bytes) -> None:
+        with self.open_write(relative) as handle:
+            handle.write(data)
+
+    @contextlib.contextmanager
+    def open_write(self, relative: str) -> Iterator[IO[bytes]]:
+        """A binary handle whose content appears under `relative` only if the block succeeds."""
         target = self._fs_path(relative)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if not self.is_local:
-            self.fs.pipe_file(target, data)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if not self.is_local:  # an object store publishes on close; discard() drops the upload
+            handle = self.fs.open(target, "wb")
+            try:
+                yield handle
+            except BaseException:
+                getattr(handle, "discard", lambda: None)()
+                raise
+            handle.close()
             return
         temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        try:
+            with open(temporary, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+            raise
 
     def write_text(self, relative: str, text: str) -> None:
         self.write_bytes(relative, text.encode("utf-8"))

@@ -35,7 +35,10 @@ class StageError(RuntimeError):
 
 
 # Keys whose change extends a stage's work instead of invalidating it.
-RESUMABLE_KEYS: dict[str, set[str]] = {"train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}}
+RESUMABLE_KEYS: dict[str, set[str]] = {
+    "encode": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "cpus_per_decode_task"},
+    "train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"},
+}
 
 # name -> (entry point, config sections it reads, output folder, needs Ray)
 STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {

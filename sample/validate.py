@@ -6,9 +6,10 @@ one image grid per (step, guidance scale) and, with the toy judge, the share of 
 shape and background colours are the prompt's. `validation.json` is rewritten (atomically)
 after each checkpoint, so an interrupted stage resumes where it stopped.
 
-The VAE, text encoder and tokenizer are the ones named in the encode manifest (the ones that
-made the training latents), checked against its weight hashes; the unconditional branch uses
-the manifest's empty-caption embedding, the exact tensor caption dropout trained on.
+The VAE, text encoder and tokenizer are the ones the config names (`encode.*`), and their
+weights must be the ones that made the training latents, as the encode manifest records them
+(`ingest.identity`); the unconditional branch uses the manifest's empty-caption embedding,
+the exact tensor caption dropout trained on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ingest import models
+from ingest.identity import check_run_encoders
 from ingest.toy import parse_caption
 from pipeline import layout
 from pipeline.arrays import from_base64_npy
@@ -33,10 +35,6 @@ from sample.judge import is_correct
 
 # What an entry of validation.json must agree on with the config to count as done.
 SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing")
-
-
-class ModelMismatchError(RuntimeError):
-    """A model loaded for sampling is not the one the encode manifest recorded."""
 
 
 def scale_key(guidance_scale: float) -> str:
@@ -70,21 +68,6 @@ def best_of(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     accuracy, step, guidance_scale = max(candidates, key=lambda c: (c[0], c[1], -c[2]))
     return {"step": step, "guidance_scale": guidance_scale, "prompt_accuracy": accuracy}
-
-
-def load_checked(kind: str, record: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """The VAE or text encoder a manifest record names, refused if its weights hash differs."""
-    load = {"vae": models.load_vae, "text_encoder": models.load_text_encoder}[kind]
-    model = load(record["id"], subfolder=record.get("subfolder"))
-    expected = record.get("weights_sha256")
-    actual = models.weights_sha256(model)
-    if expected and actual != expected:
-        raise ModelMismatchError(
-            f"{kind} {record['id']!r} (subfolder {record.get('subfolder')!r}) has weights_sha256 {actual}, "
-            f"but the encode manifest ({layout.ENCODE_MANIFEST}) recorded {expected}: the latents were made "
-            f"with other weights, so samples decoded or conditioned with these would be meaningless"
-        )
-    return model.to(device)
 
 
 def load_export(run: RunDir, step: int, scratch: str, device: torch.device):
@@ -140,10 +123,8 @@ def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
             try:
                 parse_caption(prompt)
             except ValueError:
-                raise ValueError(
-                    f"sample.prompts[{index}] = {prompt!r} is not a toy caption, but sample.judge = 'toy'"
-                ) from None
-    for key in ("vae", "text_encoder", "tokenizer", "latent_shape"):
+                raise ValueError(f"sample.prompts[{index}] = {prompt!r} is not a toy caption, but sample.judge = 'toy'") from None
+    for key in ("vae", "text_encoder", "latent_shape"):
         if key not in manifest:
             raise KeyError(f"{layout.ENCODE_MANIFEST} has no {key!r}")
 
@@ -168,10 +149,10 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
 
     manifest = run.read_json(layout.ENCODE_MANIFEST)
     check_inputs(config, manifest)
+    encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_checked("vae", manifest["vae"], device)
-    text_encoder = load_checked("text_encoder", manifest["text_encoder"], device)
-    tokenizer = models.load_tokenizer(manifest["tokenizer"]["id"], subfolder=manifest["tokenizer"].get("subfolder"))
+    vae, text_encoder = encoders.vae.to(device), encoders.text_encoder.to(device)
+    tokenizer = encoders.tokenizer
     prompt_embeddings = models.encode_prompts(tokenizer, text_encoder, sample.prompts).float().cpu()
     if "empty_caption_embedding" in manifest:
         empty_embedding = torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float()
@@ -180,9 +161,9 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     if empty_embedding.shape != prompt_embeddings.shape[1:]:
         raise ValueError(
             f"empty-caption embedding {tuple(empty_embedding.shape)} does not match the prompt embeddings "
-            f"{tuple(prompt_embeddings.shape[1:])} of text encoder {manifest['text_encoder']['id']!r}"
+            f"{tuple(prompt_embeddings.shape[1:])} of text encoder {config.encode.text_encoder!r}"
         )
-    del text_encoder
+    del text_encoder, encoders
 
     print(f"[sample] validating steps {todo} ({len(sample.prompts)} prompts x {len(sample.seeds)} seeds, "
           f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, {device})",

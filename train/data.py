@@ -1,8 +1,9 @@
 """Latent shards in memory, and the data order that makes resume exact.
 
 The encode stage writes `RUN/encode/shards/*.tar` (webdataset: KEY.latent.npy, KEY.text.npy,
-KEY.json). Every worker reads all of them into memory once (the tiny demo's 3000 samples
-take ~30 MB); the order in which a rank visits them is a pure function of
+KEY.json, and with the encode options the posterior's std and a mirrored copy: see
+`pipeline.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
+samples take ~30 MB); the order in which a rank visits them is a pure function of
 (seed, epoch, rank, world size), so a checkpoint needs only (epoch, next batch index):
 
 1. per epoch, a permutation of the shards seeded by (seed, epoch);
@@ -10,6 +11,9 @@ take ~30 MB); the order in which a rank visits them is a pure function of
 3. inside each shard a shuffle seeded by (seed, epoch, shard);
 4. every rank takes the same number of batches: the fewest any rank can fill. What is
    left over is counted (`EpochPlan.samples_dropped`), never silently lost.
+
+Flip choices and posterior draws come from the batch's own generator (`LatentData.batch`),
+so they too are recomputed, not stored, on resume.
 
 Arrays are read with `allow_pickle=False` and metadata as JSON: no pickle ever runs.
 """
@@ -19,8 +23,8 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,16 +39,17 @@ _MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 
 @dataclass
 class LatentShard:
-    """One shard's complete samples: latents [n, 4, h, w] and text embeddings [n, 77, D] (fp16)."""
+    """One shard's complete samples (fp16): text embeddings [n, 77, D] and, by member name,
+    latents [n, 4, h, w] (`layout.LATENT_KEY`, plus the std and flipped members if encoded)."""
 
     name: str
-    latents: np.ndarray
+    latents: dict[str, np.ndarray]
     text_embeddings: np.ndarray
-    incomplete_samples: int = 0  # a member missing, unreadable, or of the wrong shape
+    incomplete_samples: int = 0  # a member missing, unreadable, non-finite or of the wrong shape
     truncated: bool = False  # the tar ended early; the samples before the damage are kept
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.text_embeddings)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class LatentData:
     empty_caption_embedding: np.ndarray  # [77, D]
     latent_shape: tuple[int, ...]  # [4, h, w]
     text_embedding_shape: tuple[int, ...]  # [77, D]
+    latent_members: tuple[str, ...] = (layout.LATENT_KEY,)
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
@@ -68,14 +74,40 @@ class LatentData:
     def sample_size(self) -> int:
         return self.latent_shape[-1]
 
-    def batch(self, samples: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """Stack (shard, index) pairs into float32 tensors `latents` and `text_embeddings`."""
-        latents = np.stack([self.shards[shard].latents[index] for shard, index in samples])
+    @property
+    def flip_copies(self) -> bool:
+        return layout.LATENT_FLIP_KEY in self.latent_members
+
+    @property
+    def stores_distribution(self) -> bool:
+        return layout.LATENT_STD_KEY in self.latent_members
+
+    def batch(self, samples: list[tuple[int, int]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Stack (shard, index) pairs into float32 tensors `latents` and `text_embeddings`.
+
+        With flip copies each sample takes its mirrored latent with probability 0.5; with stored
+        distributions its latent is drawn as mean + std * noise. Both come from `generator`
+        (flips first, then noise), so a batch is a pure function of (samples, generator state),
+        which is what makes resume exact. Without either option nothing is drawn.
+        """
+        flipped = self._flip_choices(len(samples), generator)
+        latents = self._stack(samples, flipped, layout.LATENT_KEY, layout.LATENT_FLIP_KEY)
+        if self.stores_distribution:
+            std = self._stack(samples, flipped, layout.LATENT_STD_KEY, layout.LATENT_FLIP_STD_KEY)
+            latents = latents + std * torch.randn(latents.shape, generator=generator)
         text = np.stack([self.shards[shard].text_embeddings[index] for shard, index in samples])
-        return {
-            "latents": torch.from_numpy(latents.astype(np.float32)),
-            "text_embeddings": torch.from_numpy(text.astype(np.float32)),
-        }
+        return {"latents": latents, "text_embeddings": torch.from_numpy(text.astype(np.float32))}
+
+    def _flip_choices(self, count: int, generator: torch.Generator | None) -> list[bool]:
+        if not self.flip_copies:
+            return [False] * count
+        return (torch.rand(count, generator=generator) < 0.5).tolist()
+
+    def _stack(self, samples: list[tuple[int, int]], flipped: list[bool], member: str, flip_member: str) -> torch.Tensor:
+        rows = [
+            self.shards[shard].latents[flip_member if flip else member][index] for (shard, index), flip in zip(samples, flipped)
+        ]
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
 
     def counts(self) -> dict[str, int]:
         return {
@@ -86,6 +118,34 @@ class LatentData:
         }
 
 
+def manifest_latent_members(manifest: dict) -> tuple[str, ...]:
+    """The latent members every sample holds, from the manifest's flags.
+
+    Manifests older than these options lack the flags: mode latents, no flipped copies.
+    """
+    storage = manifest.get("latent_storage", "mode")
+    if storage not in ("mode", "distribution"):
+        raise ValueError(f"{layout.ENCODE_MANIFEST}: unknown latent_storage {storage!r}")
+    distribution, flips = storage == "distribution", bool(manifest.get("flip_copies", False))
+    members = [layout.LATENT_KEY] + ([layout.LATENT_STD_KEY] if distribution else [])
+    if flips:
+        members += [layout.LATENT_FLIP_KEY] + ([layout.LATENT_FLIP_STD_KEY] if distribution else [])
+    listed = manifest.get("members")
+    if listed is not None and set(listed) != set(members):
+        raise ValueError(
+            f"{layout.ENCODE_MANIFEST} lists latent members {listed}, but its flags (latent_storage "
+            f"{storage!r}, flip_copies {flips}) mean {members}"
+        )
+    return tuple(members)
+
+
+def latent_shard_names(run: RunDir, manifest: dict) -> list[str]:
+    """The manifest's list of latent tars; older manifests have none: every tar in the folder."""
+    if "shards" in manifest:
+        return list(manifest["shards"])
+    return run.list(layout.ENCODE_SHARDS, suffix=".tar")
+
+
 def load_latent_data(run: RunDir) -> LatentData:
     """Read the encode manifest and every latent shard of `run`."""
     if not run.exists(layout.ENCODE_MANIFEST):
@@ -93,22 +153,27 @@ def load_latent_data(run: RunDir) -> LatentData:
     manifest = run.read_json(layout.ENCODE_MANIFEST)
     latent_shape = tuple(manifest["latent_shape"])
     text_shape = tuple(manifest["text_embedding_shape"])
+    members = manifest_latent_members(manifest)
     empty = from_base64_npy(manifest["empty_caption_embedding"])
     if tuple(empty.shape) != text_shape:
         raise ValueError(f"empty_caption_embedding has shape {list(empty.shape)}, expected {list(text_shape)}")
-    names = run.list(layout.ENCODE_SHARDS, suffix=".tar")
+    names = latent_shard_names(run, manifest)
     if not names:
         raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
     shards = []
     for name in names:
         data = io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}"))
-        shards.append(read_latent_shard(data, name, latent_shape, text_shape))
-    return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape)
+        shards.append(read_latent_shard(data, name, latent_shape, text_shape, members))
+    return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape, members)
 
 
-def read_latent_shard(handle, name: str, latent_shape: tuple, text_shape: tuple) -> LatentShard:
-    """Complete, well-shaped, finite samples of one tar, in the order they appear."""
-    members: dict[str, dict[str, bytes]] = {}
+def read_latent_shard(
+    handle, name: str, latent_shape: tuple, text_shape: tuple, members: tuple[str, ...] = (layout.LATENT_KEY,)
+) -> LatentShard:
+    """Samples of one tar that hold every one of `members` (latent member names) and a text
+    embedding, well-shaped and finite, in the order they appear."""
+    wanted = {*members, layout.TEXT_EMBEDDING_KEY}
+    parts_by_key: dict[str, dict[str, bytes]] = {}
     truncated = False
     try:
         with tarfile.open(fileobj=handle, mode="r|*") as archive:
@@ -117,38 +182,40 @@ def read_latent_shard(handle, name: str, latent_shape: tuple, text_shape: tuple)
                 if not member.isfile() or not match:
                     continue
                 key, suffix = match.groups()
-                if suffix in (layout.LATENT_KEY, layout.TEXT_EMBEDDING_KEY):
-                    members.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+                if suffix in wanted:
+                    parts_by_key.setdefault(key, {})[suffix] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError):
         truncated = True
-    latents, texts, incomplete = [], [], 0
-    for parts in members.values():
-        arrays = _decode(parts, latent_shape, text_shape)
-        if arrays is None:
-            incomplete += 1
-            continue
-        latents.append(arrays[0])
-        texts.append(arrays[1])
+    samples = [_decode(parts, members, latent_shape, text_shape) for parts in parts_by_key.values()]
+    complete = [sample for sample in samples if sample is not None]
     return LatentShard(
         name=name,
-        latents=np.stack(latents) if latents else np.zeros((0, *latent_shape), np.float16),
-        text_embeddings=np.stack(texts) if texts else np.zeros((0, *text_shape), np.float16),
-        incomplete_samples=incomplete,
+        latents={member: _stack_rows([s[member] for s in complete], latent_shape) for member in members},
+        text_embeddings=_stack_rows([s[layout.TEXT_EMBEDDING_KEY] for s in complete], text_shape),
+        incomplete_samples=len(samples) - len(complete),
         truncated=truncated,
     )
 
 
-def _decode(parts: dict[str, bytes], latent_shape: tuple, text_shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        latent = from_npy_bytes(parts[layout.LATENT_KEY])
-        text = from_npy_bytes(parts[layout.TEXT_EMBEDDING_KEY])
-    except (KeyError, ValueError, OSError, EOFError):
-        return None
-    if latent.shape != latent_shape or text.shape != text_shape:
-        return None
-    if not (np.isfinite(latent).all() and np.isfinite(text).all()):
-        return None
-    return latent.astype(np.float16), text.astype(np.float16)
+def _stack_rows(rows: list[np.ndarray], shape: tuple) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, *shape), np.float16)
+
+
+def _decode(
+    parts: dict[str, bytes], members: tuple[str, ...], latent_shape: tuple, text_shape: tuple
+) -> dict[str, np.ndarray] | None:
+    """Member name -> fp16 array of one sample; None if any member is missing or unusable."""
+    shapes = {**{member: latent_shape for member in members}, layout.TEXT_EMBEDDING_KEY: text_shape}
+    arrays = {}
+    for member, shape in shapes.items():
+        try:
+            array = from_npy_bytes(parts[member])
+        except (KeyError, ValueError, OSError, EOFError):
+            return None
+        if array.shape != shape or array.dtype.kind != "f" or not np.isfinite(array).all():
+            return None
+        arrays[member] = array.astype(np.float16)
+    return arrays
 
 
 # -- data order ------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def train_worker(loop_config: dict) -> None:
     while state.step < train.max_steps:
         position = next(batches)
         generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
-        batch = data.batch(position.samples)
+        batch = data.batch(position.samples, generator)  # flips and posterior draws, then train_step's draws
         result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator)
         previous_step = state.step
         state.advance(position, result["skipped"], engine.global_steps)

@@ -10,9 +10,11 @@ Assumes Ray is initialised (`pipeline.ray_runtime.ensure_ray`).
 
 from __future__ import annotations
 
+from ingest.identity import EncoderMismatchError, check_run_encoders
 from pipeline import layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
+from train.data import latent_shard_names
 from train.loop import train_worker
 
 CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
@@ -33,9 +35,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json")},
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=CHECKPOINTS_RUN_NAME,
             storage_path=run.path(layout.TRAIN_DIR),
@@ -49,7 +49,11 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
     worker_summary = result.metrics or {}
     exports = run.committed_steps(layout.TRAIN_EXPORT)
     return {
-        "counts": {"steps": worker_summary.get("step"), "exports": len(exports), "skipped_nonfinite": worker_summary.get("skipped_nonfinite")},
+        "counts": {
+            "steps": worker_summary.get("step"),
+            "exports": len(exports),
+            "skipped_nonfinite": worker_summary.get("skipped_nonfinite"),
+        },
         "steps": worker_summary.get("step"),
         "final_loss": worker_summary.get("final_loss"),
         "checkpoints": run.committed_steps(layout.TRAIN_CHECKPOINTS),
@@ -63,7 +67,8 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> None:
     """Fail before any worker starts if the encode stage's output cannot feed this config."""
     if not run.exists(layout.ENCODE_MANIFEST):
         raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
-    shards = run.list(layout.ENCODE_SHARDS, suffix=".tar")
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    shards = latent_shard_names(run, manifest)
     workers = config.train.num_workers
     if len(shards) < workers:
         raise TrainStageError(
@@ -71,3 +76,8 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> None:
             "every worker needs at least one shard. Encode into more shards (lower ingest.samples_per_shard) "
             "or lower train.num_workers."
         )
+    # Latents of another VAE would train a UNet that sampling (with the configured VAE) cannot use.
+    try:
+        check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
+    except EncoderMismatchError as error:
+        raise TrainStageError(str(error)) from error

@@ -1,86 +1,264 @@
-"""The encode stage: pure core without Ray, then the Ray Data stage on real img2dataset shards."""
+"""The encode stage: pure core without Ray, then the Ray Data stage on real tar shards."""
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from webdataset import TarWriter
 
-from ingest import encode
-from ingest.models import encode_prompts, load_text_encoder, load_tokenizer, load_vae, vae_scaling_factor
+from ingest import encode, encode_io, encode_progress
+from ingest.identity import Encoders
+from ingest.models import encode_prompts, vae_scaling_factor
+from ingest.toy import generate
 from pipeline import layout
 from pipeline.arrays import from_base64_npy, from_npy_bytes
-from pipeline.config import load_config
+from pipeline.config import EncodeConfig, load_config
 from pipeline.rundir import RunDir
 
 
+# -- helpers ----------------------------------------------------------------------------------
+def jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def raw_samples(prefix: str, count: int, seed: int = 0) -> list[dict]:
+    """Toy samples as img2dataset writes them (jpg, txt, json)."""
+    return [
+        {"__key__": f"{prefix}{index:04d}", "jpg": jpeg(image), "txt": spec.caption, "json": json.dumps({"key": index}).encode()}
+        for index, (spec, image) in enumerate(generate(count, 64, seed))
+    ]
+
+
+def write_raw_shard(run: RunDir, number: int, samples: list[dict]) -> str:
+    """A raw shard the way ingest leaves it: the tar, then its stats file."""
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False) as writer:
+        for sample in samples:
+            writer.write({key: value.encode() if isinstance(value, str) and key != "__key__" else value for key, value in sample.items()})
+    return write_raw_bytes(run, number, buffer.getvalue())
+
+
+def write_raw_bytes(run: RunDir, number: int, data: bytes) -> str:
+    name = f"{number:05d}.tar"
+    run.write_bytes(f"{layout.INGEST_SHARDS}/{name}", data)
+    run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_STATS_SUFFIX}", {"successes": 0})
+    return name
+
+
+def read_latent_tars(run: RunDir) -> dict[str, dict[str, bytes]]:
+    """Every sample of every latent tar, by key; a key seen twice fails the test."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for name in run.list(layout.ENCODE_SHARDS, suffix=".tar"):
+        seen = set()
+        with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}"))) as archive:
+            for member in archive.getmembers():
+                key, _, suffix = member.name.partition(".")
+                assert key not in samples or key in seen, f"sample {key} written twice"
+                seen.add(key)
+                samples.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+    return samples
+
+
+# -- pure core --------------------------------------------------------------------------------
 def test_center_crop_takes_the_middle_square():
     image = Image.new("RGB", (120, 60), (255, 0, 0))
     image.paste((0, 0, 255), (30, 0, 90, 60))  # blue middle band
-    out = encode.center_crop(image, 32)
+    out = encode_io.center_crop(image, 32)
     assert out.shape == (32, 32, 3)
     assert (out[:, 2:-2] == [0, 0, 255]).all()
 
 
-def test_preprocess_marks_undecodable_images_invalid():
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
-    batch = {
-        "__key__": np.array(["a", "b", "c"]),
-        "jpg": [good.getvalue(), b"not an image", good.getvalue()[:100]],
-        "txt": [b"x", "y", b"z"],
-        "json": [b"{}", b"{}", b"{}"],
-    }
-    out = encode.preprocess(batch, resolution=32)
-    assert out["valid"].tolist() == [True, False, False]
-    assert out["pixels"].shape == (3, 32, 32, 3)
-    assert out["txt"].tolist() == ["x", "y", "z"]
-
-
-def test_encode_batch_shapes_and_scaling():
-    vae = load_vae("builtin:tiny-vae")
-    tokenizer, text_encoder = load_tokenizer("builtin:clip-tokenizer"), load_text_encoder("builtin:tiny-text-encoder")
+def test_encode_batch_shapes_scaling_and_text_padding():
+    config = EncodeConfig()
+    encoders = Encoders.load(config)
     pixels = torch.zeros(2, 3, 64, 64)
-    latents, text = encode.encode_batch(pixels, ["a red circle on a blue background", ""], vae, tokenizer, text_encoder, 2.0)
+    arrays = encode.encode_batch(pixels, ["a red circle on a blue background", ""], encoders, 2.0, config)
+    assert set(arrays) == {layout.LATENT_KEY, layout.TEXT_EMBEDDING_KEY}
+    latents, text = arrays[layout.LATENT_KEY], arrays[layout.TEXT_EMBEDDING_KEY]
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == np.float16
-    assert text.shape == (2, 77, 64) and text.dtype == np.float16
-    unscaled = vae.encode(pixels).latent_dist.mode().numpy()
+    assert text.shape == (2, 77, 64) and text.dtype == np.float16  # padded to CLIP's 77 tokens
+    unscaled = encoders.vae.encode(pixels).latent_dist.mode().numpy()
     np.testing.assert_allclose(latents.astype(np.float32), 2.0 * unscaled, rtol=1e-2, atol=1e-2)
-    empty = encode_prompts(tokenizer, text_encoder, [""])[0].numpy()
+    empty = encode_prompts(encoders.tokenizer, encoders.text_encoder, [""])[0].numpy()
     np.testing.assert_allclose(text[1].astype(np.float32), empty, atol=1e-2)
 
 
-def test_encode_stage_on_real_shards(tmp_path, ray_local):
+def test_long_captions_are_truncated_to_77_tokens_like_sd():
+    encoders = Encoders.load(EncodeConfig())
+    long = " ".join(["red"] * 200)
+    tokens = encoders.tokenizer([long], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(tokens) == 77 and tokens[-1] == encoders.tokenizer.eos_token_id
+    text = encode_prompts(encoders.tokenizer, encoders.text_encoder, [long, long + " blue"])
+    torch.testing.assert_close(text[0], text[1])  # whatever lies past token 77 cannot matter
+
+
+def test_distribution_and_flip_members():
+    config = EncodeConfig(store_distribution=True, flip_copies=True)
+    encoders = Encoders.load(config)
+    image = np.asarray(generate(1, 64, 3)[0][1])
+    pixels = encode.to_model_input(image[None])
+    arrays = encode.encode_batch(pixels, ["x"], encoders, 0.5, config)
+    assert list(arrays)[:-1] == encode.latent_members(config) == ["latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy"]
+    posterior = encoders.vae.encode(pixels).latent_dist
+    np.testing.assert_allclose(arrays["latent.npy"][0].astype(np.float32), 0.5 * posterior.mean[0].numpy(), atol=2e-3)
+    np.testing.assert_allclose(arrays["latent_std.npy"][0].astype(np.float32), 0.5 * posterior.std[0].numpy(), atol=2e-3, rtol=2e-3)
+    assert (arrays["latent_std.npy"] > 0).all()
+    mirrored = encode.to_model_input(image[:, ::-1].copy()[None])
+    flipped = encoders.vae.encode(mirrored).latent_dist.mean[0].numpy() * 0.5
+    np.testing.assert_allclose(arrays["latent_flip.npy"][0].astype(np.float32), flipped, atol=2e-3)
+    assert not np.allclose(arrays["latent_flip.npy"], arrays["latent.npy"], atol=1e-2)
+
+
+def test_decode_shard_counts_undecodable_missing_and_damaged(tmp_path):
+    run = RunDir(tmp_path)
+    samples = raw_samples("a", 5)
+    samples[1]["jpg"] = b"not an image"
+    samples[3]["jpg"] = samples[3]["jpg"][:120]  # a truncated JPEG
+    del samples[4]["jpg"]
+    name = write_raw_shard(run, 0, samples)
+    batches = list(encode_io.decode_shard(run, name, resolution=32, batch_size=2))
+    assert [list(batch["__key__"]) for batch in batches] == [["a0000", "a0002"]]
+    assert batches[0]["pixels"].shape == (2, 32, 32, 3)
+    record = run.read_json(encode_progress.shard_record_path("00000"))
+    assert record == {"shard": "00000", "samples": 5, "valid": 2, "undecodable": 3, "truncated": False, "unreadable": False, "error": None}
+
+    whole = run.read_bytes(f"{layout.INGEST_SHARDS}/{name}")
+    write_raw_bytes(run, 1, whole[: len(whole) * 3 // 5])  # cut inside the fourth sample
+    kept = [key for batch in encode_io.decode_shard(run, "00001.tar", 32, 8) for key in batch["__key__"]]
+    record = run.read_json(encode_progress.shard_record_path("00001"))
+    assert record["truncated"] and not record["unreadable"] and record["error"]
+    assert kept and set(kept) <= {"a0000", "a0002"} and record["valid"] == len(kept)
+
+    write_raw_bytes(run, 2, b"this is not a tar file at all" * 50)
+    assert list(encode_io.decode_shard(run, "00002.tar", 32, 8)) == []
+    record = run.read_json(encode_progress.shard_record_path("00002"))
+    assert record["unreadable"] and record["samples"] == 0 and record["valid"] == 0
+
+
+def test_captions_that_are_not_utf8_are_replaced_not_fatal(tmp_path):
+    run = RunDir(tmp_path)
+    samples = raw_samples("b", 2)
+    samples[0]["txt"] = b"caf\xe9 \xff"
+    write_raw_shard(run, 0, samples)
+    (batch,) = encode_io.decode_shard(run, "00000.tar", 32, 8)
+    assert batch["txt"][0] == "caf\ufffd \ufffd" and len(batch["txt"]) == 2
+
+
+# -- the Ray Data stage -----------------------------------------------------------------------
+def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path, ray_local):
     from ingest.stage import run_stage as ingest
 
     config = load_config("tiny", overrides=["ingest.toy_count=150", "ingest.samples_per_shard=50", "encode.batch_size=32"])
     run = RunDir(tmp_path)
-    ingest(config, run)
+    ingest(config, run)  # real img2dataset shards 00000..00002 (50 images each)
+    damaged = raw_samples("x", 6, seed=1)
+    damaged[2]["jpg"] = b"\x89PNG but not really"
+    write_raw_shard(run, 3, damaged)  # 5 good images, 1 undecodable
+    truncated = io.BytesIO()
+    with TarWriter(truncated, encoder=False) as writer:
+        for sample in raw_samples("t", 4, seed=2):
+            writer.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
+    write_raw_bytes(run, 4, truncated.getvalue()[: len(truncated.getvalue()) // 2])
+    write_raw_bytes(run, 5, b"\x00garbage" * 100)
+
     summary = encode.run_stage(config, run)
 
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    assert manifest["samples"] == 150 and summary["counts"]["samples"] == 150
+    samples = read_latent_tars(run)
+    kept_from_truncated = sum(key.startswith("t") for key in samples)
+    assert 1 <= kept_from_truncated < 4
+    assert manifest["samples"] == len(samples) == 150 + 5 + kept_from_truncated == summary["counts"]["samples"]
+    assert manifest["skipped_undecodable"] == 1 and "x0002" not in samples
+    assert manifest["truncated_shards"] == ["00004"] and manifest["unreadable_shards"] == ["00005"]
+    assert manifest["raw_shards"] == 6 and sorted(manifest["shards"]) == run.list(layout.ENCODE_SHARDS, ".tar")
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_embedding_shape"] == [77, 64]
-    assert manifest["vae"]["scaling_factor"] == pytest.approx(vae_scaling_factor(load_vae("builtin:tiny-vae")))
-    assert len(manifest["vae"]["weights_sha256"]) == 64
+    assert manifest["latent_storage"] == "mode" and manifest["members"] == ["latent.npy"]
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(vae_scaling_factor(Encoders.load(config.encode).vae))
+    assert len(manifest["vae"]["weights_sha256"]) == 64 and len(manifest["text_encoder"]["weights_sha256"]) == 64
     empty = from_base64_npy(manifest["empty_caption_embedding"])
     assert empty.shape == (77, 64) and empty.dtype == np.float16
+    for sample in samples.values():
+        assert from_npy_bytes(sample["latent.npy"]).shape == (4, 8, 8)
+        assert from_npy_bytes(sample["text.npy"]).dtype == np.float16
+        assert json.loads(sample["json"])["caption"].endswith("background")
 
-    keys, captions = set(), []
-    for shard in run.list(layout.ENCODE_SHARDS, suffix=".tar"):
-        with tarfile.open(tmp_path / layout.ENCODE_SHARDS / shard) as archive:
-            for member in archive.getmembers():
-                key, _, ext = member.name.partition(".")
-                data = archive.extractfile(member).read()
-                if ext == layout.LATENT_KEY:
-                    assert from_npy_bytes(data).shape == (4, 8, 8)
-                    keys.add(key)
-                elif ext == layout.TEXT_EMBEDDING_KEY:
-                    assert from_npy_bytes(data).shape == (77, 64)
-                elif ext == layout.META_KEY:
-                    captions.append(json.loads(data)["caption"])
-    assert len(keys) == 150 and len(captions) == 150  # every sample exactly once
-    assert all(caption.endswith("background") for caption in captions)
+    # An attempt that stopped half-way through shard 00001: its part record is gone and a
+    # write task left a tar without a record. Only that shard is encoded again.
+    progress = encode_progress.read_progress(run)
+    for part in progress["00001"].parts:
+        run.remove(encode_progress.part_paths(part["part"])[1])
+    run.write_bytes(f"{layout.ENCODE_SHARDS}/00002-deadbeef.tar", b"half a tar")
+    untouched = {
+        name: os.stat(tmp_path / layout.ENCODE_SHARDS / name).st_mtime_ns
+        for name in run.list(layout.ENCODE_SHARDS, ".tar")
+        if not name.startswith(("00001", "00002-deadbeef"))
+    }
+
+    summary = encode.run_stage(config, run)
+
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    assert manifest["resume"] == {"kept_shards": 5, "discarded_partial_shards": 1, "removed_orphan_tars": 2, "encoded_shards": 1}
+    assert summary["counts"]["resumed_shards"] == 5
+    assert {name: os.stat(tmp_path / layout.ENCODE_SHARDS / name).st_mtime_ns for name in untouched} == untouched
+    assert read_latent_tars(run).keys() == samples.keys()  # every sample exactly once
+    assert manifest["samples"] == len(samples)
+
+    # Nothing left to do: no Ray Data pipeline runs, the manifest is rebuilt from the records.
+    assert encode.run_stage(config, run)["counts"]["resumed_shards"] == 6
+
+
+def test_encode_stage_stores_distribution_and_flips_for_training(tmp_path, ray_local):
+    from train.data import load_latent_data
+
+    config = load_config(
+        "tiny", overrides=["encode.store_distribution=true", "encode.flip_copies=true", "encode.batch_size=16", "ingest.samples_per_shard=20"]
+    )
+    run = RunDir(tmp_path)
+    for number in range(2):
+        write_raw_shard(run, number, raw_samples(f"s{number}", 20, seed=number))
+
+    encode.run_stage(config, run)
+
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    assert manifest["latent_storage"] == "distribution" and manifest["flip_copies"] is True
+    assert manifest["bytes_per_sample"] == 2 * (4 * 4 * 8 * 8 + 77 * 64)
+    samples = read_latent_tars(run)
+    assert len(samples) == 40
+    assert all(set(sample) == {"latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy", "text.npy", "json"} for sample in samples.values())
+    data = load_latent_data(run)
+    assert data.counts()["samples"] == 40 and data.counts()["incomplete_samples"] == 0
+
+
+def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):
+    run = RunDir(tmp_path)
+    for number in range(2):
+        write_raw_shard(run, number, raw_samples(f"s{number}", 3, seed=number))
+        run.write_json(encode_progress.shard_record_path(f"{number:05d}"), {"shard": f"{number:05d}", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None})
+    run.write_json(encode_progress.MODELS, {"vae": {"weights_sha256": "old"}})
+    todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
+    assert todo == ["00000", "00001"] and found["kept_shards"] == 0
+    assert run.read_json(encode_progress.MODELS) == {"vae": {"weights_sha256": "new"}}
+    # With the same models, shards whose records add up are kept.
+    run.write_json(encode_progress.shard_record_path("00000"), {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None})
+    todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
+    assert todo == ["00001"] and found["kept_shards"] == 1
+
+
+def test_progress_kept_by_name_is_dropped_once_the_weights_turn_out_different(tmp_path):
+    run = RunDir(tmp_path)
+    record = {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None}
+    run.write_json(encode_progress.shard_record_path("00000"), record)
+    names = {"vae": {"id": "v", "subfolder": None}}
+    run.write_json(encode_progress.MODELS, {"vae": {**names["vae"], "weights_sha256": "old"}})
+    todo, found = encode_progress.prepare(run, ["00000"], names)  # names agree: kept for now
+    assert todo == [] and found["kept_shards"] == 1
+    todo, found = encode_progress.prepare(run, ["00000"], {"vae": {**names["vae"], "weights_sha256": "new"}})
+    assert todo == ["00000"] and found["kept_shards"] == 0
+    assert run.read_json(encode_progress.MODELS)["vae"]["weights_sha256"] == "new"

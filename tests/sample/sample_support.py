@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ingest import models
 from pipeline import layout
 from pipeline.arrays import to_base64_npy
-from pipeline.config import PipelineConfig, SampleConfig
+from pipeline.config import EncodeConfig, PipelineConfig, SampleConfig
 from pipeline.rundir import RunDir
 
 RESOLUTION = 16  # pixels; the tiny VAE halves it once -> 8x8 latents
@@ -118,11 +118,14 @@ def encode_manifest(vae_id: str, text_encoder_id: str, tokenizer_id: str) -> dic
     }  # fmt: skip
 
 
-def sample_config(**overrides) -> PipelineConfig:
-    settings = dict(prompts=PROMPTS, seeds=[0, 1], guidance_scales=[0.0, 1.0, 7.5], scheduler="ddim",
-                    steps=2, batch_size=3, judge="toy")  # fmt: skip
+def sample_config(encoders: dict | None = None, **overrides) -> PipelineConfig:
+    """Sampling settings for the tests; `encoders` (like `model_dirs`) names the encode models
+    sampling must load (they must have made the run's latents), else the builtin ones."""
+    settings = {"prompts": PROMPTS, "seeds": [0, 1], "guidance_scales": [0.0, 1.0, 7.5], "scheduler": "ddim",
+                "steps": 2, "batch_size": 3, "judge": "toy"}  # fmt: skip
     settings.update(overrides)
-    return PipelineConfig(sample=SampleConfig(**settings))
+    encode = EncodeConfig(**{kind: str(name) for kind, name in (encoders or {}).items()})
+    return PipelineConfig(encode=encode, sample=SampleConfig(**settings))
 
 
 @pytest.fixture

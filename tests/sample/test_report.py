@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 
+from sample_support import sample_config
+
 from pipeline import layout
 from pipeline.config import to_toml
 from pipeline.rundir import RunDir
 from sample import report, validate
-from sample_support import sample_config
 
-REMOTE_REFERENCE = re.compile(r"""(?:src|href|srcset)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""", re.I)
+REMOTE_REFERENCE = re.compile(
+    r"""(?:src|href|srcset)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""", re.IGNORECASE
+)
 
 
 def fill_other_stages(run: RunDir, config) -> None:
@@ -29,8 +32,8 @@ def fill_other_stages(run: RunDir, config) -> None:
     run.write_text(layout.TRAIN_METRICS, "\n".join(lines) + '\n{"step": 41, "lo')  # torn last line
 
 
-def test_report_is_self_contained_with_one_image_per_grid(synthetic_run):
-    config = sample_config()
+def test_report_is_self_contained_with_one_image_per_grid(synthetic_run, model_dirs):
+    config = sample_config(model_dirs)
     validate.run_stage(config, synthetic_run)
     fill_other_stages(synthetic_run, config)
     summary = report.run_stage(config, synthetic_run)
@@ -68,11 +71,11 @@ def test_report_on_an_empty_run_renders_notes(tmp_path):
     assert "<img" not in page
 
 
-def test_sample_and_report_run_through_the_pipeline_runner(synthetic_run):
+def test_sample_and_report_run_through_the_pipeline_runner(synthetic_run, model_dirs):
     """The runner merges each stage's summary into run.json and skips both on a second run."""
     from pipeline import runner
 
-    config = sample_config()
+    config = sample_config(model_dirs)
     chain = runner.fingerprints(config)
     for name in ("ingest", "encode", "train"):
         synthetic_run.update_stage(name, status="done", fingerprint=chain[name][0], base_fingerprint=chain[name][1], seconds=1.0)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from PIL import Image
+from sample_support import PROMPTS, encode_manifest, export_step, sample_config
 
 from ingest import models
+from ingest.identity import EncoderMismatchError
 from pipeline import layout
 from pipeline.rundir import RunDir
 from sample import validate
-from sample_support import PROMPTS, encode_manifest, export_step, sample_config
 
 
-def test_validates_every_committed_export_and_writes_grids(synthetic_run, tmp_path):
+def test_validates_every_committed_export_and_writes_grids(synthetic_run, model_dirs, tmp_path):
     # An export without its commit marker (a crash mid-export) does not count.
     (tmp_path / "run" / layout.TRAIN_EXPORT / layout.step_name(30) / "unet").mkdir(parents=True)
-    summary = validate.run_stage(sample_config(), synthetic_run)
+    summary = validate.run_stage(sample_config(model_dirs), synthetic_run)
     assert summary["validated"] == [10, 20]
     assert summary["counts"] == {"checkpoints": 2, "newly_validated": 2, "images": 2 * 2 * 2 * 3}
 
@@ -46,49 +48,68 @@ def test_validates_every_committed_export_and_writes_grids(synthetic_run, tmp_pa
     assert summary["best"] == best
 
 
-def test_is_incremental(synthetic_run, tmp_path, capsys):
-    validate.run_stage(sample_config(), synthetic_run)
+def test_is_incremental(synthetic_run, model_dirs, tmp_path, capsys):
+    validate.run_stage(sample_config(model_dirs), synthetic_run)
     before = synthetic_run.read_text(layout.SAMPLE_VALIDATION)
 
-    assert validate.run_stage(sample_config(), synthetic_run)["validated"] == []
+    assert validate.run_stage(sample_config(model_dirs), synthetic_run)["validated"] == []
     assert synthetic_run.read_text(layout.SAMPLE_VALIDATION) == before
     assert "already validated" in capsys.readouterr().out
 
     export_step(synthetic_run, 30, tmp_path)
-    assert validate.run_stage(sample_config(), synthetic_run)["validated"] == [30]
+    assert validate.run_stage(sample_config(model_dirs), synthetic_run)["validated"] == [30]
     steps = [entry["step"] for entry in synthetic_run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"]]
     assert steps == [10, 20, 30]
 
     # Other sampling settings make the old entries stale: every checkpoint is validated again.
-    summary = validate.run_stage(sample_config(scheduler="euler", guidance_scales=[3.0]), synthetic_run)
+    summary = validate.run_stage(sample_config(model_dirs, scheduler="euler", guidance_scales=[3.0]), synthetic_run)
     assert summary["validated"] == [10, 20, 30]
     entries = synthetic_run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"]
     assert [(e["scheduler"], list(e["images"])) for e in entries] == [("euler", ["3"])] * 3
 
 
-def test_without_judge_there_is_no_accuracy(synthetic_run):
-    validate.run_stage(sample_config(judge="none", guidance_scales=[2.0]), synthetic_run)
+def test_without_judge_there_is_no_accuracy(synthetic_run, model_dirs):
+    validate.run_stage(sample_config(model_dirs, judge="none", guidance_scales=[2.0]), synthetic_run)
     validation = synthetic_run.read_json(layout.SAMPLE_VALIDATION)
     assert validation["best"] is None
     assert all(entry["metrics"] == {} and list(entry["images"]) == ["2"] for entry in validation["checkpoints"])
 
 
-def test_refuses_a_text_encoder_other_than_the_manifests(synthetic_run):
+def test_refuses_a_text_encoder_other_than_the_manifests(synthetic_run, model_dirs):
     manifest = synthetic_run.read_json(layout.ENCODE_MANIFEST)
     manifest["text_encoder"]["weights_sha256"] = "0" * 64
     synthetic_run.write_json(layout.ENCODE_MANIFEST, manifest)
-    with pytest.raises(validate.ModelMismatchError) as error:
-        validate.run_stage(sample_config(), synthetic_run)
+    with pytest.raises(EncoderMismatchError) as error:
+        validate.run_stage(sample_config(model_dirs), synthetic_run)
     message = str(error.value)
     assert "text_encoder" in message and "0" * 64 in message
-    actual = models.weights_sha256(models.load_text_encoder(manifest["text_encoder"]["id"]))
+    actual = models.weights_sha256(models.load_text_encoder(str(model_dirs["text_encoder"])))
     assert actual in message
     assert not synthetic_run.exists(layout.SAMPLE_VALIDATION)
 
 
-def test_refuses_prompts_the_toy_judge_cannot_read(synthetic_run):
+def test_refuses_a_configured_vae_that_did_not_make_the_latents(synthetic_run, model_dirs, tmp_path):
+    """The manifest is right; the config names a VAE with other weights: sampling refuses it."""
+    vae = models.load_vae(str(model_dirs["vae"]))
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] += 0.01
+    vae.save_pretrained(tmp_path / "other-vae")
+    configured = models.weights_sha256(vae)
+    recorded = synthetic_run.read_json(layout.ENCODE_MANIFEST)["vae"]["weights_sha256"]
+    assert configured != recorded
+
+    with pytest.raises(EncoderMismatchError) as error:
+        validate.run_stage(sample_config({**model_dirs, "vae": tmp_path / "other-vae"}), synthetic_run)
+    message = str(error.value)
+    for expected in (str(model_dirs["vae"]), recorded, str(tmp_path / "other-vae"), configured):
+        assert expected in message
+    assert "text_encoder" not in message
+    assert not synthetic_run.exists(layout.SAMPLE_VALIDATION)
+
+
+def test_refuses_prompts_the_toy_judge_cannot_read(synthetic_run, model_dirs):
     with pytest.raises(ValueError, match=r"sample.prompts\[1\] = 'a photo of a cat'"):
-        validate.run_stage(sample_config(prompts=[PROMPTS[0], "a photo of a cat"]), synthetic_run)
+        validate.run_stage(sample_config(model_dirs, prompts=[PROMPTS[0], "a photo of a cat"]), synthetic_run)
 
 
 def test_nothing_to_do_without_exports(tmp_path):
@@ -119,7 +140,6 @@ def test_runs_on_the_shipped_builtin_models(tmp_path):
     manifest = encode_manifest("builtin:tiny-vae", "builtin:tiny-text-encoder", "builtin:clip-tokenizer")
     run.write_json(layout.ENCODE_MANIFEST, manifest)
     from diffusers import UNet2DConditionModel
-
     from sample_support import training_scheduler
 
     channels, side, _ = manifest["latent_shape"]

@@ -1,15 +1,23 @@
-"""A synthetic encode-stage output: latent shards and a manifest, no VAE or text encoder."""
+"""A synthetic encode-stage output: latent shards and a manifest, with no encoding done.
+
+The manifest names the builtin tiny encoders (their real identity records), so the train
+stage's encoder check accepts it unless a test says otherwise.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tarfile
 
 import numpy as np
 
+from ingest.encode import latent_members
+from ingest.identity import Encoders
 from pipeline import layout
 from pipeline.arrays import to_base64_npy, to_npy_bytes
+from pipeline.config import EncodeConfig
 from pipeline.rundir import RunDir
 
 LATENT_SHAPE = (4, 8, 8)
@@ -26,35 +34,86 @@ def shard_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def sample_members(key: str, latent: np.ndarray, text: np.ndarray, caption: str) -> list[tuple[str, bytes]]:
-    return [
+def sample_members(
+    key: str, latent: np.ndarray, text: np.ndarray, caption: str, extra: dict[str, np.ndarray] | None = None
+) -> list[tuple[str, bytes]]:
+    """One sample's tar members; `extra` maps further member names (std, flipped) to arrays."""
+    members = [
         (f"{key}.{layout.LATENT_KEY}", to_npy_bytes(latent)),
         (f"{key}.{layout.TEXT_EMBEDDING_KEY}", to_npy_bytes(text)),
         (f"{key}.{layout.META_KEY}", json.dumps({"caption": caption}).encode()),
     ]
+    return members + [(f"{key}.{name}", to_npy_bytes(array)) for name, array in (extra or {}).items()]
 
 
-def write_latent_run(root, shards: int = 4, per_shard: int = 32, seed: int = 0) -> RunDir:
-    """A run directory whose encode stage is done: latents carry a caption-dependent pattern,
-    so a UNet can learn something; text embeddings are random per caption."""
-    rng = np.random.default_rng(seed)
+@functools.cache
+def builtin_encoder_records() -> dict:
+    """The vae, text_encoder and tokenizer records encode writes for the default encoders."""
+    config = EncodeConfig()
+    return Encoders.load(config).records(config)
+
+
+def write_encode_output(
+    root, shards: list[list[tuple[str, bytes]]], encode: EncodeConfig | None = None, encoder_records: dict | None = None
+) -> RunDir:
+    """Write `shards` (each a list of tar members) as 00000.tar, ... and the manifest the encode
+    stage would write for them under `encode`'s options; `encoder_records` default to the builtin ones."""
+    encode = encode or EncodeConfig()
     run = RunDir(root)
+    names = [f"{index:05d}.tar" for index in range(len(shards))]
+    for name, members in zip(names, shards):
+        run.write_bytes(f"{layout.ENCODE_SHARDS}/{name}", shard_bytes(members))
+    samples = sum(name.endswith(f".{layout.LATENT_KEY}") for members in shards for name, _ in members)
+    manifest = {
+        **(encoder_records or builtin_encoder_records()),
+        "latent_shape": list(LATENT_SHAPE),
+        "text_embedding_shape": list(TEXT_SHAPE),
+        "latent_storage": "distribution" if encode.store_distribution else "mode",
+        "flip_copies": encode.flip_copies,
+        "members": latent_members(encode),
+        "samples": samples,
+        "shards": names,
+        "empty_caption_embedding": to_base64_npy(np.zeros(TEXT_SHAPE, np.float16)),
+    }
+    run.write_json(layout.ENCODE_MANIFEST, manifest)
+    return run
+
+
+def optional_latents(latent: np.ndarray, rng: np.random.Generator, encode: EncodeConfig) -> dict[str, np.ndarray]:
+    """The std and mirrored members `encode`'s options add to a sample whose mean is `latent`
+    (no random draw without store_distribution, so plain runs keep their data)."""
+    arrays = {}
+    if encode.store_distribution:
+        arrays[layout.LATENT_STD_KEY] = rng.uniform(0.05, 0.2, LATENT_SHAPE).astype(np.float16)
+    if encode.flip_copies:
+        arrays[layout.LATENT_FLIP_KEY] = latent[..., ::-1].copy()
+        if encode.store_distribution:
+            arrays[layout.LATENT_FLIP_STD_KEY] = arrays[layout.LATENT_STD_KEY][..., ::-1].copy()
+    return arrays
+
+
+def write_latent_run(
+    root,
+    shards: int = 4,
+    per_shard: int = 32,
+    seed: int = 0,
+    encode: EncodeConfig | None = None,
+    encoder_records: dict | None = None,
+) -> RunDir:
+    """A run directory whose encode stage is done: latents carry a caption-dependent pattern,
+    so a UNet can learn something; text embeddings are random per caption. `encode` picks the
+    options (store_distribution, flip_copies) whose members are written too."""
+    encode = encode or EncodeConfig()
+    rng = np.random.default_rng(seed)
     captions = [f"caption {i}" for i in range(8)]
     caption_embeddings = rng.standard_normal((len(captions), *TEXT_SHAPE)).astype(np.float16)
+    tars = []
     for shard in range(shards):
         members = []
         for index in range(per_shard):
             which = int(rng.integers(len(captions)))
             latent = (rng.standard_normal(LATENT_SHAPE) * 0.3 + which / 4 - 1).astype(np.float16)
-            members += sample_members(f"{shard:05d}{index:04d}", latent, caption_embeddings[which], captions[which])
-        run.write_bytes(f"{layout.ENCODE_SHARDS}/{shard:05d}.tar", shard_bytes(members))
-    run.write_json(
-        layout.ENCODE_MANIFEST,
-        {
-            "latent_shape": list(LATENT_SHAPE),
-            "text_embedding_shape": list(TEXT_SHAPE),
-            "samples": shards * per_shard,
-            "empty_caption_embedding": to_base64_npy(np.zeros(TEXT_SHAPE, np.float16)),
-        },
-    )
-    return run
+            extra = optional_latents(latent, rng, encode)
+            members += sample_members(f"{shard:05d}{index:04d}", latent, caption_embeddings[which], captions[which], extra)
+        tars.append(members)
+    return write_encode_output(root, tars, encode, encoder_records)

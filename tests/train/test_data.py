@@ -7,10 +7,14 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
+from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, sample_members, shard_bytes, write_encode_output, write_latent_run
 
 from pipeline import layout
-from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, sample_members, shard_bytes
+from pipeline.config import EncodeConfig
 from train.data import DataOrder, load_latent_data, read_latent_shard
+
+BOTH_OPTIONS = EncodeConfig(store_distribution=True, flip_copies=True)
 
 
 def epoch_samples(order: DataOrder, epoch: int) -> list[tuple[int, int]]:
@@ -79,10 +83,110 @@ def test_load_latent_data_reads_shards_and_manifest(latent_run):
     assert data.latent_shape == LATENT_SHAPE and data.text_embedding_shape == TEXT_SHAPE
     assert data.cross_attention_dim == 64 and data.sample_size == 8
     assert data.empty_caption_embedding.shape == TEXT_SHAPE
+    assert not data.flip_copies and not data.stores_distribution
     batch = data.batch([(0, 0), (3, 31)])
     assert batch["latents"].shape == (2, *LATENT_SHAPE)
     assert batch["text_embeddings"].shape == (2, *TEXT_SHAPE)
+    stored = [data.shards[0].latents[layout.LATENT_KEY][0], data.shards[3].latents[layout.LATENT_KEY][31]]
+    assert torch.equal(batch["latents"], torch.from_numpy(np.stack(stored).astype(np.float32)))  # nothing drawn
     assert data.counts()["incomplete_samples"] == 0
+
+
+def test_the_manifests_shard_list_is_read_and_old_manifests_list_the_folder(latent_run):
+    latent_run.write_bytes(f"{layout.ENCODE_SHARDS}/zz-leftover.tar", b"not a tar")
+    assert load_latent_data(latent_run).counts()["truncated_shards"] == 0  # not listed: not read
+
+    manifest = latent_run.read_json(layout.ENCODE_MANIFEST)
+    for key in ("latent_storage", "flip_copies", "members", "shards"):
+        del manifest[key]
+    latent_run.write_json(layout.ENCODE_MANIFEST, manifest)
+    data = load_latent_data(latent_run)
+    assert data.latent_members == (layout.LATENT_KEY,)
+    assert [shard.name for shard in data.shards][-1] == "zz-leftover.tar" and data.counts()["truncated_shards"] == 1
+
+
+def test_members_that_contradict_the_flags_are_refused(latent_run):
+    manifest = latent_run.read_json(layout.ENCODE_MANIFEST)
+    manifest["members"] = [layout.LATENT_KEY, layout.LATENT_FLIP_KEY]
+    latent_run.write_json(layout.ENCODE_MANIFEST, manifest)
+    with pytest.raises(ValueError, match="flip_copies False"):
+        load_latent_data(latent_run)
+
+
+def test_augmented_batch_is_a_pure_function_of_samples_and_generator(tmp_path):
+    data = load_latent_data(write_latent_run(tmp_path / "run", encode=BOTH_OPTIONS))
+    assert data.flip_copies and data.stores_distribution
+    assert all(latents.dtype == np.float16 for shard in data.shards for latents in shard.latents.values())
+    samples = [(shard, index) for shard in range(4) for index in range(0, 32, 4)]
+
+    def batch(seed):
+        return data.batch(samples, torch.Generator().manual_seed(seed))
+
+    first, again, other = batch(1), batch(1), batch(2)
+    assert torch.equal(first["latents"], again["latents"]) and torch.equal(first["text_embeddings"], again["text_embeddings"])
+    assert not torch.equal(first["latents"], other["latents"])
+    assert torch.equal(first["text_embeddings"], other["text_embeddings"])
+
+
+def test_flip_copies_alone_pick_the_stored_or_the_mirrored_latent(tmp_path):
+    data = load_latent_data(write_latent_run(tmp_path / "run", encode=EncodeConfig(flip_copies=True)))
+    samples = [(shard, index) for shard in range(4) for index in range(32)]
+    latents = data.batch(samples, torch.Generator().manual_seed(0))["latents"]
+    flipped = []
+    for row, (shard, index) in zip(latents, samples):
+        stored = {
+            name: torch.from_numpy(data.shards[shard].latents[name][index].astype(np.float32)) for name in data.latent_members
+        }
+        assert torch.equal(row, stored[layout.LATENT_KEY]) or torch.equal(row, stored[layout.LATENT_FLIP_KEY])
+        flipped.append(not torch.equal(row, stored[layout.LATENT_KEY]))
+    assert 0 < sum(flipped) < len(samples)
+
+
+def constant_latent_run(root, shards: int = 2, per_shard: int = 200):
+    """Every sample's latent is mean 2, std 0.5; its mirrored copy's is mean -2, std 0.25."""
+
+    def full(value):
+        return np.full(LATENT_SHAPE, value, np.float16)
+
+    text = np.zeros(TEXT_SHAPE, np.float16)
+    extra = {layout.LATENT_STD_KEY: full(0.5), layout.LATENT_FLIP_KEY: full(-2), layout.LATENT_FLIP_STD_KEY: full(0.25)}
+    tars = [
+        [member for index in range(per_shard) for member in sample_members(f"{shard:05d}{index:04d}", full(2), text, "c", extra)]
+        for shard in range(shards)
+    ]
+    return write_encode_output(root, tars, BOTH_OPTIONS)
+
+
+def test_flips_half_the_time_and_draws_mean_plus_std_times_noise(tmp_path):
+    data = load_latent_data(constant_latent_run(tmp_path / "run"))
+    samples = [(shard, index) for shard in range(2) for index in range(200)]
+    latents = data.batch(samples, torch.Generator().manual_seed(0))["latents"]
+
+    flipped = latents.mean(dim=(1, 2, 3)) < 0
+    assert 0.35 < flipped.float().mean() < 0.65
+    mean = torch.where(flipped[:, None, None, None], -2.0, 2.0)
+    residual = latents - mean
+    assert abs(residual.mean()) < 0.01
+    # std across samples, element by element: the noise is fresh per sample, not one shared draw
+    assert residual[~flipped].std(dim=0).mean() == pytest.approx(0.5, rel=0.05)
+    assert residual[flipped].std(dim=0).mean() == pytest.approx(0.25, rel=0.05)  # the mirrored copy's own std
+
+
+def test_a_sample_missing_or_with_a_bad_std_member_is_counted_as_incomplete():
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal(LATENT_SHAPE).astype(np.float16)
+    text = rng.standard_normal(TEXT_SHAPE).astype(np.float16)
+    std = np.full(LATENT_SHAPE, 0.1, np.float16)
+    members = sample_members("good", latent, text, "fine", {layout.LATENT_STD_KEY: std})
+    members += sample_members("nostd", latent, text, "x")
+    members += sample_members("wrongshape", latent, text, "x", {layout.LATENT_STD_KEY: std[:2]})
+    members += sample_members("nan", latent, text, "x", {layout.LATENT_STD_KEY: np.full(LATENT_SHAPE, np.nan, np.float16)})
+    wanted = (layout.LATENT_KEY, layout.LATENT_STD_KEY)
+
+    shard = read_latent_shard(io.BytesIO(shard_bytes(members)), "a.tar", LATENT_SHAPE, TEXT_SHAPE, wanted)
+    assert (len(shard), shard.incomplete_samples, shard.truncated) == (1, 3, False)
+    np.testing.assert_array_equal(shard.latents[layout.LATENT_STD_KEY][0], std)
+    assert shard.latents[layout.LATENT_STD_KEY].dtype == np.float16
 
 
 def test_bad_samples_and_truncated_shards_are_counted_not_fatal():
@@ -103,7 +207,7 @@ def test_bad_samples_and_truncated_shards_are_counted_not_fatal():
     assert (len(shard), shard.incomplete_samples, shard.truncated) == (2, 4, False)
 
     cut = whole.index(b"last.text.npy")  # ends inside the last sample
-    truncated = read_latent_shard(io.BytesIO(whole[:cut + 700]), "b.tar", LATENT_SHAPE, TEXT_SHAPE)
+    truncated = read_latent_shard(io.BytesIO(whole[: cut + 700]), "b.tar", LATENT_SHAPE, TEXT_SHAPE)
     assert truncated.truncated and len(truncated) == 1
 
 

@@ -1,5 +1,5 @@
 """The train stage end to end: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, checkpoints,
-exports, metrics and resume (train.stage), plus its fail-fast input check."""
+exports, metrics and resume (train.stage), plus its fail-fast input checks."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from synthetic_latents import write_latent_run
 
+from ingest import models
+from ingest.identity import Encoders
 from pipeline import layout
-from pipeline.config import load_config
+from pipeline.config import EncodeConfig, load_config
 from train.checkpoint import STATE_FILE
 from train.stage import TrainStageError, check_inputs, run_stage
 
 # Constant lr makes the schedule independent of max_steps, so 6 steps resumed to 9 must
-# equal 9 steps in one go if resume is exact (weights, optimizer, data order, noise).
+# equal 9 steps in one go if resume is exact (weights, optimizer, data order, noise, and the
+# flip choices and posterior draws of latents encoded with both encode options).
 OVERRIDES = [
     "train.num_workers=2",
     "train.cpus_per_worker=0.5",
@@ -32,8 +35,11 @@ OVERRIDES = [
 ]
 
 
-def config(max_steps: int):
-    return load_config("tiny", overrides=[*OVERRIDES, f"train.max_steps={max_steps}"])
+AUGMENTED = EncodeConfig(store_distribution=True, flip_copies=True)
+
+
+def config(max_steps: int, *overrides: str):
+    return load_config("tiny", overrides=[*OVERRIDES, f"train.max_steps={max_steps}", *overrides])
 
 
 def metrics_rows(run) -> list[dict]:
@@ -46,7 +52,7 @@ def export_weights(run, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local):
-    run = write_latent_run(tmp_path / "run")
+    run = write_latent_run(tmp_path / "run", encode=AUGMENTED)
     started = time.perf_counter()
     first = run_stage(config(6), run)
     seconds = time.perf_counter() - started
@@ -73,7 +79,7 @@ def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local
     assert os.stat(marker).st_mtime_ns == written  # steps 1-6 were not trained again
     assert [row["step"] for row in metrics_rows(run)] == list(range(1, 10))
 
-    straight = write_latent_run(tmp_path / "straight")
+    straight = write_latent_run(tmp_path / "straight", encode=AUGMENTED)
     run_stage(config(9), straight)
     resumed_losses = [row["loss"] for row in metrics_rows(run)]
     assert resumed_losses == pytest.approx([row["loss"] for row in metrics_rows(straight)], rel=1e-5)
@@ -92,3 +98,37 @@ def test_missing_encode_output_fails_before_any_worker_starts(tmp_path):
 
     with pytest.raises(TrainStageError, match="run the encode stage first"):
         check_inputs(config(6), RunDir(tmp_path / "empty"))
+
+
+def save_builtin_vae(folder, perturb: bool = False) -> str:
+    """The builtin tiny VAE saved under another path; with `perturb`, one weight nudged first."""
+    vae = models.load_vae("builtin:tiny-vae")
+    if perturb:
+        with torch.no_grad():
+            vae.encoder.conv_in.weight[0, 0, 0, 0] += 0.01
+    vae.save_pretrained(folder)
+    return str(folder)
+
+
+def test_latents_of_another_vae_fail_before_any_worker_starts(tmp_path):
+    other = save_builtin_vae(tmp_path / "other-vae", perturb=True)
+    other_config = EncodeConfig(vae=other)
+    records = Encoders.load(other_config).records(other_config)
+    run = write_latent_run(tmp_path / "run", encoder_records=records)
+    configured = models.weights_sha256(models.load_vae("builtin:tiny-vae"))
+    assert records["vae"]["weights_sha256"] != configured
+
+    with pytest.raises(TrainStageError) as error:
+        check_inputs(config(6), run)  # what run_stage does on the driver before starting workers
+    message = str(error.value)
+    for expected in (other, records["vae"]["weights_sha256"], "builtin:tiny-vae", configured, run.path(layout.ENCODE_MANIFEST)):
+        assert expected in message
+    assert "text_encoder" not in message  # only the VAE differs
+
+
+def test_the_same_vae_weights_under_another_path_are_accepted(tmp_path):
+    run = write_latent_run(tmp_path / "run")  # made by builtin:tiny-vae
+    copy = save_builtin_vae(tmp_path / "vae")
+    configured = config(6, f'encode.vae = "{copy}"')
+    assert configured.encode.vae == copy
+    check_inputs(configured, run)

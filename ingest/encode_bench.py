@@ -1,0 +1,208 @@
+"""`pipeline bench encode`: the encode stage against a bare loop of the same models' forward passes.
+
+Both sides encode the same decoded images of the same raw shards in the same process run. The
+stage is `ingest.encode.run_stage` as a run calls it (reading shards, decoding, the encoder
+actor pool, writing latent shards, the manifest); the baseline decodes every image up front,
+untimed, and times only `encode_batch` over batches of `encode.batch_size` with the intra-op
+threads an encoder actor gets. That mirrors a GPU node, where one accelerator encodes while
+other CPUs decode: a ratio near 1 means the stage keeps its encoder busy. Ratios, not seconds,
+are what compare across machines.
+
+The stage should also stream: its peak memory (driver plus Ray worker processes, sampled) is
+measured on half the shards too, and `memory_growth_2x` is the full run's peak over that one.
+
+    pipeline bench encode --images 12000 --cpus 2
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from ingest import encode, encode_io
+from ingest.distribute import complete_shards
+from pipeline import layout
+from pipeline.config import PipelineConfig, load_config
+from pipeline.rundir import RunDir
+
+# The tiny preset's shard size; small benches cut smaller shards, so that every run has several
+# and the 2x run twice as many.
+SAMPLES_PER_SHARD = 500
+MIN_SHARDS = 4
+# Enough work that the stage's fixed start-up (~10 s on 2 cores) weighs as it would on a real
+# dataset, not as it does on a toy one: overhead_seconds reports it separately.
+DEFAULT_IMAGES = 12000
+
+
+def _log(message: str) -> None:
+    print(f"[bench encode] {message}", file=sys.stderr, flush=True)
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and its Ray worker descendants, sampled on a thread.
+
+    Only descendants count, so another user's or another run's Ray on the same machine does
+    not. RSS counts shared pages (Ray's object store) once per process that maps them: the
+    figure is an upper bound, good for comparing two runs of the same bench. With RAY_ADDRESS
+    set, `ensure_ray` joins that cluster, whose workers are not descendants: only the driver counts.
+    """
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        driver = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, _rss(driver) + sum(_rss(worker) for worker in _ray_workers(driver)))
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def _ray_workers(driver: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for process in driver.children(recursive=True):
+        try:
+            if any("ray::" in part for part in process.cmdline()):
+                workers.append(process)
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return workers
+
+
+def _rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def _bench_config(images: int, samples_per_shard: int, cpus: int) -> PipelineConfig:
+    """The tiny preset as a run uses it (its encode section unchanged), with `images` toy images."""
+    overrides = [f"ingest.toy_count={images}", f"ingest.samples_per_shard={samples_per_shard}", f"ray.num_cpus={cpus}"]
+    return load_config("tiny", overrides=overrides)
+
+
+def _ingested_run(config: PipelineConfig, directory: Path) -> RunDir:
+    """A run directory holding the raw shards of `config`'s toy images (untimed)."""
+    from ingest.stage import run_stage as ingest
+
+    run = RunDir(directory)
+    ingest(config, run)
+    return run
+
+
+def _timed_stage(config: PipelineConfig, run: RunDir) -> tuple[int, float, float]:
+    """(samples written, seconds, peak RSS in MB) of one encode stage run."""
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        summary = encode.run_stage(config, run)
+        seconds = time.perf_counter() - started
+    return int(summary["counts"]["samples"]), seconds, memory.peak_bytes / 2**20
+
+
+def _decoded_batches(config: PipelineConfig, run: RunDir) -> list[tuple[torch.Tensor, list[str]]]:
+    """Every image of the run's raw shards, read and decoded by the stage's own functions, in batches."""
+    settings = config.encode
+    images, captions = [], []
+    for name in complete_shards(run):
+        with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
+            for sample in encode_io.read_raw_samples(handle):
+                pixels = encode_io.decode_sample(sample, settings.resolution)
+                if pixels is not None and layout.CAPTION_KEY in sample:
+                    images.append(pixels)
+                    captions.append(sample[layout.CAPTION_KEY].decode("utf-8", errors="replace"))
+    size = settings.batch_size
+    return [(encode.to_model_input(np.stack(images[start : start + size])), captions[start : start + size])
+            for start in range(0, len(images), size)]  # fmt: skip
+
+
+def _timed_bare_loop(config: PipelineConfig, batches: list[tuple[torch.Tensor, list[str]]]) -> tuple[float, int]:
+    """(seconds, threads) of `encode_batch` over `batches` with an encoder actor's threads."""
+    from ingest.identity import Encoders
+    from ingest.models import vae_scaling_factor
+
+    encoders = Encoders.load(config.encode)
+    scaling_factor = vae_scaling_factor(encoders.vae)
+    threads, previous = max(1, int(config.encode.cpus_per_actor)), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        started = time.perf_counter()
+        for pixels, captions in batches:
+            encode.encode_batch(pixels, captions, encoders, scaling_factor, config.encode)
+        return time.perf_counter() - started, threads
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
+    import ray
+
+    from pipeline.ray_runtime import ensure_ray
+
+    samples_per_shard = max(1, min(SAMPLES_PER_SHARD, images // MIN_SHARDS))
+    config, config_half = _bench_config(images, samples_per_shard, cpus), _bench_config(images // 2, samples_per_shard, cpus)
+    started_ray = not ray.is_initialized()
+    ensure_ray(config.ray)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-encode-") as scratch:
+            run, run_half = _ingested_run(config, Path(scratch) / "run"), _ingested_run(config_half, Path(scratch) / "run-half")
+            shards, shards_half = len(complete_shards(run)), len(complete_shards(run_half))
+            batches = _decoded_batches(config, run)
+            bare_samples = sum(len(captions) for _, captions in batches)
+            # The machine's speed drifts (a shared VM): half the bare loop runs before the stage, half after.
+            middle = len(batches) // 2
+            _log(f"bare loop over {bare_samples} decoded images in {len(batches)} batches, first half")
+            bare_before, threads = _timed_bare_loop(config, batches[:middle])
+            _log(f"the stage on {images} images in {shards} raw shards")
+            samples, stage_seconds, peak_mb = _timed_stage(config, run)
+            _log("bare loop, second half")
+            bare_after, _ = _timed_bare_loop(config, batches[middle:])
+            _log(f"the stage on {shards_half} raw shards, for its peak memory")
+            samples_half, _, peak_mb_half = _timed_stage(config_half, run_half)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    bare_seconds = bare_before + bare_after
+    stage_rate, bare_rate = samples / stage_seconds, bare_samples / bare_seconds
+    return {
+        "bench": "encode",
+        "ratio": round(stage_rate / bare_rate, 3),
+        "samples_per_s": round(stage_rate, 1),
+        "bare_samples_per_s": round(bare_rate, 1),
+        "samples": samples,
+        "bare_samples": bare_samples,
+        "shards": shards,
+        "batch_size": config.encode.batch_size,
+        "threads": threads,
+        "stage_seconds": round(stage_seconds, 2),
+        "bare_seconds": round(bare_seconds, 2),
+        # What the stage spends beyond the bare forward passes: start-up (the actor's imports
+        # and model loading) and anything that leaves the encoder idle.
+        "overhead_seconds": round(stage_seconds - samples / bare_rate, 2),
+        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_mb_half_shards": round(peak_mb_half, 1),
+        "samples_half_shards": samples_half,
+        "shards_half": shards_half,
+        "memory_growth_2x": round(peak_mb / peak_mb_half, 3),
+        "device": "cuda" if config.encode.gpus_per_actor and torch.cuda.is_available() else "cpu",
+    }

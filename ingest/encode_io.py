@@ -1,0 +1,203 @@
+"""The encode stage's CPU side, free of torch: reading and decoding raw shards, writing latent tars.
+
+Decode tasks and write tasks import only this module, so they start in a fraction of the
+time a process importing torch, diffusers and transformers takes, and leave the cores to
+the encoder actors (`ingest.encode`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ingest import encode_progress as progress
+from pipeline import layout
+from pipeline.arrays import to_npy_bytes
+from pipeline.rundir import RunDir
+
+KEY = "__key__"
+SHARD = "shard"
+PIXELS = "pixels"
+
+
+# Pure core ---------------------------------------------------------------------------------
+def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
+    """Resize the shorter side to `resolution`, crop the centre square: HxWx3 uint8."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    if scale != 1:
+        size = (
+            max(resolution, round(image.width * scale)),
+            max(resolution, round(image.height * scale)),
+        )
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+# Decode tasks ------------------------------------------------------------------------------
+def read_raw_samples(handle) -> Iterator[dict[str, bytes]]:
+    """Samples of a raw webdataset tar as {suffix: bytes} plus KEY, in order.
+
+    A damaged tar raises after yielding the samples before the damage. Python's tarfile takes
+    a tar cut at a header for a complete one, so the end-of-archive blocks are checked too.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    current: dict[str, Any] = {}
+    try:
+        with tarfile.open(fileobj=handle, mode="r|") as archive:
+            for member in archive:
+                key, suffix = base_plus_ext(member.name)
+                if member.isreg() and key is not None and not member.name.startswith("__"):
+                    if current and key != current[KEY]:
+                        yield current
+                        current = {}
+                    current.setdefault(KEY, key)
+                    current[suffix.lower()] = archive.extractfile(member).read()
+                archive.members = []  # tarfile keeps every header otherwise: memory would grow with the shard
+            end = archive.offset
+        handle.seek(end)
+        if handle.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise EOFError(f"no end-of-archive marker after byte {end}: the tar was cut short")
+    except Exception:
+        if current:  # its members are whole: a damaged member raises before it is added
+            yield current
+        raise
+    if current:
+        yield current
+
+
+def decode_sample(sample: dict[str, bytes], resolution: int) -> np.ndarray | None:
+    """The centre crop of a sample's image, or None if it has none or it does not decode."""
+    data = sample.get(layout.IMAGE_KEY)
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return center_crop(image, resolution)
+    except Exception:  # noqa: BLE001 - any decode error means "skip and count"
+        return None
+
+
+def decode_shards(
+    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
+    run = RunDir(run_url)
+    for name in batch[SHARD]:
+        yield from decode_shard(run, str(name), resolution, batch_size)
+
+
+def decode_shard(run: RunDir, name: str, resolution: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    # undecodable: no image, no caption, or an image PIL cannot read.
+    record = {
+        "shard": progress.stem(name),
+        "samples": 0,
+        "valid": 0,
+        "undecodable": 0,
+        "truncated": False,
+        "unreadable": False,
+        "error": None,
+    }
+    rows: list[tuple[str, str, bytes, np.ndarray]] = []
+    try:
+        with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
+            for sample in read_raw_samples(handle):
+                record["samples"] += 1
+                pixels = decode_sample(sample, resolution) if layout.CAPTION_KEY in sample else None
+                if pixels is None:
+                    record["undecodable"] += 1
+                    continue
+                caption = _text(sample[layout.CAPTION_KEY])
+                rows.append((sample[KEY], caption, meta_bytes(sample.get(layout.META_KEY), caption), pixels))
+                if len(rows) == batch_size:
+                    record["valid"] += len(rows)
+                    yield _batch(record["shard"], rows)
+                    rows = []
+    except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
+        record["truncated" if record["samples"] else "unreadable"] = True
+        record["error"] = f"{type(error).__name__}: {error}"
+    if rows:
+        record["valid"] += len(rows)
+        yield _batch(record["shard"], rows)
+    run.write_json(progress.shard_record_path(record["shard"]), record)
+
+
+def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray]]) -> dict[str, np.ndarray]:
+    keys, captions, metas, pixels = zip(*rows)
+    return {
+        KEY: np.array(keys, dtype=object),
+        SHARD: np.array([shard] * len(rows), dtype=object),
+        layout.CAPTION_KEY: np.array(captions, dtype=object),
+        layout.META_KEY: np.array(metas, dtype=object),
+        PIXELS: np.stack(pixels),
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# Write tasks -------------------------------------------------------------------------------
+def meta_bytes(raw: Any, caption: str) -> bytes:
+    """The sample's img2dataset JSON (or {} if unreadable) with its caption added."""
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, TypeError):
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    meta["caption"] = caption
+    return json.dumps(meta).encode("utf-8")
+
+
+def latent_sink(run_url: str, members: list[str], rows_per_write: int):
+    """A Ray Data sink writing one latent tar (then its record) per raw shard in each write task.
+
+    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors."""
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+    from webdataset import TarWriter
+
+    class LatentShardSink(Datasink):
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_write
+
+        def write(self, blocks, ctx) -> list[dict[str, Any]]:
+            run = RunDir(run_url)
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for block in blocks:
+                for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
+                    groups.setdefault(str(row[SHARD]), []).append(row)
+            parts = []
+            for shard, rows in groups.items():
+                part = f"{shard}-{uuid.uuid4().hex[:8]}"
+                tar_path, record_path = progress.part_paths(part)
+                with run.open_write(tar_path) as handle:
+                    writer = TarWriter(handle, encoder=False, mtime=0)
+                    for row in rows:
+                        writer.write(
+                            {
+                                KEY: str(row[KEY]),
+                                **{
+                                    member: to_npy_bytes(np.asarray(row[member]))
+                                    for member in [*members, layout.TEXT_EMBEDDING_KEY]
+                                },
+                                layout.META_KEY: bytes(row[layout.META_KEY]),
+                            }
+                        )
+                    writer.close()
+                parts.append({"shard": shard, "part": part, "samples": len(rows)})
+                run.write_json(record_path, parts[-1])
+            return parts
+
+    return LatentShardSink()
