@@ -27,6 +27,8 @@ PresetOption = typer.Option(None, "--preset", "-p", help="Preset: tiny or sd15-2
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file merged over the preset.")
 SetOption = typer.Option([], "--set", "-s", help="Override KEY=VALUE, e.g. train.max_steps=200 (repeatable).")
 ForceOption = typer.Option(False, "--force", help="Rerun even if the run directory says it is done.")
+PromptOption = typer.Option([], "--prompt", help="Sample these prompts into --out instead of validating (repeatable).")
+SeedOption = typer.Option([], "--seed", help="One image per seed (repeatable); default 0.")
 
 
 def _fail(message: str) -> None:
@@ -76,10 +78,59 @@ def _stage_command(name: str):
 
 
 for _name in layout.STAGES:
-    app.command(name=_name)(_stage_command(_name))
+    if _name != "sample":
+        app.command(name=_name)(_stage_command(_name))
 
 
-BENCHES = {"ingest": "ingest.bench:run_bench", "encode": "ingest.encode_bench:run_bench"}
+@app.command(name="sample")
+def sample(
+    run_url: str = typer.Argument(..., metavar="RUN", help="An existing run directory."),
+    prompts: list[str] = PromptOption,
+    out: str | None = typer.Option(None, "--out", "-o", help="Folder for the PNGs (with --prompt)."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Default: the empty caption training dropped to."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Default: sample.steps of the run's config."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="ddpm, ddim, dpmsolver++ or euler; default: sample.scheduler."),
+    seeds: list[int] = SeedOption,
+    checkpoint: int | None = typer.Option(None, "--checkpoint", help="Exported step; default: the latest."),
+    force: bool = ForceOption,
+) -> None:
+    """Validate every exported checkpoint (the sample stage), or with --prompt write PNGs of one."""
+    if not prompts:
+        if out or negative_prompt is not None or steps or scheduler or seeds or checkpoint is not None:
+            _fail("--out, --negative-prompt, --steps, --scheduler, --seed and --checkpoint go with --prompt")
+        return _stage_command("sample")(run_url, force)
+    from pipeline.rundir import RunDir
+    from pipeline.runner import load_run_config
+    from sample.generate import sample_command
+    from sample.guidance import SCHEDULERS
+
+    if not out:
+        _fail("--prompt needs --out DIR for the PNGs")
+    run_dir = RunDir(run_url)
+    try:
+        config = load_run_config(run_dir)
+    except ConfigError as error:
+        _fail(str(error))
+    scheduler = scheduler or config.sample.scheduler
+    if scheduler not in SCHEDULERS:
+        _fail(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    try:
+        paths = sample_command(
+            run_dir, config, prompts, out, seeds or [0], guidance, steps or config.sample.steps, scheduler,
+            negative_prompt, checkpoint,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    for path in paths:
+        typer.echo(str(path))
+
+
+BENCHES = {
+    "ingest": "ingest.bench:run_bench",
+    "encode": "ingest.encode_bench:run_bench",
+    "train": "train.bench:run_bench",
+}
 
 
 @app.command()

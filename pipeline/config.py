@@ -8,12 +8,12 @@ naming the key (pydantic's error location, e.g. `train.lr`).
 from __future__ import annotations
 
 import copy
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,25 @@ class EncodeConfig(Section):
     )
 
 
+_MISSING = object()
+
+# DeepSpeed keys (dotted paths) that train.deepspeed may not set, and what they come from: a
+# second source of the same setting would leave the two disagreeing (the loop reads zero_stage
+# and the batch size itself, and DeepSpeed ignores an optimizer or scheduler section when the
+# pipeline passes its own AdamW and schedule).
+DEEPSPEED_OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.batch_size_per_worker",
+    "gradient_accumulation_steps": "train.gradient_accumulation",
+    "train_batch_size": "train.batch_size_per_worker x train.gradient_accumulation x train.num_workers",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "train.lr and train.weight_decay (AdamW)",
+    "scheduler": "train.warmup_steps and train.lr_schedule",
+}
+
+
 class TrainConfig(Section):
     unet: Literal["tiny", "sd15"] = Field("tiny", description="UNet2DConditionModel preset.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers, each running one DeepSpeed engine.")
@@ -109,9 +128,39 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves.")
     keep_checkpoints: int = Field(3, ge=1, description="Resumable checkpoints kept (exports are all kept).")
     log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; unset: plain MSE."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0, description="Offset noise (Guttenberg): adds this times one Gaussian per sample and channel; e.g. 0.05."
+    )
+    max_nonfinite_streak: int = Field(
+        20, ge=1, description="Stop with an error after this many non-finite losses in a row (isolated ones are skipped)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Ray Train restarts of the workers after a failure, each from the latest checkpoint; -1: no limit."
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged (deeply) over the generated DeepSpeed config, e.g. {zero_optimization = {overlap_comm = true}}; "
+        "keys the pipeline sets from other train keys are refused.",
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_leaves_owned_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for path, owner in DEEPSPEED_OWNED_KEYS.items():
+            node: Any = value
+            for part in path.split("."):
+                if not isinstance(node, dict):
+                    break  # e.g. `bf16 = true`: a value where the pipeline writes a table replaces its setting too
+                node = node.get(part, _MISSING)
+            if node is not _MISSING:
+                raise ValueError(f"train.deepspeed.{path} is set by the pipeline from {owner}; set that instead")
+        return value
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "TrainConfig":
+    def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         return self
@@ -144,7 +193,7 @@ class PipelineConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _sources_consistent(self) -> "PipelineConfig":
+    def _sources_consistent(self) -> PipelineConfig:
         if self.ingest.source == "urls" and not self.ingest.url_list:
             raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
         if self.sample.judge == "toy" and self.ingest.source != "toy":
@@ -162,11 +211,12 @@ def preset_data(name: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over a copy of `base`; nested dicts merge key by key, anything else is replaced."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -205,11 +255,11 @@ def load_config(
     data: dict[str, Any] = preset_data(preset or "tiny") if preset or not path else {}
     if path:
         try:
-            data = _merge(data, tomllib.loads(Path(path).read_text()))
+            data = deep_merge(data, tomllib.loads(Path(path).read_text()))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     for item in overrides:
-        data = _merge(data, _parse_override(item))
+        data = deep_merge(data, _parse_override(item))
     return validate(data)
 
 

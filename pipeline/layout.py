@@ -18,6 +18,8 @@ TRAIN_CHECKPOINTS = "train/checkpoints"
 TRAIN_EXPORT = "train/export"
 TRAIN_LOGS = "train/logs"
 TRAIN_METRICS = "train/metrics.jsonl"
+# Written when the workers stop before max_steps because training diverged: why, and at which step.
+TRAIN_STOPPED = "train/stopped.json"
 
 SAMPLE_VALIDATION = "sample/validation.json"
 SAMPLE_IMAGES = "sample/images"

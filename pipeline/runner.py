@@ -37,7 +37,8 @@ class StageError(RuntimeError):
 # Keys whose change extends a stage's work instead of invalidating it.
 RESUMABLE_KEYS: dict[str, set[str]] = {
     "encode": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "cpus_per_decode_task"},
-    "train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every"},
+    # How far to go and how to survive failures; not what is trained.
+    "train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures", "max_nonfinite_streak"},
 }
 
 # name -> (entry point, config sections it reads, output folder, needs Ray)

@@ -26,8 +26,6 @@ from train.data import BatchPosition
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
-# Isolated non-finite losses are skipped; this many in a row means the weights themselves went bad.
-MAX_CONSECUTIVE_SKIPS = 20
 STATE_FILE = "train_state.json"
 
 
@@ -39,18 +37,25 @@ class TrainState:
     epoch: int = 0  # the data order resumes at (epoch, batch_index): the next batch to take
     batch_index: int = 0
     skipped_nonfinite: int = 0  # micro-batches skipped for a non-finite loss
-    skipped_in_a_row: int = 0
+    skipped_in_a_row: int = 0  # the current streak of them; a finite loss resets it
 
     def advance(self, position: BatchPosition, skipped: bool, step: int) -> None:
         self.epoch, self.batch_index = position.epoch, position.index + 1
         self.skipped_nonfinite += int(skipped)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         self.step = step
-        if self.skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise FloatingPointError(
-                f"the loss was not finite for {self.skipped_in_a_row} micro-batches in a row after step {step}: "
-                "training diverged (try a lower train.lr or fp32 precision); the last checkpoint is intact"
-            )
+
+    def nonfinite_streak_error(self, max_streak: int) -> str | None:
+        """Why training must stop, once `max_streak` micro-batches in a row had a non-finite loss; else None.
+
+        Isolated non-finite losses are skipped; a streak means the weights themselves went bad.
+        """
+        if self.skipped_in_a_row < max_streak:
+            return None
+        return (
+            f"the loss was not finite for {self.skipped_in_a_row} micro-batches in a row after step {self.step} "
+            f"(train.max_nonfinite_streak = {max_streak}): training diverged; try a lower train.lr or fp32 precision"
+        )
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:

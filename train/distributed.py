@@ -63,10 +63,24 @@ def batch_generator(seed: int, worker_rank: int, epoch: int, batch_index: int) -
 
 def all_ranks_finite(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (one tiny all-reduce)."""
-    finite = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
+    return _true_on_all_ranks(bool(torch.isfinite(loss).all()), loss.device)
+
+
+def all_ranks_finite_parameters(module: torch.nn.Module) -> bool:
+    """True when the weights are finite on every rank; collective.
+
+    Under ZeRO-3 a rank holds only its partition (`ds_tensor`), and checks that.
+    """
+    tensors = [getattr(parameter, "ds_tensor", parameter) for parameter in module.parameters()]
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all()  # one device sync, not one per tensor
+    return _true_on_all_ranks(bool(finite), tensors[0].device)
+
+
+def _true_on_all_ranks(value: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if value else 0.0], device=device)
     if is_distributed():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item() > 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def mean_across_ranks(value: float, device: torch.device | str = "cpu") -> float:

@@ -7,13 +7,17 @@ import logging
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, deep_merge
 from train.step import learning_rate_factor
 
 
 def deepspeed_config(config: TrainConfig) -> dict:
-    """DeepSpeed's JSON config for one worker's micro-batch; the global batch is derived from it."""
-    return {
+    """DeepSpeed's JSON config for one worker's micro-batch; the global batch is derived from it.
+
+    `train.deepspeed` is merged over it, table by table (the config refuses the keys set here
+    from other train keys, see `pipeline.config.DEEPSPEED_OWNED_KEYS`).
+    """
+    generated = {
         "train_micro_batch_size_per_gpu": config.batch_size_per_worker,
         "gradient_accumulation_steps": config.gradient_accumulation,
         "gradient_clipping": config.grad_clip,
@@ -24,6 +28,7 @@ def deepspeed_config(config: TrainConfig) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return deep_merge(generated, config.deepspeed)
 
 
 def make_engine(unet: torch.nn.Module, config: TrainConfig):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
 from train import distributed
@@ -15,7 +16,7 @@ from train.checkpoint import TrainState, export_model, is_due, resume, save_chec
 from train.data import DataOrder, load_latent_data
 from train.engine import make_engine, restart_schedule
 from train.metrics import LogWindow, MetricsLog
-from train.step import make_noise_scheduler, train_step
+from train.step import loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, parameter_count
 
 
@@ -34,28 +35,36 @@ def train_worker(loop_config: dict) -> None:
     state = resume(engine)
     restart_schedule(engine, train)
     noise_scheduler = make_noise_scheduler(train)
+    options = loss_options(train)  # min-SNR weighting, offset noise
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
     _log_start(data, order, state, parameters)
 
     batches = order.batches(rank, state.epoch, state.batch_index)
+    stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
     while state.step < train.max_steps:
         position = next(batches)
         generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
         batch = data.batch(position.samples, generator)  # flips and posterior draws, then train_step's draws
-        result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator)
+        result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **options)
         previous_step = state.step
         state.advance(position, result["skipped"], engine.global_steps)
         window.add(result["loss"], len(position.samples))
+        stopped = state.nonfinite_streak_error(train.max_nonfinite_streak)
+        if stopped:
+            break  # save nothing: the last checkpoint keeps the last good weights
         if state.step == previous_step:
             continue  # inside a gradient accumulation window, or a skipped step
         if is_due(state.step, train.log_every, train.max_steps):
             metrics.add(window.row(state.step, engine))
         if is_due(state.step, train.checkpoint_every, train.max_steps):
+            if not distributed.all_ranks_finite_parameters(engine.module):  # a finite loss, then a bad update
+                stopped = f"the weights are not finite after step {state.step}: training diverged; not saving them"
+                break
             _save(engine, run, config, state, metrics)
             window.restart()
 
-    _finish(state, metrics)
+    _finish(state, metrics, run, stopped)
 
 
 def _save(engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog) -> None:
@@ -65,14 +74,21 @@ def _save(engine, run: RunDir, config: PipelineConfig, state: TrainState, metric
     save_checkpoint(engine, run, state, _summary(state, metrics))
 
 
-def _finish(state: TrainState, metrics: MetricsLog) -> None:
-    """The last report carries the summary the driver returns (every rank must report)."""
+def _finish(state: TrainState, metrics: MetricsLog, run: RunDir, stopped: str | None) -> None:
+    """The last report carries the summary the driver returns (every rank must report).
+
+    A diverged run leaves `stopped` in RUN/train/stopped.json and returns normally, and the driver
+    raises it: raised here, it would be a worker failure that Ray Train retries (train.max_failures)
+    from the same checkpoint, with the same data and noise, into the same divergence.
+    """
     import ray.train
 
     metrics.close()
     summary = _summary(state, metrics)
+    if stopped and distributed.is_rank_zero():
+        run.write_json(layout.TRAIN_STOPPED, {"step": state.step, "reason": stopped})
     ray.train.report(summary)
-    distributed.log(f"done at step {state.step}: {summary}")
+    distributed.log(f"stopped at step {state.step}: {stopped}" if stopped else f"done at step {state.step}: {summary}")
 
 
 def _summary(state: TrainState, metrics: MetricsLog) -> dict:

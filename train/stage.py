@@ -3,12 +3,15 @@
 Checkpoints land in `RUN/train/checkpoints/step-NNNNNNN` because the trainer's storage is
 `RUN/train` and its run name is `checkpoints`. Running the stage again with the same run
 directory resumes from the latest checkpoint (Ray Train V2 has no `resume_from_checkpoint`:
-the same name and storage path is how it finds the previous run's checkpoints).
+the same name and storage path is how it finds the previous run's checkpoints). Within one run,
+`train.max_failures` lets Ray Train restart failed workers, which resume the same way.
 
 Assumes Ray is initialised (`pipeline.ray_runtime.ensure_ray`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from ingest.identity import EncoderMismatchError, check_run_encoders
 from pipeline import layout
@@ -16,6 +19,9 @@ from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
 from train.data import latent_shard_names
 from train.loop import train_worker
+
+if TYPE_CHECKING:
+    from ray.train import RunConfig
 
 CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
 
@@ -26,7 +32,7 @@ class TrainStageError(RuntimeError):
 
 def run_stage(config: PipelineConfig, run: RunDir) -> dict:
     """Train (or resume) to `config.train.max_steps`; the summary for run.json."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_inputs(config, run)
@@ -36,17 +42,38 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         train_worker,
         train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=CHECKPOINTS_RUN_NAME,
-            storage_path=run.path(layout.TRAIN_DIR),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-        ),
+        run_config=run_config(config, run),
     )
+    run.remove(layout.TRAIN_STOPPED)  # from an earlier attempt
     try:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep its message, which names the rank
         raise TrainStageError(f"training failed ({type(error).__name__}): {error}") from error
-    worker_summary = result.metrics or {}
+    return stage_summary(result.metrics or {}, run)
+
+
+def run_config(config: PipelineConfig, run: RunDir) -> RunConfig:
+    """Where checkpoints go and how many are kept, and how often Ray Train restarts failed workers.
+
+    A restart (train.max_failures) starts every worker's `train_worker` again, which resumes from
+    the latest checkpoint through `ray.train.get_checkpoint()`, as a rerun of the stage does.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=CHECKPOINTS_RUN_NAME,
+        storage_path=run.path(layout.TRAIN_DIR),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=config.train.max_failures),
+    )
+
+
+def stage_summary(worker_summary: dict, run: RunDir) -> dict:
+    """run.json's summary from the workers' last checkpoint report; raises if they stopped early (diverged)."""
+    checkpoints = run.committed_steps(layout.TRAIN_CHECKPOINTS)
+    if run.exists(layout.TRAIN_STOPPED):
+        kept = f"the latest checkpoint, step {checkpoints[-1]}, is intact" if checkpoints else "no checkpoint was saved"
+        raise TrainStageError(f"{run.read_json(layout.TRAIN_STOPPED)['reason']}; {kept}")
     exports = run.committed_steps(layout.TRAIN_EXPORT)
     return {
         "counts": {
@@ -56,7 +83,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         },
         "steps": worker_summary.get("step"),
         "final_loss": worker_summary.get("final_loss"),
-        "checkpoints": run.committed_steps(layout.TRAIN_CHECKPOINTS),
+        "checkpoints": checkpoints,
         "exports": exports,
         "samples_per_s": worker_summary.get("samples_per_s"),
         "skipped_nonfinite": worker_summary.get("skipped_nonfinite"),

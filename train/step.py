@@ -56,6 +56,43 @@ def drop_captions(
     return torch.where(dropped[:, None, None], empty, text_embeddings)
 
 
+def sample_noise(shape: torch.Size, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise for the forward process, plus `noise_offset` times one Gaussian per (sample, channel).
+
+    The offset (Guttenberg, "Diffusion with offset noise", 2023) lets the model change an image's
+    mean brightness, which zero-mean noise almost never asks it to. With offset 0 nothing more is
+    drawn from `generator`, so the step's later draws are those of a run without the option.
+    """
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise += noise_offset * torch.randn((*shape[:2], *(1,) * (len(shape) - 2)), generator=generator)
+    return noise
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy", 2023), as in diffusers' train_text_to_image.py.
+
+    SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t]). Epsilon-prediction weighs min(SNR, gamma) / SNR
+    (written as min(gamma / SNR, 1), which stays finite at SNR 0); v-prediction, whose loss already
+    carries a factor SNR + 1, weighs min(SNR, gamma) / (SNR + 1).
+    """
+    alphas = alphas_cumprod.to(torch.float64)[timesteps]
+    snr = alphas / (1.0 - alphas)
+    if prediction_type == "v_prediction":
+        weights = snr.clamp(max=gamma) / (snr + 1.0)
+    else:
+        weights = (gamma / snr).clamp(max=1.0)
+    return weights.float()
+
+
+def loss_options(config: TrainConfig) -> dict:
+    """`train_step`'s keyword options, from the train config."""
+    return {"min_snr_gamma": config.min_snr_gamma, "noise_offset": config.noise_offset}
+
+
 def train_step(
     engine,
     batch: dict[str, torch.Tensor],
@@ -63,20 +100,25 @@ def train_step(
     empty_caption_embedding: torch.Tensor,
     caption_dropout: float,
     generator: torch.Generator,
+    *,
+    min_snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
 ) -> dict:
     """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch.
 
-    All randomness (dropout, timesteps, noise) comes from `generator`, on the CPU, so a
-    step is reproducible on any device. A loss that is not finite on any rank skips the
-    backward and the step on every rank (ranks must agree, or ZeRO's gradient collectives
-    would wait forever); the caller counts `skipped`.
+    All randomness (dropout, noise, timesteps) comes from `generator`, on the CPU, so a
+    step is reproducible on any device. The loss is the MSE to the target, or with
+    `min_snr_gamma` the mean of each sample's MSE times its `min_snr_weights`. A loss that
+    is not finite on any rank skips the backward and the step on every rank (ranks must
+    agree, or ZeRO's gradient collectives would wait forever); the caller counts `skipped`.
     """
     latents, text = batch["latents"], batch["text_embeddings"]
     text = drop_captions(text, empty_caption_embedding, caption_dropout, generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = sample_noise(latents.shape, noise_offset, generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
@@ -86,7 +128,12 @@ def train_step(
     prediction = engine(
         noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=text.to(device, dtype)
     ).sample
-    loss = F.mse_loss(prediction.float(), target.to(device).float())
+    if min_snr_gamma is None:
+        loss = F.mse_loss(prediction.float(), target.to(device).float())
+    else:
+        per_sample = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").flatten(1).mean(1)
+        weights = min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma, prediction_type)
+        loss = (weights.to(device) * per_sample).mean()
     if not distributed.all_ranks_finite(loss):
         return {"loss": float("nan"), "skipped": True}
     engine.backward(loss)

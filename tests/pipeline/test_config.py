@@ -1,8 +1,7 @@
+import pytest
 import tomllib
 
-import pytest
-
-from pipeline.config import ConfigError, PRESETS, load_config, to_toml, validate
+from pipeline.config import PRESETS, ConfigError, load_config, to_toml, validate
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -63,3 +62,44 @@ def test_cross_section_rules():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.deepspeed.train_micro_batch_size_per_gpu=4", "train.deepspeed.train_micro_batch_size_per_gpu"),
+        ("train.deepspeed.gradient_accumulation_steps=2", "train.deepspeed.gradient_accumulation_steps"),
+        ("train.deepspeed.train_batch_size=64", "train.deepspeed.train_batch_size"),
+        ("train.deepspeed.zero_optimization.stage=3", "train.deepspeed.zero_optimization.stage"),
+        ("train.deepspeed.bf16={enabled=true}", "train.deepspeed.bf16.enabled"),
+        ("train.deepspeed.bf16=true", "train.deepspeed.bf16.enabled"),
+        ("train.deepspeed.optimizer={type='Adam'}", "train.deepspeed.optimizer"),
+    ],
+)
+def test_deepspeed_keys_the_pipeline_sets_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", overrides=[override])
+    message = str(error.value)
+    assert key in message and "is set by the pipeline" in message
+
+
+def test_train_options_round_trip_and_are_validated():
+    config = load_config(
+        "tiny",
+        overrides=[
+            "train.min_snr_gamma=5.0",
+            "train.noise_offset=0.05",
+            "train.max_nonfinite_streak=5",
+            "train.max_failures=-1",
+            "train.deepspeed.zero_optimization.overlap_comm=true",
+            "train.deepspeed.fp16.initial_scale_power=12",
+        ],
+    )
+    assert config.train.deepspeed == {"zero_optimization": {"overlap_comm": True}, "fp16": {"initial_scale_power": 12}}
+    assert validate(tomllib.loads(to_toml(config))) == config
+    defaults = load_config("tiny").train
+    assert (defaults.min_snr_gamma, defaults.noise_offset, defaults.max_nonfinite_streak) == (None, 0.0, 20)
+    assert (defaults.max_failures, defaults.deepspeed) == (0, {})
+    for override in ("train.min_snr_gamma=0", "train.noise_offset=-0.1", "train.max_nonfinite_streak=0", "train.max_failures=-2"):
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            load_config("tiny", overrides=[override])

@@ -94,3 +94,26 @@ def test_raising_max_steps_resumes_training_and_keeps_its_outputs(tmp_path, fake
     assert calls == ["train", "sample", "report"]
     assert not (tmp_path / "train" / "checkpoint-from-before").exists()  # a real change starts over
     assert not (tmp_path / "sample" / "validated-before").exists()
+
+
+TRAIN_OPTIONS = [
+    "train.min_snr_gamma=5.0",
+    "train.noise_offset=0.1",
+    "train.deepspeed.zero_optimization.overlap_comm=true",
+]
+
+
+@pytest.mark.parametrize("override", TRAIN_OPTIONS)
+def test_train_options_other_than_how_far_to_go_restart_training(override):
+    """Only the resumable keys (max_steps, cadence) let a changed train section resume."""
+    before = runner.fingerprints(load_config("tiny"))["train"]
+    after = runner.fingerprints(load_config("tiny", overrides=[override]))["train"]
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+@pytest.mark.parametrize("override", ["train.max_failures=2", "train.max_nonfinite_streak=5", "encode.batch_size=7"])
+def test_failure_handling_and_throughput_keys_resume_instead_of_restarting(override):
+    section = override.split(".")[0]
+    before = runner.fingerprints(load_config("tiny"))[section]
+    after = runner.fingerprints(load_config("tiny", overrides=[override]))[section]
+    assert after[0] != before[0] and after[1] == before[1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.checkpoint import MAX_CONSECUTIVE_SKIPS, STATE_FILE, TrainState, is_due, resume
+from train.checkpoint import STATE_FILE, TrainState, is_due, resume
 from train.data import BatchPosition
 
 
@@ -19,12 +19,16 @@ def test_checkpoint_cadence_and_train_state():
 
 def test_a_long_run_of_non_finite_losses_stops_training():
     state = TrainState()
-    for index in range(MAX_CONSECUTIVE_SKIPS - 1):
+    for index in range(4):
         state.advance(BatchPosition(epoch=0, index=index, samples=[]), skipped=True, step=0)
-    state.advance(BatchPosition(epoch=0, index=99, samples=[]), skipped=False, step=1)  # a good one resets
-    with pytest.raises(FloatingPointError, match="diverged"):
-        for index in range(MAX_CONSECUTIVE_SKIPS):
-            state.advance(BatchPosition(epoch=0, index=index, samples=[]), skipped=True, step=1)
+        assert state.nonfinite_streak_error(max_streak=5) is None
+    state.advance(BatchPosition(epoch=0, index=4, samples=[]), skipped=False, step=1)  # a finite loss resets the streak
+    assert state.skipped_in_a_row == 0 and state.skipped_nonfinite == 4
+    for index in range(5, 10):
+        assert state.nonfinite_streak_error(max_streak=5) is None
+        state.advance(BatchPosition(epoch=0, index=index, samples=[]), skipped=True, step=1)
+    error = state.nonfinite_streak_error(max_streak=5)
+    assert "5 micro-batches in a row after step 1" in error and "train.max_nonfinite_streak = 5" in error
 
 
 def test_resuming_with_another_number_of_workers_is_refused(tmp_path, monkeypatch):

@@ -24,6 +24,23 @@ def test_deepspeed_config_follows_the_train_config():
     assert config["gradient_accumulation_steps"] == 4 and config["train_micro_batch_size_per_gpu"] == 32
 
 
+def test_train_deepspeed_is_merged_table_by_table_over_the_generated_config():
+    config = deepspeed_config(
+        train_config(
+            "train.zero_stage=2",
+            "train.deepspeed.zero_optimization.overlap_comm=true",
+            "train.deepspeed.zero_optimization.reduce_bucket_size=50000000",
+            "train.deepspeed.steps_per_print=100",
+            "train.deepspeed.fp16.initial_scale_power=12",
+        )
+    )
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 50000000}
+    assert config["steps_per_print"] == 100
+    assert config["fp16"] == {"enabled": False, "initial_scale_power": 12}
+    assert config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_clipping"] == 1.0  # untouched
+    assert deepspeed_config(train_config()) == deepspeed_config(train_config("train.deepspeed={}"))
+
+
 def test_extending_a_finished_cosine_run_takes_the_new_schedule():
     old = train_config("train.max_steps=4", "train.warmup_steps=0", "train.lr=1e-3")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=old.lr)

@@ -17,7 +17,7 @@ from ingest.identity import Encoders
 from pipeline import layout
 from pipeline.config import EncodeConfig, load_config
 from train.checkpoint import STATE_FILE
-from train.stage import TrainStageError, check_inputs, run_stage
+from train.stage import TrainStageError, check_inputs, run_config, run_stage, stage_summary
 
 # Constant lr makes the schedule independent of max_steps, so 6 steps resumed to 9 must
 # equal 9 steps in one go if resume is exact (weights, optimizer, data order, noise, and the
@@ -132,3 +132,30 @@ def test_the_same_vae_weights_under_another_path_are_accepted(tmp_path):
     configured = config(6, f'encode.vae = "{copy}"')
     assert configured.encode.vae == copy
     check_inputs(configured, run)
+
+
+@pytest.mark.parametrize("max_failures", [0, 3, -1])
+def test_ray_train_restarts_failed_workers_train_max_failures_times(tmp_path, max_failures):
+    from pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    built = run_config(config(6, f"train.max_failures={max_failures}"), run)
+    assert built.failure_config.max_failures == max_failures
+    assert built.name == "checkpoints" and built.storage_path == run.path(layout.TRAIN_DIR)
+    assert built.checkpoint_config.num_to_keep == 3
+
+
+def test_a_diverged_run_fails_the_stage_naming_the_intact_checkpoint(tmp_path):
+    from pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(3)}/{layout.COMMIT_MARKER}", "t\n")
+    run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{STATE_FILE}", "{}")  # never committed
+    worker_summary = {"step": 6, "final_loss": 0.1, "samples_per_s": 1.0, "skipped_nonfinite": 0}
+    assert stage_summary(worker_summary, run)["checkpoints"] == [3]
+
+    reason = "the loss was not finite for 20 micro-batches in a row after step 7 (train.max_nonfinite_streak = 20): ..."
+    run.write_json(layout.TRAIN_STOPPED, {"step": 7, "reason": reason})
+    with pytest.raises(TrainStageError) as error:
+        stage_summary(worker_summary, run)
+    assert str(error.value) == f"{reason}; the latest checkpoint, step 3, is intact"

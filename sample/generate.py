@@ -1,0 +1,158 @@
+"""Images from one exported checkpoint (`pipeline sample RUN --prompt ...`), and the same
+checkpoint assembled into a diffusers `StableDiffusionPipeline`.
+
+Both use the VAE, tokenizer and text encoder the run's config names, refused unless their
+weights made the training latents (`ingest.identity`). Without a negative prompt the
+unconditional branch uses the manifest's empty-caption embedding, the tensor caption dropout
+trained on; a negative prompt (even "") is encoded by the text encoder, as diffusers does.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ingest import models
+from ingest.identity import check_run_encoders
+from pipeline import layout
+from pipeline.arrays import from_base64_npy
+from pipeline.config import PipelineConfig
+from pipeline.rundir import RunDir
+from sample.guidance import make_scheduler, sample_images
+
+
+@dataclass
+class Checkpoint:
+    """An exported UNet with everything sampling it needs."""
+
+    step: int
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    empty_embedding: torch.Tensor  # [77, D], float32
+    latent_shape: list[int]
+    scaling_factor: float
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        return models.encode_prompts(self.tokenizer, self.text_encoder, prompts).float().cpu()
+
+
+def pick_step(run: RunDir, step: int | None) -> int:
+    """`step` if it is a committed export, else the latest one when `step` is None."""
+    exported = run.committed_steps(layout.TRAIN_EXPORT)
+    if not exported:
+        raise FileNotFoundError(f"no committed export under {run.path(layout.TRAIN_EXPORT)}: train first")
+    if step is None:
+        return exported[-1]
+    if step not in exported:
+        raise ValueError(f"checkpoint {step} is not a committed export; committed: {exported}")
+    return step
+
+
+def load_checkpoint(run: RunDir, config: PipelineConfig, step: int | None, scratch: str, device: torch.device) -> Checkpoint:
+    from sample.validate import load_export
+
+    step = pick_step(run, step)
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
+    unet, scheduler_config = load_export(run, step, scratch, device)
+    return Checkpoint(
+        step=step,
+        unet=unet,
+        vae=encoders.vae.to(device),
+        tokenizer=encoders.tokenizer,
+        text_encoder=encoders.text_encoder.to(device),
+        scheduler_config=dict(scheduler_config),
+        empty_embedding=torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float(),
+        latent_shape=list(manifest["latent_shape"]),
+        scaling_factor=float(manifest["vae"]["scaling_factor"]),
+    )
+
+
+def generate(
+    checkpoint: Checkpoint,
+    prompts: list[str],
+    seeds: list[int],
+    guidance_scale: float,
+    steps: int,
+    scheduler: str,
+    negative_prompt: str | None = None,
+    timestep_spacing: str = "trailing",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """uint8 images [len(prompts), len(seeds), H, W, 3]."""
+    uncond = checkpoint.empty_embedding if negative_prompt is None else checkpoint.embed([negative_prompt])[0]
+    return sample_images(
+        checkpoint.unet, checkpoint.vae, make_scheduler(scheduler, checkpoint.scheduler_config, timestep_spacing),
+        checkpoint.embed(prompts), uncond, guidance_scale, seeds, steps, checkpoint.latent_shape,
+        checkpoint.scaling_factor, batch_size,
+    )  # fmt: skip
+
+
+def png_name(index: int, prompt: str, seed: int) -> str:
+    """'003-a-red-circle-on-a-blue-background-seed7.png': sortable, readable, safe on any filesystem."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "empty"
+    return f"{index:03d}-{slug}-seed{seed}.png"
+
+
+def write_pngs(images: np.ndarray, prompts: list[str], seeds: list[int], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (prompt, row) in enumerate(zip(prompts, images)):
+        for seed, image in zip(seeds, row):
+            path = out / png_name(index, prompt, seed)
+            Image.fromarray(image).save(path)
+            paths.append(path)
+    return paths
+
+
+def stable_diffusion_pipeline(checkpoint: Checkpoint, scheduler: str, timestep_spacing: str = "trailing"):
+    """The checkpoint as a diffusers `StableDiffusionPipeline` (no safety checker: the model is the user's)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=checkpoint.vae,
+        text_encoder=checkpoint.text_encoder,
+        tokenizer=checkpoint.tokenizer,
+        unet=checkpoint.unet,
+        scheduler=make_scheduler(scheduler, checkpoint.scheduler_config, timestep_spacing),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sample_command(
+    run: RunDir,
+    config: PipelineConfig,
+    prompts: list[str],
+    out_dir: str,
+    seeds: list[int],
+    guidance_scale: float,
+    steps: int,
+    scheduler: str,
+    negative_prompt: str | None,
+    step: int | None,
+) -> list[Path]:
+    """What `pipeline sample RUN --prompt ...` does: sample one checkpoint, write PNGs (progress on stderr)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
+        checkpoint = load_checkpoint(run, config, step, scratch, device)
+        print(f"[sample] step {checkpoint.step}: {len(prompts)} prompt(s) x {len(seeds)} seed(s), guidance "
+              f"{guidance_scale:g}, {scheduler} {steps} steps, {device}", file=sys.stderr, flush=True)  # fmt: skip
+        images = generate(
+            checkpoint, prompts, seeds, guidance_scale, steps, scheduler, negative_prompt,
+            config.sample.timestep_spacing, config.sample.batch_size,
+        )  # fmt: skip
+    return write_pngs(images, prompts, seeds, out_dir)

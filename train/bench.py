@@ -1,0 +1,372 @@
+"""`pipeline bench train`: the train stage against a bare torch loop, and ZeRO-3's memory per rank.
+
+Speed. Both sides train the tiny preset's UNet on the same synthetic latents (written as the
+encode stage would, with the configured encoders' identity records, so nothing is encoded),
+batch by batch in the same data order, with the same intra-op threads. The stage is
+`train.stage.run_stage` as a run calls it, with one worker and ZeRO 0: Ray Train, DeepSpeed,
+the data order, metrics, and the checkpoint and export it always writes at the last step. The
+baseline is one process calling `train_step` with `PlainEngine` (the UNet, torch AdamW, the
+same loss and gradient clipping) on batches stacked beforehand, half before the stage and half
+after, because a shared machine drifts.
+
+The stage has three rates, all in the JSON:
+- `samples_per_s`, the steady state: from the stage's own `train/metrics.jsonl`, the log
+  windows after the first (which holds the first steps' warm-up), as samples summed over
+  window seconds summed. Like the bare loop, that is consecutive steps after a warm-up on a
+  wall clock, so `ratio` is this rate over the bare one.
+- `stage_wall_samples_per_s`: every trained sample over `run_stage`'s whole wall clock (the
+  workers' start, data loading, engine build and the final checkpoint too); `wall_ratio`.
+- `stage_summary_samples_per_s`: what `run_stage` itself reports, the mean of the windows'
+  rates with the first one included.
+
+Memory. On 2 workers, a few steps with ZeRO 0 and then ZeRO 3, after which every rank counts
+the bytes of parameters and optimizer state it holds (each storage once, see `held_bytes`);
+`zero3_memory_ratio` is the largest rank's ZeRO-3 total over the largest rank's ZeRO-0 total
+(ideally 1 / workers). Gradients, activations and communication buffers are not counted.
+ZeRO-3 keeps parameters smaller than DeepSpeed's `stage3_param_persistence_threshold` (1e5
+elements by default) whole on every rank, on top of their partitions: 44% of the tiny UNet's
+parameters, which is why its ratio sits above 0.5 (`whole_parameters` in the JSON).
+
+    pipeline bench train --images 4800 --cpus 2
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import layout
+from pipeline.arrays import to_npy_bytes
+from pipeline.config import PipelineConfig, load_config
+from pipeline.rundir import RunDir
+
+# 150 steps of the preset's batch of 32: about 40 s of training on one thread of a 2-core machine,
+# where the whole bench (two bare halves, the stage's start-up, two ZeRO runs) takes 2.5 minutes.
+DEFAULT_IMAGES = 4800
+# The tiny preset's shard size; there are at least 2 shards, one per memory-run worker.
+SAMPLES_PER_SHARD = 500
+# Log windows of the stage (the first is the warm-up the steady state leaves out).
+LOG_EVERY = 10
+# Bare-loop steps before each timed half: the first steps allocate the optimizer state.
+BARE_WARMUP_STEPS = 3
+MEMORY_WORKERS = 2
+MEMORY_STEPS = 2
+
+
+def _log(message: str) -> None:
+    print(f"[bench train] {message}", file=sys.stderr, flush=True)
+
+
+def _bench_config(steps: int, cpus: int) -> PipelineConfig:
+    """The tiny preset with one ZeRO-0 worker of one thread, trained for `steps` steps; one
+    checkpoint, at the last step (`run_stage` always saves there)."""
+    preset = load_config("tiny").train
+    overrides = [
+        "train.num_workers=1",
+        "train.zero_stage=0",
+        "train.threads_per_worker=1",
+        f"train.max_steps={steps}",
+        f"train.warmup_steps={min(preset.warmup_steps, steps)}",
+        f"train.checkpoint_every={steps + 1}",
+        f"train.log_every={_log_every(steps)}",
+        f"ray.num_cpus={cpus}",
+    ]
+    return load_config("tiny", overrides=overrides)
+
+
+def _log_every(steps: int) -> int:
+    """LOG_EVERY, or less for short runs, so that the steady state has at least 3 windows."""
+    return max(1, min(LOG_EVERY, steps // 4))
+
+
+def _memory_config(config: PipelineConfig, zero_stage: int, cpus: int) -> PipelineConfig:
+    """`config` on MEMORY_WORKERS workers of at most a CPU each, for MEMORY_STEPS steps of ZeRO `zero_stage`."""
+    data = config.model_dump()
+    data["train"].update(
+        num_workers=MEMORY_WORKERS,
+        cpus_per_worker=min(1.0, cpus / MEMORY_WORKERS),
+        zero_stage=zero_stage,
+        max_steps=MEMORY_STEPS,
+        warmup_steps=MEMORY_STEPS,
+    )
+    return PipelineConfig.model_validate(data)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def write_synthetic_latents(config: PipelineConfig, run: RunDir, samples: int) -> int:
+    """Encode-stage output of `samples` random latents and text embeddings, in shards of at most
+    SAMPLES_PER_SHARD (at least 2); the manifest is the one encode writes for `config.encode`'s
+    encoders, so the train stage's identity check passes. Returns the number of shards."""
+    from ingest.encode import build_manifest
+
+    records, fixed = build_manifest(config.encode)
+    latent_shape, text_shape = tuple(fixed["latent_shape"]), tuple(fixed["text_embedding_shape"])
+    shards = max(2, -(-samples // SAMPLES_PER_SHARD))
+    rng = np.random.default_rng(config.seed)
+    names = []
+    for shard, indices in enumerate(np.array_split(np.arange(samples), shards)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for index in indices:
+                for member, shape in ((layout.LATENT_KEY, latent_shape), (layout.TEXT_EMBEDDING_KEY, text_shape)):
+                    data = to_npy_bytes(rng.standard_normal(shape).astype(np.float16))
+                    info = tarfile.TarInfo(f"{index:08d}.{member}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        names.append(f"{shard:05d}.tar")
+        run.write_bytes(f"{layout.ENCODE_SHARDS}/{names[-1]}", buffer.getvalue())
+    run.write_json(layout.ENCODE_MANIFEST, {**records, **fixed, "samples": samples, "shards": names})
+    return shards
+
+
+# -- the bare loop ---------------------------------------------------------------------------
+
+
+class BareLoop:
+    """`train_step` with `PlainEngine` in this process, over the stage's data order for one worker."""
+
+    def __init__(self, config: PipelineConfig, run: RunDir):
+        from train import distributed
+        from train.data import DataOrder, load_latent_data
+        from train.step import PlainEngine, make_noise_scheduler
+        from train.unet import build_unet
+
+        train = self.train = config.train
+        self.seed = config.seed
+        self.data = load_latent_data(run)
+        order = DataOrder(self.data.shard_sizes, 1, train.batch_size_per_worker, config.seed)
+        self.positions = order.batches(0)
+        distributed.seed_initial_weights(config.seed)
+        unet = build_unet(train.unet, self.data.cross_attention_dim, self.data.sample_size)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.engine = PlainEngine(unet, optimizer, train.grad_clip)
+        self.noise_scheduler = make_noise_scheduler(train)
+        self.empty_caption = torch.from_numpy(self.data.empty_caption_embedding).float()
+
+    def timed(self, steps: int, warmup_steps: int) -> float:
+        """Seconds of `steps` steps after `warmup_steps` untimed ones; batches are stacked first."""
+        from train.distributed import batch_generator
+        from train.step import train_step
+
+        batches = []
+        for _ in range(warmup_steps + steps):
+            position = next(self.positions)
+            generator = batch_generator(self.seed, 0, position.epoch, position.index)
+            batches.append((self.data.batch(position.samples, generator), generator))
+        dropout, objective = self.train.caption_dropout, _objective(self.train)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.train.threads_per_worker)
+        try:
+            for index, (batch, generator) in enumerate(batches):
+                if index == warmup_steps:
+                    started = time.perf_counter()
+                train_step(self.engine, batch, self.noise_scheduler, self.empty_caption, dropout, generator, **objective)
+            return time.perf_counter() - started
+        finally:
+            torch.set_num_threads(previous)
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def steady_state(rows: list[dict], samples_per_step: int) -> tuple[int, float]:
+    """(steps, seconds) of the log windows after the first, from metrics.jsonl rows.
+
+    A row's `samples_per_s` is its window's samples over its seconds, so the seconds are
+    recovered from the steps since the previous row."""
+    steps, seconds = 0, 0.0
+    for previous, row in itertools.pairwise(rows):
+        window = row["step"] - previous["step"]
+        steps += window
+        seconds += window * samples_per_step / row["samples_per_s"]
+    return steps, seconds
+
+
+# -- memory per rank -------------------------------------------------------------------------
+
+
+def held_bytes(engine) -> dict[str, int]:
+    """Bytes of parameters and of optimizer state this rank holds, every storage counted once.
+
+    `whole_parameters`: the module's parameters as they are between steps. ZeRO 0-2 keep all of
+    them; ZeRO-3 empties each one outside a gather, except those it keeps whole on every rank for
+    being small (below DeepSpeed's `stage3_param_persistence_threshold`, 1e5 elements by default).
+    `parameters` adds ZeRO-3's partitions (`ds_tensor`, views into flat buffers).
+    `optimizer_state`: the torch optimizer's parameters where they are not the module's (ZeRO-3's
+    fp32 partitions share the partitions' storage in fp32 training) and its state (Adam's two
+    moments and step counts).
+    """
+    seen: set[int] = set()
+
+    def new_bytes(tensors) -> int:
+        total = 0
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    module = list(engine.module.parameters())
+    whole = new_bytes(parameter.data for parameter in module)
+    partitions = new_bytes(parameter.ds_tensor for parameter in module if hasattr(parameter, "ds_tensor"))
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    own = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    state = [value for values in optimizer.state.values() for value in values.values() if torch.is_tensor(value)]
+    return {"parameters": whole + partitions, "whole_parameters": whole, "optimizer_state": new_bytes(own + state)}
+
+
+def memory_worker(loop_config: dict) -> None:
+    """Build the engine as `train.loop.train_worker` does, take the config's few steps, and write
+    this rank's `held_bytes` to `loop_config["held_bytes"]`, with `{rank}` filled in."""
+    from train import distributed
+    from train.data import DataOrder, load_latent_data
+    from train.engine import make_engine
+    from train.step import make_noise_scheduler, train_step
+    from train.unet import build_unet, parameter_count
+
+    config = PipelineConfig.model_validate(loop_config["config"])
+    train, run = config.train, RunDir(loop_config["run_url"])
+    distributed.setup(train)
+    rank = distributed.rank()
+    data = load_latent_data(run)
+    order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
+    distributed.seed_initial_weights(config.seed)
+    unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
+    parameters = parameter_count(unet)
+    engine = make_engine(unet, train)
+    noise_scheduler = make_noise_scheduler(train)
+    empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
+    batches = order.batches(rank)
+    for _ in range(train.max_steps):
+        position = next(batches)
+        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
+        batch = data.batch(position.samples, generator)
+        train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **_objective(train))
+    run.write_json(loop_config["held_bytes"].format(rank=rank), {"parameter_count": parameters, **held_bytes(engine)})
+
+
+def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> list[dict]:
+    """Every rank's `held_bytes` (and the UNet's parameter count) after `memory_worker`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = config.train
+    name = f"zero{train.zero_stage}-memory"
+    held = f"bench/{name}/rank-{{rank}}.json"
+    trainer = TorchTrainer(
+        memory_worker,
+        train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json"), "held_bytes": held},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, resources_per_worker={"CPU": train.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+    )
+    trainer.fit()
+    return [run.read_json(held.format(rank=rank)) for rank in range(train.num_workers)]
+
+
+def _objective(train) -> dict:
+    """`train_step`'s loss options, as `train.loop.train_worker` passes them."""
+    return {"min_snr_gamma": train.min_snr_gamma, "noise_offset": train.noise_offset}
+
+
+# -- the bench -------------------------------------------------------------------------------
+
+
+def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
+    import ray
+
+    from pipeline.ray_runtime import ensure_ray
+    from train.stage import run_stage
+
+    batch_size = load_config("tiny").train.batch_size_per_worker
+    steps = images // batch_size
+    if steps < 4 or images < MEMORY_WORKERS * batch_size:
+        raise ValueError(f"--images {images}: the bench needs at least 4 batches of {batch_size}")
+    config = _bench_config(steps, cpus)
+    train = config.train
+    samples_per_step = train.batch_size_per_worker * train.gradient_accumulation * train.num_workers
+    started_ray = not ray.is_initialized()
+    ensure_ray(config.ray)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+            run = RunDir(Path(scratch) / "run")
+            shards = write_synthetic_latents(config, run, steps * samples_per_step)
+            bare = BareLoop(config, run)
+            bare_steps = steps - train.log_every  # as many as the stage's steady windows hold
+            first_half = bare_steps // 2
+            _log(f"bare loop: {BARE_WARMUP_STEPS} warm-up steps, then {first_half} timed (first half)")
+            bare_before = bare.timed(first_half, BARE_WARMUP_STEPS)
+            _log(f"the stage: {steps} steps of {samples_per_step} samples, {shards} latent shards, 1 worker, ZeRO 0")
+            stage_started = time.perf_counter()
+            summary = run_stage(config, run)
+            stage_seconds = time.perf_counter() - stage_started
+            rows = [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines() if line.strip()]
+            _log(f"bare loop: {BARE_WARMUP_STEPS} warm-up steps, then {bare_steps - first_half} timed (second half)")
+            bare_after = bare.timed(bare_steps - first_half, BARE_WARMUP_STEPS)
+            memory = {}
+            for zero_stage in (0, 3):
+                _log(f"held bytes per rank, {MEMORY_WORKERS} workers, ZeRO {zero_stage}")
+                memory[zero_stage] = _held_bytes_per_rank(_memory_config(config, zero_stage, cpus), run, Path(scratch))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    steady_steps, steady_seconds = steady_state(rows, samples_per_step)
+    trained = int(summary["steps"]) * samples_per_step
+    steady_rate = steady_steps * samples_per_step / steady_seconds
+    bare_seconds = bare_before + bare_after
+    bare_rate = bare_steps * samples_per_step / bare_seconds
+    wall_rate = trained / stage_seconds
+    totals = {stage: [rank["parameters"] + rank["optimizer_state"] for rank in ranks] for stage, ranks in memory.items()}
+    return {
+        "bench": "train",
+        "ratio": round(steady_rate / bare_rate, 3),
+        "samples_per_s": round(steady_rate, 2),
+        "bare_samples_per_s": round(bare_rate, 2),
+        # Before and after the stage: how far the machine drifted meanwhile.
+        "bare_samples_per_s_halves": [
+            round(first_half * samples_per_step / bare_before, 2),
+            round((bare_steps - first_half) * samples_per_step / bare_after, 2),
+        ],
+        "wall_ratio": round(wall_rate / bare_rate, 3),
+        "stage_wall_samples_per_s": round(wall_rate, 2),
+        "stage_summary_samples_per_s": round(summary["samples_per_s"], 2),
+        "steps": int(summary["steps"]),
+        "steady_steps": steady_steps,
+        "bare_steps": bare_steps,
+        "bare_warmup_steps": 2 * BARE_WARMUP_STEPS,
+        "log_every": train.log_every,
+        "batch_size": samples_per_step,
+        "threads": train.threads_per_worker,
+        "shards": shards,
+        "stage_seconds": round(stage_seconds, 2),
+        "stage_steady_seconds": round(steady_seconds, 2),
+        "bare_seconds": round(bare_seconds, 2),
+        # What the stage spends beyond its steady-state steps: Ray Train's and the worker's
+        # start-up, data loading, the engine, the final checkpoint and export.
+        "overhead_seconds": round(stage_seconds - trained / steady_rate, 2),
+        "zero3_memory_ratio": round(max(totals[3]) / max(totals[0]), 3),
+        "memory_workers": MEMORY_WORKERS,
+        "parameter_count": memory[0][0]["parameter_count"],
+        "zero0_bytes_per_rank": totals[0],
+        "zero3_bytes_per_rank": totals[3],
+        "zero0_held_per_rank": [_without_count(rank) for rank in memory[0]],
+        "zero3_held_per_rank": [_without_count(rank) for rank in memory[3]],
+        "device": "cpu",
+    }
+
+
+def _without_count(held: dict) -> dict:
+    return {key: value for key, value in held.items() if key != "parameter_count"}
