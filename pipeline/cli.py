@@ -130,6 +130,7 @@ BENCHES = {
     "ingest": "ingest.bench:run_bench",
     "encode": "ingest.encode_bench:run_bench",
     "train": "train.bench:run_bench",
+    "sample": "sample.bench:run_bench",
 }
 
 
@@ -138,16 +139,25 @@ def bench(
     name: str = typer.Argument(..., help=f"Which bench: {', '.join(BENCHES)}."),
     images: int | None = typer.Option(None, help="Images the bench downloads or encodes (default: the bench's own)."),
     cpus: int = typer.Option(2, help="CPUs of the private Ray instance."),
+    run_url: str | None = typer.Option(None, "--run", metavar="RUN", help="Run directory the bench reads (sample: default runs/demo)."),
 ) -> None:
     """Measure a stage against a bare baseline in the same run; the last line is one JSON object."""
     import importlib
+    import inspect
     import json
 
     if name not in BENCHES:
         _fail(f"unknown bench {name!r}; choose one of {', '.join(BENCHES)}")
-    module, function = BENCHES[name].split(":")
-    sizes = {} if images is None else {"images": images}
-    result = getattr(importlib.import_module(module), function)(cpus=cpus, **sizes)
+    module, function_name = BENCHES[name].split(":")
+    function = getattr(importlib.import_module(module), function_name)
+    options = {key: value for key, value in {"images": images, "run": run_url}.items() if value is not None}
+    unknown = sorted(set(options) - set(inspect.signature(function).parameters))
+    if unknown:
+        _fail(f"bench {name} takes no --{', --'.join(unknown)}")
+    try:
+        result = function(cpus=cpus, **options)
+    except FileNotFoundError as error:
+        _fail(str(error))
     typer.echo(json.dumps(result))
 
 

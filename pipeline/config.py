@@ -134,6 +134,14 @@ class TrainConfig(Section):
     noise_offset: float = Field(
         0.0, ge=0, description="Offset noise (Guttenberg): adds this times one Gaussian per sample and channel; e.g. 0.05."
     )
+    ema_decay: float = Field(
+        0.9999,
+        ge=0,
+        lt=1,
+        description="Decay of an exponential moving average of the UNet weights, capped early on by the warmup "
+        "(1 + n) / (10 + n) after n updates; exports then hold it in unet/ (what sampling loads) and the raw weights "
+        "in unet_online/. 0 disables it: unet/ holds the raw weights.",
+    )
     max_nonfinite_streak: int = Field(
         20, ge=1, description="Stop with an error after this many non-finite losses in a row (isolated ones are skipped)."
     )

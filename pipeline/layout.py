@@ -16,6 +16,10 @@ ENCODE_PROGRESS = "encode/progress"
 TRAIN_DIR = "train"
 TRAIN_CHECKPOINTS = "train/checkpoints"
 TRAIN_EXPORT = "train/export"
+# Inside an export: the weights sampling loads (the EMA when train.ema_decay > 0), and then also the raw ones.
+EXPORT_UNET = "unet"
+EXPORT_UNET_ONLINE = "unet_online"
+EXPORT_SCHEDULER = "scheduler"
 TRAIN_LOGS = "train/logs"
 TRAIN_METRICS = "train/metrics.jsonl"
 # Written when the workers stop before max_steps because training diverged: why, and at which step.

@@ -1,14 +1,16 @@
 """Resumable checkpoints (DeepSpeed state through Ray Train) and diffusers-format exports.
 
 A checkpoint is `RUN/train/checkpoints/step-NNNNNNN/`: the DeepSpeed engine state of every
-rank under `deepspeed/` (Ray Train merges the ranks' folders), `train_state.json` (step and
-where the data order stands) and a `COMMITTED` marker rank 0 writes once every rank's
-upload has returned. Ray Train keeps the newest `keep_checkpoints` and hands the latest to
-`ray.train.get_checkpoint()` when the stage runs again with the same storage path.
+rank under `deepspeed/` (Ray Train merges the ranks' folders), the moving average of the
+weights under `ema/` (train.ema), `train_state.json` (step and where the data order stands)
+and a `COMMITTED` marker rank 0 writes once every rank's upload has returned. Ray Train
+keeps the newest `keep_checkpoints` and hands the latest to `ray.train.get_checkpoint()`
+when the stage runs again with the same storage path.
 
 An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
-(safetensors), published with `RunDir.put_dir` (marker last). Exports are for others to
-load; DeepSpeed's own files are unpickled with `weights_only=False`, so only this run reads them.
+(safetensors), plus `unet_online` when there is a moving average (then `unet` holds it),
+published with `RunDir.put_dir` (marker last). Exports are for others to load;
+DeepSpeed's own files are unpickled with `weights_only=False`, so only this run reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.config import TrainConfig
 from pipeline.rundir import RunDir, now
 from train import distributed
 from train.data import BatchPosition
+from train.ema import ExponentialMovingAverage, weights_replaced
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
@@ -62,13 +65,17 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
-def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict) -> None:
-    """Every rank saves its engine state and reports it; collective."""
+def save_checkpoint(
+    engine, run: RunDir, state: TrainState, metrics: dict, ema: ExponentialMovingAverage | None = None
+) -> None:
+    """Every rank saves its engine state (and its part of the EMA) and reports it; collective."""
     import ray.train
 
     name = layout.step_name(state.step)
     with tempfile.TemporaryDirectory(prefix="checkpoint-", ignore_cleanup_errors=True) as local:
         engine.save_checkpoint(local, tag=DEEPSPEED_TAG)
+        if ema is not None:
+            ema.save(local)
         if distributed.is_rank_zero():
             saved = {**asdict(state), "world_size": distributed.world_size()}
             Path(local, STATE_FILE).write_text(json.dumps(saved) + "\n")
@@ -79,8 +86,11 @@ def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict) -> No
         run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{name}/{layout.COMMIT_MARKER}", now() + "\n")
 
 
-def resume(engine) -> TrainState:
-    """Load the latest checkpoint Ray Train knows of into `engine`; a fresh state if none."""
+def resume(engine, ema: ExponentialMovingAverage | None = None) -> TrainState:
+    """Load the latest checkpoint Ray Train knows of into `engine` (and `ema`); a fresh state if none.
+
+    A checkpoint saved without an EMA starts one from the weights it holds.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -96,17 +106,33 @@ def resume(engine) -> TrainState:
             )
         state = TrainState(**saved)
         loaded, _ = engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
+        if ema is not None and not ema.load(local):
+            ema.restart()
+            distributed.log(f"{checkpoint.path} has no EMA of the weights; starting one from its weights")
     if loaded is None or engine.global_steps != state.step:
         raise RuntimeError(f"checkpoint {checkpoint.path} could not be loaded (engine at step {engine.global_steps})")
     distributed.log(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_index})")
     return state
 
 
-def export_model(engine, run: RunDir, config: TrainConfig, step: int) -> None:
-    """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3."""
+def export_model(
+    engine, run: RunDir, config: TrainConfig, step: int, ema: ExponentialMovingAverage | None = None
+) -> None:
+    """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3.
+
+    With `ema`, `unet/` holds the averaged weights (what sampling and StableDiffusionPipeline load)
+    and `unet_online/` the raw ones.
+    """
+    averaged = ema.full_weights() if ema is not None else None  # collective under ZeRO-3
     with distributed.full_parameters(engine, config.zero_stage):
         if distributed.is_rank_zero():
             with tempfile.TemporaryDirectory(prefix="export-") as local:
-                engine.module.save_pretrained(f"{local}/unet", safe_serialization=True)
-                make_noise_scheduler(config).save_pretrained(f"{local}/scheduler")
+                unet = engine.module
+                if averaged is None:
+                    unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
+                else:
+                    unet.save_pretrained(f"{local}/{layout.EXPORT_UNET_ONLINE}", safe_serialization=True)
+                    with weights_replaced(unet, averaged):
+                        unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
+                make_noise_scheduler(config).save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
                 run.put_dir(local, f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}")

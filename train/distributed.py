@@ -91,6 +91,15 @@ def mean_across_ranks(value: float, device: torch.device | str = "cpu") -> float
     return float(tensor.item())
 
 
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `tensor` (all the same shape), in rank order; collective."""
+    if not is_distributed():
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor, group=group)
+    return parts
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -14,6 +14,7 @@ from pipeline.rundir import RunDir
 from train import distributed
 from train.checkpoint import TrainState, export_model, is_due, resume, save_checkpoint
 from train.data import DataOrder, load_latent_data
+from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
 from train.metrics import LogWindow, MetricsLog
 from train.step import loss_options, make_noise_scheduler, train_step
@@ -32,7 +33,8 @@ def train_worker(loop_config: dict) -> None:
     unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
     parameters = parameter_count(unet)  # before ZeRO-3 would shard them
     engine = make_engine(unet, train)
-    state = resume(engine)
+    ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
+    state = resume(engine, ema)
     restart_schedule(engine, train)
     noise_scheduler = make_noise_scheduler(train)
     options = loss_options(train)  # min-SNR weighting, offset noise
@@ -55,23 +57,27 @@ def train_worker(loop_config: dict) -> None:
             break  # save nothing: the last checkpoint keeps the last good weights
         if state.step == previous_step:
             continue  # inside a gradient accumulation window, or a skipped step
+        if ema is not None and engine.was_step_applied():  # not after an fp16 overflow's skipped step
+            ema.update()
         if is_due(state.step, train.log_every, train.max_steps):
             metrics.add(window.row(state.step, engine))
         if is_due(state.step, train.checkpoint_every, train.max_steps):
             if not distributed.all_ranks_finite_parameters(engine.module):  # a finite loss, then a bad update
                 stopped = f"the weights are not finite after step {state.step}: training diverged; not saving them"
                 break
-            _save(engine, run, config, state, metrics)
+            _save(engine, run, config, state, metrics, ema)
             window.restart()
 
     _finish(state, metrics, run, stopped)
 
 
-def _save(engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog) -> None:
+def _save(
+    engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog, ema: ExponentialMovingAverage | None
+) -> None:
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
-    export_model(engine, run, config.train, state.step)
+    export_model(engine, run, config.train, state.step, ema)
     metrics.publish()
-    save_checkpoint(engine, run, state, _summary(state, metrics))
+    save_checkpoint(engine, run, state, _summary(state, metrics), ema)
 
 
 def _finish(state: TrainState, metrics: MetricsLog, run: RunDir, stopped: str | None) -> None:

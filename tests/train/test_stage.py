@@ -1,5 +1,5 @@
-"""The train stage end to end: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, checkpoints,
-exports, metrics and resume (train.stage), plus its fail-fast input checks."""
+"""The train stage end to end: Ray Train + DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU workers, checkpoints,
+exports (with the weights' moving average), metrics and resume (train.stage), plus its fail-fast input checks."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from train.stage import TrainStageError, check_inputs, run_config, run_stage, st
 
 # Constant lr makes the schedule independent of max_steps, so 6 steps resumed to 9 must
 # equal 9 steps in one go if resume is exact (weights, optimizer, data order, noise, and the
-# flip choices and posterior draws of latents encoded with both encode options).
+# flip choices and posterior draws of latents encoded with both encode options), and so must the
+# moving average of the weights (the tiny preset keeps one, train.ema_decay = 0.999).
 OVERRIDES = [
     "train.num_workers=2",
     "train.cpus_per_worker=0.5",
@@ -46,16 +47,34 @@ def metrics_rows(run) -> list[dict]:
     return [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines()]
 
 
-def export_weights(run, step: int) -> dict[str, torch.Tensor]:
-    unet = UNet2DConditionModel.from_pretrained(run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}/unet"))
-    return unet.state_dict()
+def export_weights(run, step: int, unet: str = layout.EXPORT_UNET) -> dict[str, torch.Tensor]:
+    return UNet2DConditionModel.from_pretrained(run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}/{unet}")).state_dict()
 
 
-def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local):
-    run = write_latent_run(tmp_path / "run", encode=AUGMENTED)
+def flat_weights(run, step: int, unet: str) -> torch.Tensor:
+    return torch.cat([weight.flatten() for weight in export_weights(run, step, unet).values()])
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=rtol, atol=atol, msg=lambda text, name=name: f"{name}: {text}")
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, ray_local):
+    """A ZeRO-2 run of 6 steps (checkpoints and exports at 3 and 6): (run, stage summary, seconds).
+
+    The resume test extends it to 9 steps; the ZeRO-3 test reads only its step-6 export.
+    """
+    run = write_latent_run(tmp_path_factory.mktemp("zero2") / "run", encode=AUGMENTED)
     started = time.perf_counter()
-    first = run_stage(config(6), run)
-    seconds = time.perf_counter() - started
+    summary = run_stage(config(6), run)
+    return run, summary, time.perf_counter() - started
+
+
+def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, six_steps):
+    run, first, seconds = six_steps
 
     assert first["steps"] == 6 and first["checkpoints"] == [3, 6] and first["exports"] == [3, 6]
     assert first["skipped_nonfinite"] == 0 and first["final_loss"] > 0 and first["samples_per_s"] > 0
@@ -63,10 +82,13 @@ def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local
         checkpoint = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(step)}"
         assert run.exists(f"{checkpoint}/{layout.COMMIT_MARKER}")
         assert run.read_json(f"{checkpoint}/{STATE_FILE}")["step"] == step
+        assert run.list(f"{checkpoint}/ema") == ["whole.pt"]  # ZeRO-2: every rank holds the same average
         export = f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"
         assert run.exists(f"{export}/{layout.COMMIT_MARKER}")
         assert DDPMScheduler.from_pretrained(run.path(f"{export}/scheduler")).config.clip_sample is False
     assert not all(torch.equal(a, b) for a, b in zip(export_weights(run, 3).values(), export_weights(run, 6).values()))
+    averaged, online = export_weights(run, 6), export_weights(run, 6, layout.EXPORT_UNET_ONLINE)
+    assert not all(torch.equal(averaged[name], online[name]) for name in averaged)  # the average lags the weights
     assert [row["step"] for row in metrics_rows(run)] == [1, 2, 3, 4, 5, 6]
     assert run.list(layout.TRAIN_LOGS)
     global_batch = 2 * 8
@@ -83,8 +105,29 @@ def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, ray_local
     run_stage(config(9), straight)
     resumed_losses = [row["loss"] for row in metrics_rows(run)]
     assert resumed_losses == pytest.approx([row["loss"] for row in metrics_rows(straight)], rel=1e-5)
-    for a, b in zip(export_weights(run, 9).values(), export_weights(straight, 9).values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for unet in (layout.EXPORT_UNET, layout.EXPORT_UNET_ONLINE):  # the average resumed exactly too
+        assert_same_weights(export_weights(run, 9, unet), export_weights(straight, 9, unet), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_3_keeps_a_partitioned_average_that_resumes_and_matches_zero_2(tmp_path, six_steps):
+    """ZeRO-3 partitions the weights and so the average; the math must not change: 3 steps, a
+    resume to 6, and the step-6 export equals ZeRO-2's 6 steps in one go."""
+    zero2, _, _ = six_steps
+    run = write_latent_run(tmp_path / "run", encode=AUGMENTED)
+    run_stage(config(3, "train.zero_stage=3"), run)
+    assert run.list(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(3)}/ema") == ["rank-0.pt", "rank-1.pt"]
+    second = run_stage(config(6, "train.zero_stage=3"), run)
+    assert second["steps"] == 6 and second["exports"] == [3, 6]
+
+    averaged, online = flat_weights(run, 6, layout.EXPORT_UNET), flat_weights(run, 6, layout.EXPORT_UNET_ONLINE)
+    averaged_2, online_2 = flat_weights(zero2, 6, layout.EXPORT_UNET), flat_weights(zero2, 6, layout.EXPORT_UNET_ONLINE)
+    lag = (averaged_2 - online_2).norm()
+    assert lag > 0.01  # ~0.25: the average trails the weights
+    # ZeRO-2 and ZeRO-3 reduce gradients in another order, and Adam magnifies that in a few weights
+    # whose gradients are ~0 (up to ~1e-4 after 6 steps), in the weights and their average alike;
+    # the average's lag behind the weights, what the EMA adds, agrees to float precision.
+    assert (online - online_2).norm() < 0.01 * lag and (averaged - averaged_2).norm() < 0.01 * lag
+    torch.testing.assert_close(averaged - online, averaged_2 - online_2, rtol=0, atol=1e-6)
 
 
 def test_too_few_shards_fails_before_any_worker_starts(tmp_path):

@@ -1,0 +1,174 @@
+"""`pipeline bench sample`: the fewest steps at which each scheduler matches 1000-step DDPM.
+
+The reference is DDPM with `ddpm_steps` steps (1000: one per training timestep) on the run's
+latest export, over the config's prompts x `seeds` at one guidance scale; its prompt accuracy
+is the toy judge's share of correct images, as in the sample stage (`sample.validate`). Each
+scheduler (ddim, dpmsolver++, euler, and ddpm itself) then walks up `ladder` and stops at the
+first step count whose accuracy is within `tolerance` of the reference. Accuracy is not
+monotone in steps (a step count can be lucky on 96 images), so the first hit is reported, not
+a bisection, and every accuracy seen is in the JSON. `speedup` = ddpm_steps / the fewest
+steps of any scheduler; `wall_speedup` compares the seconds of the same two runs.
+
+Every (scheduler, steps) samples all prompts x seeds in one `generate` call on one intra-op
+thread (the tiny UNet gains nothing from more), with the config's timestep spacing. On 2
+shared cores one UNet step of 96 images takes about 0.5 s: the reference alone is ~10 minutes,
+and a scheduler that never reaches the bar walks the whole ladder (~1,550 steps, ~13 minutes).
+
+    make demo                   # trains runs/demo, which the bench reads (it never trains)
+    pipeline bench sample       # or --run DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.toy import ToySpec, parse_caption
+from pipeline import layout
+from pipeline.rundir import RunDir
+from sample.judge import is_correct
+
+DEFAULT_RUN = "runs/demo"
+DDPM_STEPS = 1000
+# Up to 50: past ddpm_steps / 25 a scheduler cannot meet the speedup target, and a scheduler that
+# plateaus just under the bar would otherwise walk every rung (about 40 minutes on 2 cores).
+LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
+# Four seeds per prompt: 96 images on the tiny preset, so one image moves accuracy by ~0.01.
+SEEDS = (0, 1, 2, 3)
+TOLERANCE = 0.05
+# The likely fastest first; ddpm itself last, as it needs the most steps.
+SCHEDULERS = ("dpmsolver++", "euler", "ddim", "ddpm")
+
+
+def _log(message: str) -> None:
+    print(f"[bench sample] {message}", file=sys.stderr, flush=True)
+
+
+def prompt_accuracy(images: np.ndarray, specs: list[ToySpec]) -> float:
+    """Share of images [P, S, H, W, 3] that show their prompt's colours (the sample stage's metric)."""
+    correct = sum(is_correct(image, spec) for spec, row in zip(specs, images) for image in row)
+    return correct / (images.shape[0] * images.shape[1])
+
+
+def first_hit(measure, ladder: list[int], threshold: float) -> tuple[int | None, dict[int, tuple[float, float]]]:
+    """Walk up `ladder`, calling `measure(steps) -> (accuracy, seconds)`; stop at the first step
+    count whose accuracy reaches `threshold`. Returns (that count or None, everything measured)."""
+    seen: dict[int, tuple[float, float]] = {}
+    for steps in ladder:
+        seen[steps] = measure(steps)
+        if seen[steps][0] >= threshold:
+            return steps, seen
+    return None, seen
+
+
+def _missing_run_message(run_dir: RunDir) -> str | None:
+    if not run_dir.exists(layout.CONFIG):
+        return (f"{run_dir.path(layout.CONFIG)} not found: the sample bench needs a trained run. "
+                f"Run `make demo` first (it trains the tiny demo into {DEFAULT_RUN}), or pass --run DIR.")  # fmt: skip
+    if not run_dir.committed_steps(layout.TRAIN_EXPORT):
+        return f"{run_dir.path(layout.TRAIN_EXPORT)} holds no committed export: run `make demo` first, or pass --run DIR."
+    return None
+
+
+def run_bench(
+    cpus: int = 2,
+    run: str = DEFAULT_RUN,
+    guidance_scale: float = 7.5,
+    seeds: tuple[int, ...] = SEEDS,
+    ddpm_steps: int = DDPM_STEPS,
+    ladder: tuple[int, ...] = LADDER,
+    tolerance: float = TOLERANCE,
+    schedulers: tuple[str, ...] = SCHEDULERS,
+) -> dict[str, Any]:
+    """`cpus` is taken for the CLI's uniform call only: sampling runs here, on one thread."""
+    from pipeline.runner import load_run_config
+    from sample.generate import generate, load_checkpoint
+
+    run_dir = RunDir(run)
+    missing = _missing_run_message(run_dir)
+    if missing:
+        raise FileNotFoundError(missing)
+    config = load_run_config(run_dir)
+    prompts, seeds = list(config.sample.prompts), [int(seed) for seed in seeds]
+    specs = [parse_caption(prompt) for prompt in prompts]  # a ValueError names a prompt the judge cannot read
+    images = len(prompts) * len(seeds)
+    batch_size = max(config.sample.batch_size, images)  # one batch: every image of a run together
+    spacing = config.sample.timestep_spacing
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-sample-") as scratch:
+            checkpoint = load_checkpoint(run_dir, config, None, scratch, device)
+
+        def measure(scheduler: str, steps: int) -> tuple[float, float]:
+            began = time.perf_counter()
+            sampled = generate(checkpoint, prompts, seeds, guidance_scale, steps, scheduler,
+                               timestep_spacing=spacing, batch_size=batch_size)  # fmt: skip
+            seconds = time.perf_counter() - began
+            accuracy = prompt_accuracy(sampled, specs)
+            _log(f"{scheduler} {steps} steps: accuracy {accuracy:.3f} ({seconds:.1f}s)")
+            return accuracy, seconds
+
+        _log(f"{run_dir.url} step {checkpoint.step}: {len(prompts)} prompts x seeds {seeds}, guidance "
+             f"{guidance_scale:g}, {spacing} spacing, {device}; reference ddpm {ddpm_steps} steps")  # fmt: skip
+        reference_accuracy, reference_seconds = measure("ddpm", ddpm_steps)
+        threshold = reference_accuracy - tolerance
+        rungs = sorted(steps for steps in set(ladder) if steps < ddpm_steps)
+        per_scheduler = {}
+        for name in schedulers:
+            search_started = time.perf_counter()
+            steps, seen = first_hit(lambda n, name=name: measure(name, n), rungs, threshold - 1e-9)
+            accuracy, seconds = seen[steps] if steps is not None else (None, None)
+            per_scheduler[name] = {
+                "steps": steps,
+                "accuracy": _round(accuracy),
+                "seconds": _round(seconds, 2),
+                "ladder": {str(n): round(a, 4) for n, (a, _) in seen.items()},
+                "search_seconds": round(time.perf_counter() - search_started, 2),
+            }
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    hits = {name: entry for name, entry in per_scheduler.items() if entry["steps"] is not None}
+    fastest = min(hits, key=lambda name: (hits[name]["steps"], hits[name]["seconds"]), default=None)
+    best = None
+    if fastest:
+        entry = hits[fastest]
+        best = {"scheduler": fastest, "steps": entry["steps"], "accuracy": entry["accuracy"], "seconds": entry["seconds"],
+                "images_per_s": round(images / entry["seconds"], 2), "seconds_per_image": round(entry["seconds"] / images, 4)}  # fmt: skip
+    return {
+        "bench": "sample",
+        "speedup": ddpm_steps / best["steps"] if best else None,
+        "wall_speedup": round(reference_seconds / best["seconds"], 2) if best else None,
+        "fastest": best,
+        "ddpm_steps": ddpm_steps,
+        "reference_accuracy": round(reference_accuracy, 4),
+        "reference_seconds": round(reference_seconds, 2),
+        "reference_images_per_s": round(images / reference_seconds, 3),
+        "tolerance": tolerance,
+        "per_scheduler": per_scheduler,
+        "run": run_dir.url,
+        "checkpoint": checkpoint.step,
+        "guidance_scale": guidance_scale,
+        "seeds": seeds,
+        "prompts": len(prompts),
+        "images": images,
+        "ladder": rungs,
+        "timestep_spacing": spacing,
+        "batch_size": batch_size,
+        "threads": 1,
+        "device": device.type,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,91 @@
+"""`pipeline bench sample`: the fewest steps at which each scheduler matches the DDPM reference,
+on a synthetic run with random tiny models (accuracy ~0, so the JSON's shape is what is checked)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sample_support import PROMPTS, sample_config
+
+from pipeline import layout
+from pipeline.config import to_toml
+from sample.bench import SCHEDULERS, first_hit, run_bench
+
+LADDER = (4, 1, 2, 40)  # unsorted, and 40 is past the reference: the bench sorts and drops it
+DDPM_STEPS = 20
+SEEDS = (0, 1)
+
+
+@pytest.fixture
+def bench_run(synthetic_run, model_dirs):
+    synthetic_run.write_text(layout.CONFIG, to_toml(sample_config(model_dirs)))
+    return synthetic_run
+
+
+def check_entries(report: dict) -> None:
+    assert set(report["per_scheduler"]) == set(SCHEDULERS)
+    threshold = report["reference_accuracy"] - report["tolerance"]
+    for name, entry in report["per_scheduler"].items():
+        ladder = {int(steps): accuracy for steps, accuracy in entry["ladder"].items()}
+        assert list(ladder) == report["ladder"][: len(ladder)], name  # walked up in order, from the bottom
+        assert all(0 <= accuracy <= 1 for accuracy in ladder.values())
+        if entry["steps"] is None:  # no hit: every rung tried, none close enough
+            assert list(ladder) == report["ladder"] and entry["accuracy"] is None and entry["seconds"] is None
+            assert all(accuracy < threshold for accuracy in ladder.values())
+        else:  # stopped at the first hit
+            assert max(ladder) == entry["steps"] and entry["accuracy"] == ladder[entry["steps"]] >= threshold
+            assert all(accuracy < threshold for steps, accuracy in ladder.items() if steps < entry["steps"])
+            assert entry["seconds"] > 0 and entry["search_seconds"] >= entry["seconds"]
+
+
+def test_bench_finds_the_first_hit_per_scheduler_and_the_speedup(bench_run):
+    report = run_bench(run=bench_run.url, seeds=SEEDS, ddpm_steps=DDPM_STEPS, ladder=LADDER)
+    assert report["bench"] == "sample" and report["device"] == "cpu" and report["threads"] == 1
+    assert report["ddpm_steps"] == DDPM_STEPS and report["ladder"] == [1, 2, 4]
+    assert report["checkpoint"] == 20 and report["seeds"] == list(SEEDS) and report["guidance_scale"] == 7.5
+    assert report["images"] == len(PROMPTS) * len(SEEDS) and report["timestep_spacing"] == "trailing"
+    assert 0 <= report["reference_accuracy"] <= 1 and report["reference_seconds"] > 0
+    check_entries(report)
+
+    hits = {name: entry["steps"] for name, entry in report["per_scheduler"].items() if entry["steps"] is not None}
+    assert hits  # random models score ~0, so every scheduler is within 0.05 of the reference early
+    best = min(hits.values())
+    assert report["speedup"] == DDPM_STEPS / best
+    fastest = report["fastest"]
+    assert hits[fastest["scheduler"]] == fastest["steps"] == best
+    assert fastest["seconds"] == report["per_scheduler"][fastest["scheduler"]]["seconds"]
+    assert fastest["images_per_s"] == pytest.approx(report["images"] / fastest["seconds"], rel=0.01)
+
+
+def test_bench_without_a_hit_reports_every_rung_and_no_speedup(bench_run):
+    # A negative tolerance puts the bar above any accuracy: nothing can reach it.
+    report = run_bench(run=bench_run.url, seeds=(0,), ddpm_steps=4, ladder=(1, 2), tolerance=-2.0, schedulers=("ddim",))
+    assert report["speedup"] is None and report["fastest"] is None and report["wall_speedup"] is None
+    assert report["per_scheduler"]["ddim"]["steps"] is None and list(report["per_scheduler"]["ddim"]["ladder"]) == ["1", "2"]
+
+
+def test_first_hit_stops_at_the_first_rung_that_reaches_the_bar_even_if_a_later_one_falls():
+    accuracies = {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.95}
+    steps, seen = first_hit(lambda n: (accuracies[n], 0.1), [1, 2, 3, 4], threshold=0.8)
+    assert steps == 2 and list(seen) == [1, 2]
+    assert first_hit(lambda n: (accuracies[n], 0.1), [1, 3], threshold=0.8) == (None, {1: (0.2, 0.1), 3: (0.5, 0.1)})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "pipeline"), "bench", *args]
+    return subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_cli_fails_clearly_without_a_trained_run(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result = cli("sample", "--run", str(missing))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert str(missing / layout.CONFIG) in result.stderr and "make demo" in result.stderr
+    assert not missing.exists()  # nothing trained or written
+
+    result = cli("encode", "--run", str(missing))
+    assert result.returncode == 2 and "bench encode takes no --run" in result.stderr

@@ -1,0 +1,124 @@
+"""An exponential moving average of the UNet's weights, kept where the weights are.
+
+Under ZeRO 0-2 every rank holds whole parameters, and keeps a whole fp32 average. Under
+ZeRO-3 a rank holds only its partition of each parameter (`param.ds_tensor`: elements
+`[rank * n, (rank + 1) * n)` of the flattened parameter, the last one zero-padded), and
+averages just that, so the average is partitioned like the weights. `full_weights` gathers
+it whole for an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pipeline.config import TrainConfig
+from train import distributed
+
+EMA_DIR = "ema"  # in a checkpoint folder: rank-R.pt per rank under ZeRO-3, whole.pt (rank 0's) otherwise
+
+
+def warmed_up_decay(decay: float, updates: int) -> float:
+    """The decay of update number `updates + 1`: `min(decay, (1 + updates) / (10 + updates))`.
+
+    The warmup of diffusers' `EMAModel` (without `use_ema_warmup`): the first updates forget
+    the random initial weights fast (0.1, 0.18, 0.25, ...), and `decay` caps it later (0.999
+    from about 9,000 updates on).
+    """
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def local_tensor(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of `parameter`: its ZeRO-3 partition, or the parameter itself."""
+    return getattr(parameter, "ds_tensor", parameter)
+
+
+class ExponentialMovingAverage:
+    """`average = d * average + (1 - d) * weights` after every optimizer step, in fp32, on this rank's part."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.parameters = list(module.parameters())
+        self.partitioned = hasattr(self.parameters[0], "ds_tensor")  # ZeRO-3
+        self.decay = decay
+        self.restart()
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, config: TrainConfig) -> ExponentialMovingAverage | None:
+        """The average `train.ema_decay` asks for; None when it is 0 (off)."""
+        return cls(module, config.ema_decay) if config.ema_decay > 0 else None
+
+    def restart(self) -> None:
+        """Start over from the current weights, as if no update had been made."""
+        self.updates = 0
+        self.averages = [local_tensor(p).detach().float().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call after each optimizer step, on every rank (not after a skipped step or a micro-batch
+        inside an accumulation window: the weights did not move)."""
+        weight = 1.0 - warmed_up_decay(self.decay, self.updates)
+        for average, parameter in zip(self.averages, self.parameters):
+            average.lerp_(local_tensor(parameter).detach().float(), weight)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "averages": self.averages}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["averages"]
+        shapes = [tuple(t.shape) for t in saved], [tuple(t.shape) for t in self.averages]
+        if shapes[0] != shapes[1]:
+            raise RuntimeError("the checkpoint's EMA does not fit this UNet (another model, ZeRO stage or world size)")
+        self.updates = int(state["updates"])
+        self.averages = [s.to(a.device, torch.float32) for s, a in zip(saved, self.averages)]
+
+    def save(self, folder: str | Path) -> None:
+        """Write this rank's part under `folder/ema/` (under ZeRO 0-2 rank 0 writes for all)."""
+        if self.partitioned or distributed.is_rank_zero():
+            path = Path(folder, EMA_DIR, self._file_name())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), path)
+
+    def load(self, folder: str | Path) -> bool:
+        """Read this rank's part from a checkpoint folder; False (and nothing changed) if it has none."""
+        path = Path(folder, EMA_DIR, self._file_name())
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+    def _file_name(self) -> str:
+        return f"rank-{distributed.rank()}.pt" if self.partitioned else "whole.pt"
+
+    def full_weights(self) -> list[torch.Tensor] | None:
+        """The whole averaged parameters, in `module.parameters()` order, on rank 0 (None elsewhere).
+
+        Collective under ZeRO-3: each parameter's partitions are gathered, joined in rank
+        order and cut to the parameter's size.
+        """
+        if not self.partitioned:
+            return list(self.averages) if distributed.is_rank_zero() else None
+        weights = []
+        for average, parameter in zip(self.averages, self.parameters):
+            parts = distributed.all_gather(average, getattr(parameter, "ds_process_group", None))
+            if distributed.is_rank_zero():
+                weights.append(torch.cat(parts)[: parameter.ds_numel].view(parameter.ds_shape))
+        return weights if distributed.is_rank_zero() else None
+
+
+@contextlib.contextmanager
+def weights_replaced(module: torch.nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+    """Within: `module`'s (whole) parameters hold `weights`; after: their own values again."""
+    parameters = list(module.parameters())
+    own = [p.detach().clone() for p in parameters]
+    with torch.no_grad():
+        for parameter, weight in zip(parameters, weights):
+            parameter.copy_(weight)
+        try:
+            yield
+        finally:
+            for parameter, value in zip(parameters, own):
+                parameter.copy_(value)
