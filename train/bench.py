@@ -158,14 +158,14 @@ class BareLoop:
     def timed(self, steps: int, warmup_steps: int) -> float:
         """Seconds of `steps` steps after `warmup_steps` untimed ones; batches are stacked first."""
         from train.distributed import batch_generator
-        from train.step import train_step
+        from train.step import loss_options, train_step
 
         batches = []
         for _ in range(warmup_steps + steps):
             position = next(self.positions)
             generator = batch_generator(self.seed, 0, position.epoch, position.index)
             batches.append((self.data.batch(position.samples, generator), generator))
-        dropout, objective = self.train.caption_dropout, _objective(self.train)
+        dropout, objective = self.train.caption_dropout, loss_options(self.train)
         previous = torch.get_num_threads()
         torch.set_num_threads(self.train.threads_per_worker)
         try:
@@ -232,21 +232,11 @@ def memory_worker(loop_config: dict) -> None:
     """Build the engine as `train.loop.train_worker` does, take the config's few steps, and write
     this rank's `held_bytes` to `loop_config["held_bytes"]`, with `{rank}` filled in."""
     from train import distributed
-    from train.data import DataOrder, load_latent_data
-    from train.engine import make_engine
-    from train.step import make_noise_scheduler, train_step
-    from train.unet import build_unet, parameter_count
+    from train.loop import setup_worker
+    from train.step import loss_options, make_noise_scheduler, train_step
 
-    config = PipelineConfig.model_validate(loop_config["config"])
-    train, run = config.train, RunDir(loop_config["run_url"])
-    distributed.setup(train)
-    rank = distributed.rank()
-    data = load_latent_data(run)
-    order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
-    distributed.seed_initial_weights(config.seed)
-    unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
-    parameters = parameter_count(unet)
-    engine = make_engine(unet, train)
+    config, run, rank, data, order, engine, parameters = setup_worker(loop_config)
+    train = config.train
     noise_scheduler = make_noise_scheduler(train)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     batches = order.batches(rank)
@@ -254,7 +244,7 @@ def memory_worker(loop_config: dict) -> None:
         position = next(batches)
         generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
         batch = data.batch(position.samples, generator)
-        train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **_objective(train))
+        train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **loss_options(train))
     run.write_json(loop_config["held_bytes"].format(rank=rank), {"parameter_count": parameters, **held_bytes(engine)})
 
 
@@ -274,11 +264,6 @@ def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> 
     )
     trainer.fit()
     return [run.read_json(held.format(rank=rank)) for rank in range(train.num_workers)]
-
-
-def _objective(train) -> dict:
-    """`train_step`'s loss options, as `train.loop.train_worker` passes them."""
-    return {"min_snr_gamma": train.min_snr_gamma, "noise_offset": train.noise_offset}
 
 
 # -- the bench -------------------------------------------------------------------------------

@@ -21,18 +21,22 @@ from train.step import loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, parameter_count
 
 
-def train_worker(loop_config: dict) -> None:
+def setup_worker(loop_config: dict):
+    """(config, run, rank, data, order, engine, parameter count): a worker up to its fresh engine."""
     config = PipelineConfig.model_validate(loop_config["config"])
     train, run = config.train, RunDir(loop_config["run_url"])
     distributed.setup(train)
-    rank = distributed.rank()
-
     data = load_latent_data(run)
     order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
     distributed.seed_initial_weights(config.seed)
     unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
     parameters = parameter_count(unet)  # before ZeRO-3 would shard them
-    engine = make_engine(unet, train)
+    return config, run, distributed.rank(), data, order, make_engine(unet, train), parameters
+
+
+def train_worker(loop_config: dict) -> None:
+    config, run, rank, data, order, engine, parameters = setup_worker(loop_config)
+    train = config.train
     ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
     state = resume(engine, ema)
     restart_schedule(engine, train)
