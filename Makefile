@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install lint clean-demo
+.PHONY: demo test faults install lint clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Killed processes and resumed runs (minutes): .ci/run runs it after `make test`.
+faults: install
+	$(BIN)/python -m pytest -q -m kill tests/faults $(PYTEST_ARGS)
+
+# Builds infra/Dockerfile for real, offline, on a local Debian base and runs `pipeline --help` in it
+# (~10 min the first time; needs root; prints "skipped: no Docker engine (...)" where none can run).
+.PHONY: image-test
+image-test: install
+	PYTHON=$(BIN)/python bash infra/tests/build-image.sh
 
 clean-demo:
 	rm -rf $(OUT)

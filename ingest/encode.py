@@ -23,7 +23,7 @@ from ingest import encode_progress as progress
 from ingest.distribute import complete_shards
 from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
 from ingest.identity import configured_names
-from pipeline import layout
+from pipeline import faults, layout
 from pipeline.arrays import to_base64_npy
 from pipeline.config import EncodeConfig, PipelineConfig
 from pipeline.rundir import RunDir
@@ -100,6 +100,7 @@ class Encoder:
         self.scaling_factor = vae_scaling_factor(self.encoders.vae)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        faults.inject("encode-batch")
         pixels = to_model_input(batch[PIXELS]).to(self.device)
         captions = [str(caption) for caption in batch[layout.CAPTION_KEY]]
         use_autocast = self.autocast is not None and self.device.type == "cuda"
@@ -205,7 +206,12 @@ def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], member
         ray.data.from_items([{SHARD: name} for name in shards], override_num_blocks=len(shards))
         .map_batches(
             decode_shards,
-            fn_kwargs={"run_url": run.url, "resolution": settings.resolution, "batch_size": settings.batch_size},
+            fn_kwargs={
+                "run_url": run.url,
+                "resolution": settings.resolution,
+                "batch_size": settings.batch_size,
+                "max_pixels": int(config.ingest.max_megapixels * 1e6),
+            },
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,
         )

@@ -11,6 +11,7 @@ import io
 import json
 import tarfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,13 +19,16 @@ import numpy as np
 from PIL import Image
 
 from ingest import encode_progress as progress
-from pipeline import layout
+from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
 
 KEY = "__key__"
 SHARD = "shard"
 PIXELS = "pixels"
+# Pixels an image may declare before it is skipped undecoded (decompression bombs); the stage
+# passes ingest.max_megapixels, whose default this is.
+MAX_PIXELS = 89_000_000
 
 
 # Pure core ---------------------------------------------------------------------------------
@@ -75,29 +79,43 @@ def read_raw_samples(handle) -> Iterator[dict[str, bytes]]:
         yield current
 
 
-def decode_sample(sample: dict[str, bytes], resolution: int) -> np.ndarray | None:
-    """The centre crop of a sample's image, or None if it has none or it does not decode."""
+def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """The centre crop of a sample's image, or None if it has none, it does not decode, or its
+    header declares more than `max_pixels` pixels (then nothing is decoded)."""
     data = sample.get(layout.IMAGE_KEY)
     if data is None:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return center_crop(image, resolution)
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it, then decodes anyway: skip instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:
+                    return None
+                return center_crop(image, resolution)
     except Exception:  # noqa: BLE001 - any decode error means "skip and count"
         return None
 
 
+def safe_key(key: str) -> bool:
+    """False for keys (tar member names) that are absolute or climb out with `..`: we never
+    extract to disk, but such a key would travel on into the latent shards' member names."""
+    return bool(key) and not key.startswith("/") and ".." not in key.split("/")
+
+
 def decode_shards(
-    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int
+    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels)
 
 
-def decode_shard(run: RunDir, name: str, resolution: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    # undecodable: no image, no caption, or an image PIL cannot read.
+def decode_shard(
+    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+) -> Iterator[dict[str, np.ndarray]]:
+    # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
     record = {
         "shard": progress.stem(name),
         "samples": 0,
@@ -112,7 +130,8 @@ def decode_shard(run: RunDir, name: str, resolution: int, batch_size: int) -> It
         with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
             for sample in read_raw_samples(handle):
                 record["samples"] += 1
-                pixels = decode_sample(sample, resolution) if layout.CAPTION_KEY in sample else None
+                usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
+                pixels = decode_sample(sample, resolution, max_pixels) if usable else None
                 if pixels is None:
                     record["undecodable"] += 1
                     continue
@@ -198,6 +217,7 @@ def latent_sink(run_url: str, members: list[str], rows_per_write: int):
                     writer.close()
                 parts.append({"shard": shard, "part": part, "samples": len(rows)})
                 run.write_json(record_path, parts[-1])
+                faults.inject("encode-part")
             return parts
 
     return LatentShardSink()

@@ -45,6 +45,10 @@ def _kwargs(subfolder: str | None) -> dict:
     return {"subfolder": subfolder} if subfolder else {}
 
 
+# Weights load from safetensors only: a pickle-based .bin can run code when unpickled, and
+# neither library's weights_only=True fallback gives as clear an error.
+_SAFE = {"use_safetensors": True}
+
 # Without accelerate diffusers warns on every load that it falls back to this; say it outright.
 _DIFFUSERS_EXTRA = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
 
@@ -58,14 +62,14 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 def load_vae(name: str, dtype: torch.dtype = torch.float32, subfolder: str | None = None) -> AutoencoderKL:
     """An `AutoencoderKL` in eval mode with gradients off."""
     vae = AutoencoderKL.from_pretrained(
-        resolve_model_path(name), torch_dtype=dtype, **_DIFFUSERS_EXTRA, **_kwargs(subfolder)
+        resolve_model_path(name), torch_dtype=dtype, **_SAFE, **_DIFFUSERS_EXTRA, **_kwargs(subfolder)
     )
     return _frozen(vae)
 
 
 def load_text_encoder(name: str, dtype: torch.dtype = torch.float32, subfolder: str | None = None) -> CLIPTextModel:
     """A `CLIPTextModel` in eval mode with gradients off."""
-    model = CLIPTextModel.from_pretrained(resolve_model_path(name), **{_HF_DTYPE_KW: dtype}, **_kwargs(subfolder))
+    model = CLIPTextModel.from_pretrained(resolve_model_path(name), **{_HF_DTYPE_KW: dtype}, **_SAFE, **_kwargs(subfolder))
     return _frozen(model)
 
 

@@ -15,7 +15,12 @@ def to_npy_bytes(array: np.ndarray) -> bytes:
 
 
 def from_npy_bytes(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """One .npy array; anything else (a pickle, an .npz or torch.save zip) raises ValueError."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray):  # np.load opens any zip as an NpzFile
+        array.close()
+        raise ValueError("not a .npy array (a zip archive)")  # noqa: TRY004 - readers count a bad member on ValueError
+    return array
 
 
 def to_base64_npy(array: np.ndarray) -> dict:

@@ -46,7 +46,7 @@ def run(
 ) -> None:
     """Run every stage; a finished run is skipped and a half-finished one resumed."""
     from pipeline.rundir import RunDir
-    from pipeline.runner import load_run_config, run_stages
+    from pipeline.runner import StageError, load_run_config, run_stages
 
     run_dir = RunDir(out)
     try:
@@ -54,9 +54,9 @@ def run(
             resolved = load_config(preset, config, overrides)
         else:
             resolved = load_run_config(run_dir)  # rerun of an existing run: keep its config
-    except ConfigError as error:
+        run_stages(resolved, run_dir, force=force)
+    except (ConfigError, StageError) as error:
         _fail(str(error))
-    run_stages(resolved, run_dir, force=force)
 
 
 def _stage_command(name: str):

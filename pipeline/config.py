@@ -185,6 +185,33 @@ class SampleConfig(Section):
     )
     batch_size: int = Field(64, ge=1, description="Images per UNet batch.")
     judge: Literal["toy", "none"] = Field("none", description="'toy': exact prompt accuracy with the toy pixel judge.")
+    clip_model: str | None = Field(
+        None,
+        description="CLIPModel (Hugging Face id, local path or builtin:NAME) for the CLIP score; unset: encode.text_encoder "
+        "when it is a whole CLIPModel (with an image tower), else the metric is skipped with a note.",
+    )
+    fid_inception: str | None = Field(
+        None,
+        description="Path of pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth, or the same state dict as "
+        ".safetensors) for FID; unset or missing: FID is skipped with a note.",
+    )
+    fid_reference: str | None = Field(
+        None,
+        description="Held-out images for FID: a folder of image files or a .tar of them (any fsspec URL); unset with "
+        "ingest.source = 'toy': toy images drawn with another seed than the training set's.",
+    )
+    fid_reference_count: int = Field(500, ge=2, description="Reference images FID uses at most (their statistics are cached in sample/).")
+    watch: bool = Field(
+        True, description="Validate exports while `pipeline run` trains (the newest unvalidated one per poll); the stage does the rest."
+    )
+    watch_interval_s: float = Field(30.0, gt=0, description="Seconds between the watcher's looks at train/export/.")
+    watch_cpus: float = Field(
+        0.0,
+        ge=0,
+        description="CPUs Ray reserves for each watcher task; 0 reserves none, so it runs even while training holds every CPU "
+        "(as on the 2-core demo), sharing them.",
+    )
+    watch_gpus: float = Field(0.0, ge=0, description="GPUs per watcher task; 0 samples on CPU.")
 
 
 class RayConfig(Section):

@@ -24,6 +24,7 @@ TRAIN_LOGS = "train/logs"
 TRAIN_METRICS = "train/metrics.jsonl"
 # Written when the workers stop before max_steps because training diverged: why, and at which step.
 TRAIN_STOPPED = "train/stopped.json"
+TRAIN_RESUMES = "train/resumes.json"  # one entry per resume: the step and checkpoint it started from
 
 SAMPLE_VALIDATION = "sample/validation.json"
 SAMPLE_IMAGES = "sample/images"

@@ -12,12 +12,16 @@ empty output folder.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import importlib
 import json
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +36,24 @@ console = Console(stderr=True)
 
 class StageError(RuntimeError):
     """A stage failed; run.json records it as failed with the error."""
+
+
+# Errors of the output location itself (full, read-only, not permitted, not a folder): one line
+# naming the path is all a user needs, not a traceback from deep in a library.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+
+
+def storage_error(error: BaseException | None) -> OSError | None:
+    """The innermost OSError of STORAGE_ERRNOS behind `error` (through `raise ... from` and Ray's
+    `cause`: Ray's wrappers pose as OSErrors too, with their own text as the file name), or None."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            found = error
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error.__cause__ or error.__context__
+    return found
 
 
 # Keys whose change extends a stage's work instead of invalidating it.
@@ -92,8 +114,14 @@ def load_run_config(run: RunDir) -> PipelineConfig:
 def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layout.STAGES, force: bool = False) -> dict[str, Any]:
     """Run `stages` (in pipeline order); earlier stages must already be done."""
     wanted = [name for name in layout.STAGES if name in set(stages)]
-    run.write_text(layout.CONFIG, to_toml(config))
+    try:
+        run.write_text(layout.CONFIG, to_toml(config))
+    except OSError as error:
+        if storage_error(error) is None:
+            raise
+        raise StageError(f"cannot write the run directory {run.url}: {error.strerror or error}") from error
     chain = fingerprints(config)
+    watched = False
     for name in layout.STAGES:
         entry = run.stage(name)
         up_to_date = entry.get("status") == "done" and entry.get("fingerprint") == chain[name][0]
@@ -104,12 +132,21 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
         if up_to_date and not force:
             console.print(f"[green]skip[/] {name}: done at {entry.get('finished')} ({entry.get('seconds')} s)")
             continue
-        _run_one(name, config, run, entry, chain[name], force)
+        beside = None
+        if name == "train" and "sample" in wanted and config.sample.watch and config.sample.prompts:
+            beside = functools.partial(_sample_watcher, config, run, chain["sample"], force)
+            watched = True
+        # What the watcher validated for this training stays, even under force.
+        _run_one(name, config, run, entry, chain[name], force and not (name == "sample" and watched), beside)
     _print_summary(run)
     return run.manifest()
 
 
-def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str], force: bool) -> None:
+def _run_one(
+    name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str], force: bool,
+    beside: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+) -> None:
+    """`beside(resuming)`, if given, is a context the stage function runs inside (the sample watcher)."""
     _, _, output, needs_ray = STAGE_SPECS[name]
     fingerprint, base = stage_fingerprints
     resuming = entry.get("status") != "pending" and entry.get("base_fingerprint") == base and not force
@@ -122,12 +159,45 @@ def _run_one(name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_
     run.update_stage(name, status="running", started=now(), finished=None, fingerprint=fingerprint,
                      base_fingerprint=base, error=None)  # fmt: skip
     try:
-        summary = stage_function(name)(config, run) or {}
+        function = stage_function(name)  # imported before a watcher thread imports too: diffusers' lazy imports race
+        with beside(resuming) if beside else contextlib.nullcontext():
+            summary = function(config, run) or {}
     except BaseException as error:
-        run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
-                         error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8))
-        raise
+        storage = storage_error(error)
+        if storage is None:
+            run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
+                             error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8))
+            raise
+        # Ray Data rebuilds the error with its own text where the file name goes: not a path.
+        path = storage.filename if str(storage.filename).startswith("/") or "://" in str(storage.filename) else None
+        message = f"stage {name!r} failed on {path or run.path(output)}: {storage.strerror or storage}"
+        try:  # on a full disk, run.json may not take it either
+            run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
+                             error=message, traceback=traceback.format_exc(limit=8))
+        except OSError as also:
+            message += f" (nor could {run.path(layout.RUN_MANIFEST)} record it: {also.strerror or also})"
+        raise StageError(message) from error
     run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": round(time.monotonic() - started, 2)})
+
+
+@contextlib.contextmanager
+def _sample_watcher(config: PipelineConfig, run: RunDir, sample_fingerprints: tuple[str, str], force: bool, train_resuming: bool):
+    """sample.watch: validate exports while training runs (sample.watch.Watcher), stopped and joined before
+    the sample stage. sample/ is first kept or emptied as the sample stage would (emptied too when training
+    starts over), and the stage's entry then says the stage resumes it."""
+    from sample.watch import Watcher
+
+    fingerprint, base = sample_fingerprints
+    entry = run.stage("sample")
+    if force or not train_resuming or entry.get("status") == "pending" or entry.get("base_fingerprint") != base:
+        run.remove(STAGE_SPECS["sample"][2])
+    run.update_stage("sample", status="running", started=now(), finished=None, fingerprint=fingerprint,
+                     base_fingerprint=base, error=None)  # fmt: skip
+    watcher = Watcher(config, run).start()
+    try:
+        yield
+    finally:
+        run.update_stage("sample", status="partial", watch=watcher.stop())
 
 
 def _print_summary(run: RunDir) -> None:

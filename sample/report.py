@@ -33,7 +33,7 @@ pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; border: 1px solid #
 .grids { display: flex; flex-wrap: wrap; gap: 1.2rem; }
 figure { margin: 0; } figcaption { font-size: .88rem; color: #555; margin-top: .2rem; }
 img.grid { image-rendering: pixelated; border: 1px solid #ddd; max-width: 100%; }
-.status-done { color: #1a7f37; } .status-failed { color: #cf222e; } .status-running { color: #9a6700; }
+.status-done { color: #1a7f37; } .status-failed { color: #cf222e; } .status-running, .status-partial { color: #9a6700; }
 """
 
 
@@ -228,7 +228,7 @@ def accuracy_section(validation: dict[str, Any] | None) -> str:
 
     rows = [[step, *[f"{accuracy[k]:.3f}" if k in accuracy else "" for k in keys]] for step, accuracy in judged]
     best_line = ""
-    if best:
+    if best and "prompt_accuracy" in best:
         scale, accuracy = best["guidance_scale"], best["prompt_accuracy"]
         best_line = f"<p>Best: step {esc(best['step'])} at guidance {scale:g}, prompt accuracy {accuracy:.3f}.</p>"
     return (
@@ -237,6 +237,47 @@ def accuracy_section(validation: dict[str, Any] | None) -> str:
         + note("Prompt accuracy: share of images (prompts x seeds) whose background and shape colours, "
                "snapped to the toy palette, are the prompt's.")  # fmt: skip
     )
+
+
+# metric key -> (label, what it measures and which way is better)
+OTHER_METRICS = {
+    "clip_score": (
+        "CLIP score",
+        "CLIP score: 100 x max(cosine(image, prompt), 0) in CLIP's embedding space, averaged; higher is better.",
+    ),
+    "fid": (
+        "FID",
+        (
+            "FID: Fréchet distance between Inception features of the validation images and of held-out images; lower "
+            "is better. From a few dozen images it is biased upwards: compare checkpoints, not other papers."
+        ),
+    ),
+}
+
+
+def metrics_section(validation: dict[str, Any] | None) -> str:
+    """CLIP score and FID over steps per guidance scale (when measured), and why a metric was skipped."""
+    checkpoints = (validation or {}).get("checkpoints", [])
+    parts = []
+    for metric, (label, explanation) in OTHER_METRICS.items():
+        measured = [(c["step"], c["metrics"][metric]) for c in checkpoints if c.get("metrics", {}).get(metric)]
+        if not measured:
+            continue
+        keys = sorted({key for _, values in measured for key in values}, key=float)
+        series = []
+        for key in keys:
+            points = [(step, values[key]) for step, values in measured if key in values]
+            series.append((f"guidance {key}", [p[0] for p in points], [p[1] for p in points]))
+        plot = img(line_plot(series, "step", label, marker="o"), f"{label} vs step per guidance scale")
+        rows = [[step, *[f"{values[k]:.3f}" if k in values else "" for k in keys]] for step, values in measured]
+        parts.append(f"<h3>{esc(label)}</h3><div class=\"plots\">{plot}</div>"
+                     + table(["step", *[f"guidance {k}" for k in keys]], rows) + note(explanation))  # fmt: skip
+    skipped = checkpoints[-1].get("skipped_metrics", {}) if checkpoints else {}
+    for metric, reason in skipped.items():
+        parts.append(note(f"{OTHER_METRICS.get(metric, (metric,))[0]} skipped: {reason}"))
+    if not parts:
+        return note("No CLIP score or FID (no validated checkpoints yet).")
+    return "".join(parts)
 
 
 def grids_section(run: RunDir, validation: dict[str, Any] | None) -> str:
@@ -249,13 +290,17 @@ def grids_section(run: RunDir, validation: dict[str, Any] | None) -> str:
         parts.append(
             f"<h3>Step {esc(entry['step'])}</h3><p>{esc(entry.get('scheduler'))}, {esc(entry.get('steps'))} steps, "
             f"{len(entry.get('prompts', []))} prompts x seeds {esc(entry.get('seeds'))}, "
-            f"validated in {esc(entry.get('seconds', '?'))} s. Each block: the prompt above its images, one per seed.</p>"
+            f"validated in {esc(entry.get('seconds', '?'))} s{' while training ran' if entry.get('during_training') else ''}. "
+            "Each block: the prompt above its images, one per seed.</p>"
         )
         figures = []
         for key, path in sorted(entry.get("images", {}).items(), key=lambda item: float(item[0])):
             caption = f"step {entry['step']}, guidance {key}"
             if key in accuracy:
                 caption += f": prompt accuracy {accuracy[key]:.3f}"
+            for metric, (label, _) in OTHER_METRICS.items():
+                if key in entry.get("metrics", {}).get(metric, {}):
+                    caption += f", {label} {entry['metrics'][metric][key]:.2f}"
             if not run.exists(path):
                 figures.append(f"<figure>{note(f'missing {path}')}<figcaption>{esc(caption)}</figcaption></figure>")
                 continue
@@ -297,6 +342,7 @@ def render(config: PipelineConfig | None, run: RunDir) -> str:
         ("Stages", stages_section(run_manifest)),
         ("Training loss", loss_section(metrics)),
         ("Prompt accuracy", accuracy_section(validation)),
+        ("CLIP score and FID", metrics_section(validation)),
         ("Validation images", grids_section(run, validation)),
         ("Models", models_section(encode_manifest)),
         ("Config", config_section(run)),

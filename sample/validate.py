@@ -4,7 +4,8 @@ For each committed `train/export/step-NNNNNNN/` not yet in `sample/validation.js
 with other sampling settings), it samples every prompt x seed at every guidance scale, writes
 one image grid per (step, guidance scale) and, with the toy judge, the share of images whose
 shape and background colours are the prompt's. `validation.json` is rewritten (atomically)
-after each checkpoint, so an interrupted stage resumes where it stopped.
+after each checkpoint, so an interrupted stage resumes where it stopped. While `pipeline run`
+trains, `sample.watch` validates exports through the same `Validator` (sample.watch).
 
 The VAE, text encoder and tokenizer are the ones the config names (`encode.*`), and their
 weights must be the ones that made the training latents, as the encode manifest records them
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,15 @@ from ingest.toy import parse_caption
 from pipeline import layout
 from pipeline.arrays import from_base64_npy
 from pipeline.config import PipelineConfig, SampleConfig
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, now
 from sample.grid import image_grid, png_bytes
 from sample.guidance import make_scheduler, sample_images
 from sample.judge import is_correct
+from sample.metrics import Metrics
 
 # What an entry of validation.json must agree on with the config to count as done.
-SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing")
+SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing",
+            "clip_model", "fid_inception", "fid_reference", "fid_reference_count")
 
 
 def scale_key(guidance_scale: float) -> str:
@@ -58,62 +62,49 @@ def is_current(entry: dict[str, Any], settings: dict[str, Any], judged: bool) ->
 
 
 def best_of(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The (step, guidance scale) with the highest prompt accuracy; ties go to the later step."""
-    candidates = [
-        (accuracy, entry["step"], float(key))
-        for entry in checkpoints
-        for key, accuracy in entry.get("metrics", {}).get("prompt_accuracy", {}).items()
-    ]
-    if not candidates:
-        return None
-    accuracy, step, guidance_scale = max(candidates, key=lambda c: (c[0], c[1], -c[2]))
-    return {"step": step, "guidance_scale": guidance_scale, "prompt_accuracy": accuracy}
+    """The (step, guidance scale) with the highest prompt accuracy (without the toy judge: CLIP
+    score); ties go to the later step."""
+    for metric in ("prompt_accuracy", "clip_score"):
+        candidates = [
+            (value, entry["step"], float(key))
+            for entry in checkpoints
+            for key, value in entry.get("metrics", {}).get(metric, {}).items()
+        ]
+        if candidates:
+            value, step, guidance_scale = max(candidates, key=lambda c: (c[0], c[1], -c[2]))
+            return {"step": step, "guidance_scale": guidance_scale, metric: value}
+    return None
+
+
+def record(run: RunDir, validation: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """Put `entry` into validation.json (replacing that step's old one), re-pick the best, write atomically.
+
+    Only one writer at a time: the watcher beside training, or afterwards the sample stage."""
+    others = [e for e in validation["checkpoints"] if e["step"] != entry["step"]]
+    checkpoints = sorted([*others, {**entry, "validated_at": now()}], key=lambda e: e["step"])
+    validation = {**validation, "checkpoints": checkpoints, "best": best_of(checkpoints)}
+    run.write_json(layout.SAMPLE_VALIDATION, validation)
+    return validation
+
+
+def read_validation(run: RunDir) -> dict[str, Any]:
+    return run.read_json(layout.SAMPLE_VALIDATION, default={"checkpoints": [], "best": None})
+
+
+def pending_steps(sample: SampleConfig, run: RunDir, validation: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(committed exports, those not validated with the current settings)."""
+    settings = settings_of(sample)
+    done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, sample.judge == "toy")}
+    exported = run.committed_steps(layout.TRAIN_EXPORT)
+    return exported, [step for step in exported if step not in done]
 
 
 def load_export(run: RunDir, step: int, scratch: str, device: torch.device):
     """(UNet, training scheduler config) of a committed export; copied locally first if remote."""
     folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
     unet.eval().requires_grad_(False)
     return unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
-
-
-def validate_checkpoint(
-    run: RunDir,
-    step: int,
-    unet: UNet2DConditionModel,
-    scheduler_config: dict[str, Any],
-    vae: torch.nn.Module,
-    prompt_embeddings: torch.Tensor,
-    empty_embedding: torch.Tensor,
-    manifest: dict[str, Any],
-    sample: SampleConfig,
-) -> dict[str, Any]:
-    """Sample every prompt x seed at every guidance scale; write the grids; return the entry."""
-    started = time.monotonic()
-    scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
-    specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
-    entry: dict[str, Any] = {"step": step, **settings_of(sample), "metrics": {}, "images": {}}
-    accuracy: dict[str, float] = {}
-    for guidance_scale in sample.guidance_scales:
-        scale_started = time.monotonic()
-        key = scale_key(guidance_scale)
-        images = sample_images(
-            unet, vae, scheduler, prompt_embeddings, empty_embedding, guidance_scale, sample.seeds,
-            sample.steps, manifest["latent_shape"], manifest["vae"]["scaling_factor"], sample.batch_size,
-        )  # fmt: skip
-        run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, sample.prompts)))
-        entry["images"][key] = grid_path(step, guidance_scale)
-        line = f"[sample] step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
-        if specs is not None:
-            correct = sum(is_correct(image, spec) for spec, row in zip(specs, images) for image in row)
-            accuracy[key] = correct / (images.shape[0] * images.shape[1])
-            line += f", prompt accuracy {accuracy[key]:.3f}"
-        print(f"{line} ({time.monotonic() - scale_started:.1f}s)", flush=True)
-    if specs is not None:
-        entry["metrics"]["prompt_accuracy"] = accuracy
-    entry["seconds"] = round(time.monotonic() - started, 3)
-    return entry
 
 
 def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
@@ -129,17 +120,89 @@ def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
             raise KeyError(f"{layout.ENCODE_MANIFEST} has no {key!r}")
 
 
+@dataclass
+class Validator:
+    """Everything validating a checkpoint needs but the checkpoint, loaded once: the VAE, the prompt
+    and empty-caption embeddings and the optional metrics' models."""
+
+    run: RunDir
+    sample: SampleConfig
+    manifest: dict[str, Any]
+    vae: torch.nn.Module
+    prompt_embeddings: torch.Tensor
+    empty_embedding: torch.Tensor
+    metrics: Metrics
+    device: torch.device
+
+    @classmethod
+    def load(cls, config: PipelineConfig, run: RunDir) -> Validator:
+        sample = config.sample
+        manifest = run.read_json(layout.ENCODE_MANIFEST)
+        check_inputs(config, manifest)
+        encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        vae, text_encoder = encoders.vae.to(device), encoders.text_encoder.to(device)
+        tokenizer = encoders.tokenizer
+        prompt_embeddings = models.encode_prompts(tokenizer, text_encoder, sample.prompts).float().cpu()
+        if "empty_caption_embedding" in manifest:
+            empty_embedding = torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float()
+        else:  # older manifests: the same text encoder on "" gives the same tensor
+            empty_embedding = models.encode_prompts(tokenizer, text_encoder, [""]).float().cpu()[0]
+        if empty_embedding.shape != prompt_embeddings.shape[1:]:
+            raise ValueError(
+                f"empty-caption embedding {tuple(empty_embedding.shape)} does not match the prompt embeddings "
+                f"{tuple(prompt_embeddings.shape[1:])} of text encoder {config.encode.text_encoder!r}"
+            )
+        del text_encoder, encoders
+        metrics = Metrics.load(config, run, device)
+        return cls(run, sample, manifest, vae, prompt_embeddings, empty_embedding, metrics, device)
+
+    def validate(self, step: int) -> dict[str, Any]:
+        """Sample every prompt x seed at every guidance scale of one export; write the grids; return its entry."""
+        with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
+            unet, scheduler_config = load_export(self.run, step, scratch, self.device)
+        if unet.config.cross_attention_dim != self.prompt_embeddings.shape[-1]:
+            raise ValueError(
+                f"UNet of step {step} expects {unet.config.cross_attention_dim}-d text embeddings, "
+                f"the text encoder gives {self.prompt_embeddings.shape[-1]}"
+            )
+        sample, run = self.sample, self.run
+        started = time.monotonic()
+        scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
+        specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
+        entry: dict[str, Any] = {"step": step, **settings_of(sample), "metrics": {}, "images": {}}
+        for guidance_scale in sample.guidance_scales:
+            scale_started = time.monotonic()
+            key = scale_key(guidance_scale)
+            images = sample_images(
+                unet, self.vae, scheduler, self.prompt_embeddings, self.empty_embedding, guidance_scale, sample.seeds,
+                sample.steps, self.manifest["latent_shape"], self.manifest["vae"]["scaling_factor"], sample.batch_size,
+            )  # fmt: skip
+            run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, sample.prompts)))
+            entry["images"][key] = grid_path(step, guidance_scale)
+            measured = self.metrics.measure(images, sample.prompts)
+            if specs is not None:
+                correct = sum(is_correct(image, spec) for spec, row in zip(specs, images) for image in row)
+                measured = {"prompt_accuracy": correct / (images.shape[0] * images.shape[1]), **measured}
+            for name, value in measured.items():
+                entry["metrics"].setdefault(name, {})[key] = value
+            shown = ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in measured.items())
+            print(f"[sample] step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
+                  f"{', ' + shown if shown else ''} ({time.monotonic() - scale_started:.1f}s)", flush=True)  # fmt: skip
+        entry["skipped_metrics"] = dict(self.metrics.skipped)
+        entry["seconds"] = round(time.monotonic() - started, 3)
+        return entry
+
+
 def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     sample = config.sample
-    settings = settings_of(sample)
-    judged = sample.judge == "toy"
-    validation = run.read_json(layout.SAMPLE_VALIDATION, default={"checkpoints": [], "best": None})
-    done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, judged)}
-    exported = run.committed_steps(layout.TRAIN_EXPORT)
-    todo = [step for step in exported if step not in done]
+    validation = read_validation(run)
+    exported, todo = pending_steps(sample, run, validation)
+    watched = sum(bool(entry.get("during_training")) for entry in validation["checkpoints"])
     # run.json keeps this summary in the stage's entry (the runner prints its "counts").
     summary = {"validated": [], "best": validation.get("best"),
-               "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0}}  # fmt: skip
+               "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0,
+                          "validated_during_training": watched}}  # fmt: skip
     if not sample.prompts:
         print("[sample] no sample.prompts configured: nothing to validate", flush=True)
         return summary
@@ -147,46 +210,16 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         print(f"[sample] all {len(exported)} committed exports already validated", flush=True)
         return summary
 
-    manifest = run.read_json(layout.ENCODE_MANIFEST)
-    check_inputs(config, manifest)
-    encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae, text_encoder = encoders.vae.to(device), encoders.text_encoder.to(device)
-    tokenizer = encoders.tokenizer
-    prompt_embeddings = models.encode_prompts(tokenizer, text_encoder, sample.prompts).float().cpu()
-    if "empty_caption_embedding" in manifest:
-        empty_embedding = torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float()
-    else:  # older manifests: the same text encoder on "" gives the same tensor
-        empty_embedding = models.encode_prompts(tokenizer, text_encoder, [""]).float().cpu()[0]
-    if empty_embedding.shape != prompt_embeddings.shape[1:]:
-        raise ValueError(
-            f"empty-caption embedding {tuple(empty_embedding.shape)} does not match the prompt embeddings "
-            f"{tuple(prompt_embeddings.shape[1:])} of text encoder {config.encode.text_encoder!r}"
-        )
-    del text_encoder, encoders
-
+    validator = Validator.load(config, run)
     print(f"[sample] validating steps {todo} ({len(sample.prompts)} prompts x {len(sample.seeds)} seeds, "
-          f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, {device})",
-          flush=True)  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
-        for step in todo:
-            unet, scheduler_config = load_export(run, step, scratch, device)
-            if unet.config.cross_attention_dim != prompt_embeddings.shape[-1]:
-                raise ValueError(
-                    f"UNet of step {step} expects {unet.config.cross_attention_dim}-d text embeddings, "
-                    f"the text encoder gives {prompt_embeddings.shape[-1]}"
-                )
-            entry = validate_checkpoint(
-                run, step, unet, scheduler_config, vae, prompt_embeddings, empty_embedding, manifest, sample
-            )
-            others = [e for e in validation["checkpoints"] if e["step"] != step]
-            validation["checkpoints"] = sorted([*others, entry], key=lambda e: e["step"])
-            validation["best"] = best_of(validation["checkpoints"])
-            run.write_json(layout.SAMPLE_VALIDATION, validation)
-            summary["validated"].append(step)
-            summary["counts"]["newly_validated"] += 1
-            summary["counts"]["images"] += len(sample.prompts) * len(sample.seeds) * len(sample.guidance_scales)
-            print(f"[sample] step {step} done in {entry['seconds']:.1f}s", flush=True)
-            del unet
+          f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, "
+          f"{validator.device})", flush=True)  # fmt: skip
+    for step in todo:
+        entry = validator.validate(step)
+        validation = record(run, validation, entry)
+        summary["validated"].append(step)
+        summary["counts"]["newly_validated"] += 1
+        summary["counts"]["images"] += len(sample.prompts) * len(sample.seeds) * len(sample.guidance_scales)
+        print(f"[sample] step {step} done in {entry['seconds']:.1f}s", flush=True)
     summary["best"] = validation["best"]
     return summary

@@ -23,9 +23,10 @@ Memory. On 2 workers, a few steps with ZeRO 0 and then ZeRO 3, after which every
 the bytes of parameters and optimizer state it holds (each storage once, see `held_bytes`);
 `zero3_memory_ratio` is the largest rank's ZeRO-3 total over the largest rank's ZeRO-0 total
 (ideally 1 / workers). Gradients, activations and communication buffers are not counted.
-ZeRO-3 keeps parameters smaller than DeepSpeed's `stage3_param_persistence_threshold` (1e5
-elements by default) whole on every rank, on top of their partitions: 44% of the tiny UNet's
-parameters, which is why its ratio sits above 0.5 (`whole_parameters` in the JSON).
+ZeRO-3 keeps parameters smaller than `stage3_param_persistence_threshold` whole on every rank,
+on top of their partitions (`whole_parameters` in the JSON). The stage sets it to 10 x the
+UNet's widest block (see `train.engine.deepspeed_config`); at DeepSpeed's default, 1e5
+elements, 44% of the tiny UNet stayed whole and the ratio was 0.648 instead of about 0.5.
 
     pipeline bench train --images 4800 --cpus 2
 """
@@ -202,7 +203,7 @@ def held_bytes(engine) -> dict[str, int]:
 
     `whole_parameters`: the module's parameters as they are between steps. ZeRO 0-2 keep all of
     them; ZeRO-3 empties each one outside a gather, except those it keeps whole on every rank for
-    being small (below DeepSpeed's `stage3_param_persistence_threshold`, 1e5 elements by default).
+    being small (below `stage3_param_persistence_threshold`, see `train.engine.deepspeed_config`).
     `parameters` adds ZeRO-3's partitions (`ds_tensor`, views into flat buffers).
     `optimizer_state`: the torch optimizer's parameters where they are not the module's (ZeRO-3's
     fp32 partitions share the partitions' storage in fp32 training) and its state (Adam's two

@@ -4,8 +4,8 @@ A checkpoint is `RUN/train/checkpoints/step-NNNNNNN/`: the DeepSpeed engine stat
 rank under `deepspeed/` (Ray Train merges the ranks' folders), the moving average of the
 weights under `ema/` (train.ema), `train_state.json` (step and where the data order stands)
 and a `COMMITTED` marker rank 0 writes once every rank's upload has returned. Ray Train
-keeps the newest `keep_checkpoints` and hands the latest to `ray.train.get_checkpoint()`
-when the stage runs again with the same storage path.
+keeps the newest `keep_checkpoints`; a run (rerun, or restarted by Ray Train) resumes from
+the newest folder with the marker.
 
 An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
 (safetensors), plus `unet_online` when there is a moving average (then `unet` holds it),
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import layout
+from pipeline import faults, layout
 from pipeline.config import TrainConfig
 from pipeline.rundir import RunDir, now
 from train import distributed
@@ -79,39 +79,49 @@ def save_checkpoint(
         if distributed.is_rank_zero():
             saved = {**asdict(state), "world_size": distributed.world_size()}
             Path(local, STATE_FILE).write_text(json.dumps(saved) + "\n")
+        faults.inject("checkpoint-files", rank=distributed.rank(), step=state.step)
         checkpoint = ray.train.Checkpoint.from_directory(local)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     distributed.barrier()  # every rank's upload has returned
     if distributed.is_rank_zero():
+        faults.inject("checkpoint-commit", step=state.step)
         run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{name}/{layout.COMMIT_MARKER}", now() + "\n")
 
 
-def resume(engine, ema: ExponentialMovingAverage | None = None) -> TrainState:
-    """Load the latest checkpoint Ray Train knows of into `engine` (and `ema`); a fresh state if none.
+def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> TrainState:
+    """Load the latest committed checkpoint into `engine` (and `ema`); a fresh state if none.
 
-    A checkpoint saved without an EMA starts one from the weights it holds.
+    Only COMMITTED folders count: a folder without it may be half uploaded (a rank died between
+    files), and DeepSpeed's own `latest` file inside it is written before its final barrier, so
+    it is never read (the tag is explicit). Ray Train's own record of the latest checkpoint is not
+    used either: its controller registers a report some time after the workers made it, so a run
+    killed in between would resume from an older checkpoint, or from none. A checkpoint saved
+    without an EMA starts one from the weights it holds.
     """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    steps = run.committed_steps(layout.TRAIN_CHECKPOINTS)
+    if not steps:
         return TrainState()
-    with checkpoint.as_directory() as local:
+    relative = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(steps[-1])}"
+    with tempfile.TemporaryDirectory(prefix="resume-", ignore_cleanup_errors=True) as scratch:
+        local = run.get_dir(relative, scratch)  # the folder itself on local storage
         saved = json.loads(Path(local, STATE_FILE).read_text())
         saved_world = saved.pop("world_size")
         if saved_world != distributed.world_size():
             raise RuntimeError(
-                f"{checkpoint.path} was written by {saved_world} workers; resume it with train.num_workers = "
+                f"{run.path(relative)} was written by {saved_world} workers; resume it with train.num_workers = "
                 f"{saved_world} (ZeRO partitions and the data order depend on it), or start a new run directory"
             )
         state = TrainState(**saved)
-        loaded, _ = engine.load_checkpoint(local, tag=DEEPSPEED_TAG)
-        if ema is not None and not ema.load(local):
+        loaded, _ = engine.load_checkpoint(str(local), tag=DEEPSPEED_TAG)
+        if ema is not None and not ema.load(str(local)):
             ema.restart()
-            distributed.log(f"{checkpoint.path} has no EMA of the weights; starting one from its weights")
+            distributed.log(f"{run.path(relative)} has no EMA of the weights; starting one from its weights")
     if loaded is None or engine.global_steps != state.step:
-        raise RuntimeError(f"checkpoint {checkpoint.path} could not be loaded (engine at step {engine.global_steps})")
-    distributed.log(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch}, batch {state.batch_index})")
+        raise RuntimeError(f"checkpoint {run.path(relative)} could not be loaded (engine at step {engine.global_steps})")
+    if distributed.is_rank_zero():
+        resumes = run.read_json(layout.TRAIN_RESUMES) if run.exists(layout.TRAIN_RESUMES) else []
+        run.write_json(layout.TRAIN_RESUMES, [*resumes, {"step": state.step, "at": now()}])
+    distributed.log(f"resumed from {run.path(relative)} at step {state.step} (epoch {state.epoch}, batch {state.batch_index})")
     return state
 
 

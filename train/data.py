@@ -3,8 +3,9 @@
 The encode stage writes `RUN/encode/shards/*.tar` (webdataset: KEY.latent.npy, KEY.text.npy,
 KEY.json, and with the encode options the posterior's std and a mirrored copy: see
 `pipeline.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
-samples take ~30 MB); the order in which a rank visits them is a pure function of
-(seed, epoch, rank, world size), so a checkpoint needs only (epoch, next batch index):
+samples take ~30 MB) as one shard per raw shard, samples sorted by key; the order in which a
+rank visits them is a pure function of (seed, epoch, rank, world size), so a checkpoint needs
+only (epoch, next batch index):
 
 1. per epoch, a permutation of the shards seeded by (seed, epoch);
 2. shards dealt to ranks round-robin; the remainder (shards % world size) sits the epoch out;
@@ -47,6 +48,7 @@ class LatentShard:
     text_embeddings: np.ndarray
     incomplete_samples: int = 0  # a member missing, unreadable, non-finite or of the wrong shape
     truncated: bool = False  # the tar ended early; the samples before the damage are kept
+    keys: tuple[str, ...] = ()  # one per sample, in order
 
     def __len__(self) -> int:
         return len(self.text_embeddings)
@@ -161,10 +163,44 @@ def load_latent_data(run: RunDir) -> LatentData:
     if not names:
         raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
     shards = []
-    for name in names:
-        data = io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}"))
-        shards.append(read_latent_shard(data, name, latent_shape, text_shape, members))
+    for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
+        read = [
+            read_latent_shard(io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), name, latent_shape, text_shape, members)
+            for name in parts
+        ]
+        shards.append(merge_by_key(raw_shard, read))
     return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape, members)
+
+
+# Encode names a part `STEM-xxxxxxxx.tar` after the raw shard it came from.
+_PART_NAME = re.compile(r"^(.+)-[0-9a-f]{8}\.tar$")
+
+
+def parts_by_raw_shard(names: list[str]) -> dict[str, list[str]]:
+    """Latent tar names grouped by the raw shard they came from (a name that is not a part is its own group)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _PART_NAME.match(name)
+        groups.setdefault(match.group(1) if match else name.removesuffix(".tar"), []).append(name)
+    return groups
+
+
+def merge_by_key(name: str, parts: list[LatentShard]) -> LatentShard:
+    """One shard of all `parts`' samples, sorted by key.
+
+    How encode's write tasks split and ordered a raw shard's samples varies from run to run
+    (and after a resume); sorted by key, the same latents give the same training order.
+    """
+    keys = [key for part in parts for key in part.keys]
+    order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, int)
+    return LatentShard(
+        name=name,
+        latents={member: np.concatenate([part.latents[member] for part in parts])[order] for member in parts[0].latents},
+        text_embeddings=np.concatenate([part.text_embeddings for part in parts])[order],
+        incomplete_samples=sum(part.incomplete_samples for part in parts),
+        truncated=any(part.truncated for part in parts),
+        keys=tuple(keys[index] for index in order),
+    )
 
 
 def read_latent_shard(
@@ -186,14 +222,15 @@ def read_latent_shard(
                     parts_by_key.setdefault(key, {})[suffix] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError):
         truncated = True
-    samples = [_decode(parts, members, latent_shape, text_shape) for parts in parts_by_key.values()]
-    complete = [sample for sample in samples if sample is not None]
+    samples = {key: _decode(parts, members, latent_shape, text_shape) for key, parts in parts_by_key.items()}
+    complete = [sample for sample in samples.values() if sample is not None]
     return LatentShard(
         name=name,
         latents={member: _stack_rows([s[member] for s in complete], latent_shape) for member in members},
         text_embeddings=_stack_rows([s[layout.TEXT_EMBEDDING_KEY] for s in complete], text_shape),
         incomplete_samples=len(samples) - len(complete),
         truncated=truncated,
+        keys=tuple(key for key, sample in samples.items() if sample is not None),
     )
 
 

@@ -11,17 +11,23 @@ from pipeline.config import TrainConfig, deep_merge
 from train.step import learning_rate_factor
 
 
-def deepspeed_config(config: TrainConfig) -> dict:
+def deepspeed_config(config: TrainConfig, hidden_size: int | None = None) -> dict:
     """DeepSpeed's JSON config for one worker's micro-batch; the global batch is derived from it.
 
+    Under ZeRO-3, parameters smaller than `10 * hidden_size` elements stay whole on every rank
+    (what Hugging Face's integration sets for "auto"); DeepSpeed's own default, 1e5 elements, is
+    sized for billion-parameter models and would keep 44% of the tiny UNet unpartitioned.
     `train.deepspeed` is merged over it, table by table (the config refuses the keys set here
-    from other train keys, see `pipeline.config.DEEPSPEED_OWNED_KEYS`).
+    from other train keys, see `pipeline.config.DEEPSPEED_OWNED_KEYS`); it can set that threshold.
     """
+    zero = {"stage": config.zero_stage}
+    if config.zero_stage == 3 and hidden_size:
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     generated = {
         "train_micro_batch_size_per_gpu": config.batch_size_per_worker,
         "gradient_accumulation_steps": config.gradient_accumulation,
         "gradient_clipping": config.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": config.precision == "bf16"},
         "fp16": {"enabled": config.precision == "fp16"},
         # We log ourselves (train.metrics); DeepSpeed's own step prints would only interleave.
@@ -45,7 +51,7 @@ def make_engine(unet: torch.nn.Module, config: TrainConfig):
         model=unet,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(config),
+        config=deepspeed_config(config, hidden_size=max(unet.config.block_out_channels)),
         dist_init_required=False,
     )
     return engine

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import layout
+from pipeline import faults, layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
 from train import distributed
@@ -38,7 +38,7 @@ def train_worker(loop_config: dict) -> None:
     config, run, rank, data, order, engine, parameters = setup_worker(loop_config)
     train = config.train
     ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
-    state = resume(engine, ema)
+    state = resume(engine, run, ema)
     restart_schedule(engine, train)
     noise_scheduler = make_noise_scheduler(train)
     options = loss_options(train)  # min-SNR weighting, offset noise
@@ -61,6 +61,7 @@ def train_worker(loop_config: dict) -> None:
             break  # save nothing: the last checkpoint keeps the last good weights
         if state.step == previous_step:
             continue  # inside a gradient accumulation window, or a skipped step
+        faults.inject("train-step", rank=rank, step=state.step)
         if ema is not None and engine.was_step_applied():  # not after an fp16 overflow's skipped step
             ema.update()
         if is_due(state.step, train.log_every, train.max_steps):

@@ -2,9 +2,8 @@
 
 Checkpoints land in `RUN/train/checkpoints/step-NNNNNNN` because the trainer's storage is
 `RUN/train` and its run name is `checkpoints`. Running the stage again with the same run
-directory resumes from the latest checkpoint (Ray Train V2 has no `resume_from_checkpoint`:
-the same name and storage path is how it finds the previous run's checkpoints). Within one run,
-`train.max_failures` lets Ray Train restart failed workers, which resume the same way.
+directory resumes from the latest committed checkpoint (see `train.checkpoint.resume`). Within
+one run, `train.max_failures` lets Ray Train restart failed workers, which resume the same way.
 
 Assumes Ray is initialised (`pipeline.ray_runtime.ensure_ray`).
 """
@@ -17,7 +16,7 @@ from ingest.identity import EncoderMismatchError, check_run_encoders
 from pipeline import layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
-from train.data import latent_shard_names
+from train.data import latent_shard_names, parts_by_raw_shard
 from train.loop import train_worker
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def run_config(config: PipelineConfig, run: RunDir) -> RunConfig:
     """Where checkpoints go and how many are kept, and how often Ray Train restarts failed workers.
 
     A restart (train.max_failures) starts every worker's `train_worker` again, which resumes from
-    the latest checkpoint through `ray.train.get_checkpoint()`, as a rerun of the stage does.
+    the latest committed checkpoint, as a rerun of the stage does.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -75,6 +74,7 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
         kept = f"the latest checkpoint, step {checkpoints[-1]}, is intact" if checkpoints else "no checkpoint was saved"
         raise TrainStageError(f"{run.read_json(layout.TRAIN_STOPPED)['reason']}; {kept}")
     exports = run.committed_steps(layout.TRAIN_EXPORT)
+    resumes = run.read_json(layout.TRAIN_RESUMES) if run.exists(layout.TRAIN_RESUMES) else []
     return {
         "counts": {
             "steps": worker_summary.get("step"),
@@ -87,6 +87,8 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
         "exports": exports,
         "samples_per_s": worker_summary.get("samples_per_s"),
         "skipped_nonfinite": worker_summary.get("skipped_nonfinite"),
+        # Every resume (a rerun or a Ray Train restart): the step it started from, the last one first.
+        "resumed_from": [entry["step"] for entry in reversed(resumes)],
     }
 
 
@@ -95,7 +97,8 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> None:
     if not run.exists(layout.ENCODE_MANIFEST):
         raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    shards = latent_shard_names(run, manifest)
+    # Training reads one shard per raw shard (its parts merged), so count those, as DataOrder does.
+    shards = parts_by_raw_shard(latent_shard_names(run, manifest))
     workers = config.train.num_workers
     if len(shards) < workers:
         raise TrainStageError(

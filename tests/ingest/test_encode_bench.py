@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-POSITIVE = "ratio samples_per_s bare_samples_per_s stage_seconds bare_seconds peak_rss_mb peak_rss_mb_half_shards memory_growth_2x"
+POSITIVE = "ratio samples_per_s wall_ratio wall_samples_per_s steady_seconds bare_samples_per_s stage_seconds bare_seconds peak_rss_mb peak_rss_mb_half_shards memory_growth_2x"
 
 
 def test_bench_encode_prints_ratio_json_last():
@@ -21,5 +21,7 @@ def test_bench_encode_prints_ratio_json_last():
     assert report["batch_size"] > 0 and report["threads"] >= 1
     assert all(report[key] > 0 for key in POSITIVE.split()), report
     assert abs(report["ratio"] - report["samples_per_s"] / report["bare_samples_per_s"]) < 0.05 * report["ratio"]
+    assert abs(report["wall_ratio"] - report["wall_samples_per_s"] / report["bare_samples_per_s"]) < 0.05 * report["wall_ratio"]
+    assert report["steady_seconds"] < report["stage_seconds"]  # the stream, without the start-up
     growth = report["peak_rss_mb"] / report["peak_rss_mb_half_shards"]
     assert abs(report["memory_growth_2x"] - growth) < 0.01 * growth

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from sample_support import model_dirs, synthetic_run  # noqa: F401  (pytest fixtures)
+from sample_support import clip_dir, model_dirs, synthetic_run  # noqa: F401  (pytest fixtures)
 
 
 @pytest.fixture(autouse=True)

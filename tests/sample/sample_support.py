@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from ingest import models
 from pipeline import layout
@@ -137,3 +137,20 @@ def synthetic_run(tmp_path, model_dirs) -> RunDir:
     for step in (10, 20):
         export_step(run, step, tmp_path)
     return run
+
+
+CLIP_IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random whole CLIPModel (text and image towers) with the shipped tokenizer, saved with save_pretrained."""
+    torch.manual_seed(0)
+    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": CLIP_IMAGE_SIZE, "patch_size": 8}  # fmt: skip
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    models.load_tokenizer("builtin:clip-tokenizer").save_pretrained(folder)
+    return folder

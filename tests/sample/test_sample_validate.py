@@ -21,7 +21,7 @@ def test_validates_every_committed_export_and_writes_grids(synthetic_run, model_
     (tmp_path / "run" / layout.TRAIN_EXPORT / layout.step_name(30) / "unet").mkdir(parents=True)
     summary = validate.run_stage(sample_config(model_dirs), synthetic_run)
     assert summary["validated"] == [10, 20]
-    assert summary["counts"] == {"checkpoints": 2, "newly_validated": 2, "images": 2 * 2 * 2 * 3}
+    assert summary["counts"] == {"checkpoints": 2, "newly_validated": 2, "images": 2 * 2 * 2 * 3, "validated_during_training": 0}
 
     validation = synthetic_run.read_json(layout.SAMPLE_VALIDATION)
     assert set(validation) == {"checkpoints", "best"}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from pipeline import layout
+from pipeline.rundir import RunDir
 from train.checkpoint import STATE_FILE, TrainState, is_due, resume
 from train.data import BatchPosition
 
@@ -31,11 +31,24 @@ def test_a_long_run_of_non_finite_losses_stops_training():
     assert "5 micro-batches in a row after step 1" in error and "train.max_nonfinite_streak = 5" in error
 
 
-def test_resuming_with_another_number_of_workers_is_refused(tmp_path, monkeypatch):
-    import ray.train
-
+def test_resuming_with_another_number_of_workers_is_refused(tmp_path):
+    run = RunDir(str(tmp_path))
     state = {"step": 6, "epoch": 0, "batch_index": 6, "skipped_nonfinite": 0, "skipped_in_a_row": 0, "world_size": 4}
-    (tmp_path / STATE_FILE).write_text(json.dumps(state))
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(tmp_path))
+    run.write_json(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{STATE_FILE}", state)
+    run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{layout.COMMIT_MARKER}", "t\n")
     with pytest.raises(RuntimeError, match="written by 4 workers.*num_workers = 4"):
-        resume(engine=None)
+        resume(engine=None, run=run)
+
+
+def test_only_committed_checkpoints_are_resumed_from(tmp_path):
+    """A folder without COMMITTED (even with DeepSpeed's `latest` and a train state in it) is never picked."""
+    run = RunDir(str(tmp_path))
+    assert resume(engine=None, run=run) == TrainState()  # nothing saved yet: a fresh start
+    half = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(8)}"
+    run.write_json(f"{half}/{STATE_FILE}", {"step": 8, "world_size": 1})
+    run.write_text(f"{half}/deepspeed/latest", "deepspeed")
+    assert resume(engine=None, run=run) == TrainState()
+    run.write_json(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(4)}/{STATE_FILE}", {"step": 4, "world_size": 3})
+    run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(4)}/{layout.COMMIT_MARKER}", "t\n")
+    with pytest.raises(RuntimeError, match="step-0000004 was written by 3 workers"):  # step 4 it is, not 8
+        resume(engine=None, run=run)

@@ -102,7 +102,7 @@ def test_the_manifests_shard_list_is_read_and_old_manifests_list_the_folder(late
     latent_run.write_json(layout.ENCODE_MANIFEST, manifest)
     data = load_latent_data(latent_run)
     assert data.latent_members == (layout.LATENT_KEY,)
-    assert [shard.name for shard in data.shards][-1] == "zz-leftover.tar" and data.counts()["truncated_shards"] == 1
+    assert [shard.name for shard in data.shards][-1] == "zz-leftover" and data.counts()["truncated_shards"] == 1
 
 
 def test_members_that_contradict_the_flags_are_refused(latent_run):
@@ -216,3 +216,31 @@ def test_missing_encode_output_names_the_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=layout.ENCODE_MANIFEST):
         load_latent_data(RunDir(tmp_path))
+
+
+def test_a_raw_shard_split_into_parts_in_any_order_reads_as_the_same_shard(tmp_path):
+    """Encode's write tasks may split a raw shard into several parts, in any order, differently on
+    a rerun: training must see the same samples in the same order either way."""
+    rng = np.random.default_rng(3)
+    samples = [
+        sample_members(f"k{index:03d}", rng.standard_normal(LATENT_SHAPE).astype(np.float16),
+                       rng.standard_normal(TEXT_SHAPE).astype(np.float16), f"caption {index}")
+        for index in range(12)
+    ]
+
+    def load(root, parts: dict[str, list[int]]):
+        run = write_encode_output(root, [[member for index in indices for member in samples[index]] for indices in parts.values()])
+        names = [f"{stem}.tar" for stem in parts]
+        for index, name in enumerate(names):  # rename 00000.tar... to the part names encode gives
+            run.write_bytes(f"{layout.ENCODE_SHARDS}/{name}", run.read_bytes(f"{layout.ENCODE_SHARDS}/{index:05d}.tar"))
+            run.remove(f"{layout.ENCODE_SHARDS}/{index:05d}.tar")
+        manifest = run.read_json(layout.ENCODE_MANIFEST)
+        run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": sorted(names)})
+        return load_latent_data(run)
+
+    whole = load(tmp_path / "a", {"00000-0123abcd": list(range(12))})
+    split = load(tmp_path / "b", {"00000-ffff0000": [7, 2, 9, 0, 11], "00000-00001111": [5, 1, 10, 3, 8, 6, 4]})
+    assert [shard.name for shard in split.shards] == ["00000"] and split.shard_sizes == whole.shard_sizes == (12,)
+    assert split.shards[0].keys == tuple(f"k{index:03d}" for index in range(12))
+    np.testing.assert_array_equal(split.shards[0].latents[layout.LATENT_KEY], whole.shards[0].latents[layout.LATENT_KEY])
+    np.testing.assert_array_equal(split.shards[0].text_embeddings, whole.shards[0].text_embeddings)

@@ -1,0 +1,84 @@
+"""Fewer latent shards than training workers: a clear error before any worker starts, and
+never a hang in a collective if the workers get that far.
+
+Training has no data-loader workers: every rank holds all latents in memory and takes whole
+shards (one per raw shard, its parts merged) round-robin, so the bound is shards >= workers.
+More shards than workers rebalance per epoch: the remainder sits out, counted as dropped
+(tests/train/test_data.py::test_remainder_shards_and_uneven_tails_are_dropped_and_counted).
+One plain shard for two workers: tests/train/test_stage.py::test_too_few_shards_fails_before_any_worker_starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from synthetic_latents import write_latent_run
+
+from pipeline import layout
+from pipeline.config import load_config
+from train import stage
+from train.stage import TrainStageError, run_stage
+
+
+def config(workers: int = 2):
+    return load_config("tiny", overrides=[
+        f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.batch_size_per_worker=4",
+        "train.max_steps=2", "train.warmup_steps=0", "train.max_failures=0",
+    ])  # fmt: skip
+
+
+def as_parts(run, groups: list[list[str]]) -> None:
+    """Rename the latent tars to parts of raw shards, as encode's write tasks name them:
+    groups[i] lists the tars that become parts of raw shard i."""
+    names = []
+    for raw, tars in enumerate(groups):
+        for part, tar in enumerate(tars):
+            name = f"{raw:05d}-{part:08x}.tar"
+            Path(run.path(f"{layout.ENCODE_SHARDS}/{tar}")).rename(run.path(f"{layout.ENCODE_SHARDS}/{name}"))
+            names.append(name)
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": names})
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Starting Ray Train's workers fails the test: the error must come first."""
+    import ray.train.torch
+
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a worker group was about to start")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Refused)
+
+
+@pytest.mark.timeout(60)
+def test_one_raw_shard_written_in_two_parts_fails_before_any_worker_starts(tmp_path, no_workers):
+    run = write_latent_run(tmp_path / "run", shards=2, per_shard=8)
+    as_parts(run, [["00000.tar", "00001.tar"]])  # two tars, but one shard to training
+    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) .* train.num_workers = 2") as error:
+        run_stage(config(2), run)
+    assert "lower ingest.samples_per_shard" in str(error.value) and "lower train.num_workers" in str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_as_many_raw_shards_as_workers_pass_the_check(tmp_path):
+    run = write_latent_run(tmp_path / "run", shards=3, per_shard=8)
+    as_parts(run, [["00000.tar", "00001.tar"], ["00002.tar"]])
+    stage.check_inputs(config(2), run)  # no error
+    with pytest.raises(TrainStageError, match=r"2 latent shard\(s\)"):
+        stage.check_inputs(config(3), run)
+
+
+@pytest.mark.timeout(300)
+def test_workers_given_too_few_shards_fail_together_instead_of_hanging(tmp_path, ray_local, monkeypatch):
+    """Past the driver's check (bypassed here), every rank raises the same error in setup,
+    before its first collective: the stage fails, it does not wait forever."""
+    run = write_latent_run(tmp_path / "run", shards=1, per_shard=8)
+    monkeypatch.setattr(stage, "check_inputs", lambda config, run: None)
+    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) for 2 training workers"):
+        run_stage(config(2), run)

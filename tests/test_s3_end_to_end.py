@@ -1,0 +1,32 @@
+"""The tiny pipeline through the CLI with its run directory on S3 (the moto server of `s3_server`;
+the endpoint and credentials come from the environment conftest sets), then the run's contract
+read back from the bucket."""
+
+import boto3
+from run_contract import SMALL, check_run_contract, pipeline, set_args
+
+from pipeline import layout
+from pipeline.rundir import RunDir
+
+BUCKET = "e2e-runs"
+
+
+def test_tiny_run_on_s3(s3_server, tmp_path):
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    url = f"s3://{BUCKET}/run"
+    result = pipeline("run", "--preset", "tiny", "--out", url, *set_args(SMALL), timeout=840)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    check_run_contract(url)
+    keys = [
+        item["Key"]
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for item in page.get("Contents", [])
+    ]
+    assert not [key for key in keys if "/_tmp/" in key or ".tmp-" in key or "/.tmp" in key]
+
+    from diffusers import UNet2DConditionModel
+
+    local = RunDir(url).get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(8)}", tmp_path / "export")
+    unet = UNet2DConditionModel.from_pretrained(local / layout.EXPORT_UNET)
+    assert sum(parameter.numel() for parameter in unet.parameters()) > 0
