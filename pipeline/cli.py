@@ -161,6 +161,39 @@ def bench(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def plan(
+    images: int = typer.Option(..., "--images", help="Images (URLs) in the run."),
+    preset: str = typer.Option("sd15", "--preset", "-p", help="tiny or sd15 (sd15-256): model shapes, steps and batch."),
+    resolution: int | None = typer.Option(None, "--resolution", help="Side in px; default: the preset's encode.resolution."),
+    gpu: str | None = typer.Option(None, "--gpu", help="A100-40GB, A100-80GB, H100, L4 or CPU; default: by train.use_gpu."),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs (CPU: nodes) in all; default: train.num_workers."),
+    nodes: int | None = typer.Option(None, "--nodes", help="Nodes that download; default: GPUs / GPUs per node."),
+    network_gbps: float = typer.Option(10.0, "--network-gbps", help="Network per node, Gbit/s."),
+    price: float | None = typer.Option(None, "--price-per-gpu-hour", help="USD; default: the GPU's AWS on-demand price."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Train this many passes (instead of steps)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps; default: train.max_steps."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch; default: the preset's."),
+    mfu: float | None = typer.Option(None, "--mfu", help="Achieved fraction of peak FLOP/s, encode and train."),
+    download_rate: float | None = typer.Option(None, "--download-rate", help="Images/s per node."),
+    raw_bytes: float | None = typer.Option(None, "--raw-bytes-per-image", help="Raw shard bytes per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
+) -> None:
+    """Estimate download, encode and train time, storage and cost, printing every assumption and its source."""
+    import json
+
+    from pipeline import plan as planning
+
+    try:
+        result = planning.plan(
+            images, planning.preset_facts(preset), gpu, gpus, resolution, nodes, network_gbps, price, epochs, steps,
+            batch_size, mfu, download_rate, raw_bytes,
+        )  # fmt: skip
+    except planning.PlanError as error:
+        _fail(str(error))
+    typer.echo(json.dumps(result) if as_json else planning.render(result))
+
+
 @config_app.command("show")
 def config_show(
     preset: str | None = PresetOption,
