@@ -10,12 +10,9 @@ One plain shard for two workers: tests/train/test_stage.py::test_too_few_shards_
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from synthetic_latents import write_latent_run
 
 from pipeline import layout

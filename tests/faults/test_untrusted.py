@@ -32,11 +32,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 import torch
+from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, shard_bytes
 
 from ingest import encode_io, encode_progress, models
 from ingest.toy import generate
@@ -45,8 +45,6 @@ from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
 from train.data import read_latent_shard
 from train.ema import ExponentialMovingAverage
-
-LATENT_SHAPE, TEXT_SHAPE = (4, 8, 8), (77, 64)
 
 
 class Payload:
@@ -82,16 +80,6 @@ def payloads(marker) -> dict[str, bytes]:
     }
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def jpeg(index: int) -> bytes:
     out = io.BytesIO()
     generate(index + 1, 64, 0)[index][1].save(out, format="JPEG")
@@ -111,7 +99,7 @@ def test_encode_never_unpickles_raw_shard_members(tmp_path, marker):
         ("c.jpg", evil["pkl"]), ("c.txt", b"c caption"),
     ]  # fmt: skip
     run = RunDir(tmp_path / "run")
-    run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", tar_bytes(members))
+    run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", shard_bytes(members))
     batches = list(encode_io.decode_shard(run, "00000.tar", resolution=32, batch_size=8))
     assert [list(batch["__key__"]) for batch in batches] == [["a"]]
     assert set(batches[0]) == {"__key__", "shard", "txt", "json", "pixels"}  # nothing else travels on
@@ -131,7 +119,7 @@ def test_training_never_unpickles_latent_shard_members(marker):
         # a torch.save file named as the text embedding: not an .npy, counted incomplete
         ("c.latent.npy", to_npy_bytes(latent)), ("c.text.npy", evil["pth"]),
     ]  # fmt: skip
-    shard = read_latent_shard(io.BytesIO(tar_bytes(members)), "s.tar", LATENT_SHAPE, TEXT_SHAPE)
+    shard = read_latent_shard(io.BytesIO(shard_bytes(members)), "s.tar", LATENT_SHAPE, TEXT_SHAPE)
     assert shard.keys == ("a",) and shard.incomplete_samples == 2
 
 
@@ -164,11 +152,10 @@ def test_the_builtin_models_still_load_from_safetensors():
 def test_an_exported_unet_folder_with_pickle_weights_is_refused(tmp_path, marker):
     from diffusers import UNet2DConditionModel
 
-    from train.unet import build_unet
-
     from pipeline import layout
     from pipeline.rundir import RunDir
     from sample.validate import load_export
+    from train.unet import build_unet
 
     run = RunDir(str(tmp_path / "run"))
     export = tmp_path / "run" / layout.TRAIN_EXPORT / layout.step_name(4)

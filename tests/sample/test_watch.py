@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 from sample_support import sample_config
+from synthetic_latents import write_latent_run
 
 from pipeline import layout, runner
 from pipeline.config import load_config
 from sample import validate
 from sample.watch import Watcher
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from synthetic_latents import write_latent_run  # tests/train's synthetic encode output
 
 
 def entries(run) -> list[dict]:
