@@ -24,7 +24,8 @@ from pipeline.rundir import RunDir
 
 
 def _toy_url_list(config: PipelineConfig, workdir: Path, base_url: str) -> str:
-    rows = write_toy_images(workdir / "images", config.ingest.toy_count, config.ingest.toy_image_size, config.seed)
+    ingest = config.ingest
+    rows = write_toy_images(workdir / "images", ingest.toy_count, ingest.toy_image_size, config.seed, ingest.toy_colours)
     rows["url"] = base_url + "/" + rows.pop("file")
     path = workdir / "toy-urls.parquet"
     rows[["url", "caption"]].to_parquet(path, index=False)

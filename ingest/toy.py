@@ -37,11 +37,15 @@ class ToySpec:
         return f"a {self.shape_colour} {self.shape} on a {self.background_colour} background"
 
 
-def all_specs() -> list[ToySpec]:
-    """Every (shape, shape colour, background colour) with different colours: 3 x 6 x 5 = 90."""
+def all_specs(colours: list[str] | None = None) -> list[ToySpec]:
+    """Every (shape, shape colour, background colour) with different colours: 3 x 6 x 5 = 90.
+
+    `colours` keeps only those palette colours (a shifted toy set, e.g. for fine-tuning).
+    """
+    palette = [name for name in PALETTE if colours is None or name in colours]
     return [
         ToySpec(shape, fg, bg)
-        for shape, fg, bg in itertools.product(SHAPES, PALETTE, PALETTE)
+        for shape, fg, bg in itertools.product(SHAPES, palette, palette)
         if fg != bg
     ]
 
@@ -78,10 +82,10 @@ def draw(spec: ToySpec, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def generate(count: int, size: int, seed: int) -> list[tuple[ToySpec, Image.Image]]:
+def generate(count: int, size: int, seed: int, colours: list[str] | None = None) -> list[tuple[ToySpec, Image.Image]]:
     """`count` images cycling through every spec in a seeded order, so all 90 captions appear."""
     rng = np.random.default_rng(seed)
-    specs = all_specs()
+    specs = all_specs(colours)
     out = []
     for index in range(count):
         if index % len(specs) == 0:

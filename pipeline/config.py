@@ -47,6 +47,9 @@ class IngestConfig(Section):
     min_image_size: int = Field(0, ge=0, description="Images whose shorter side is smaller are dropped and counted.")
     toy_count: int = Field(3000, ge=1, description="Number of toy images to generate (source='toy').")
     toy_image_size: int = Field(64, ge=16, description="Side of the generated toy images in pixels.")
+    toy_colours: list[Literal["red", "green", "blue", "yellow", "white", "black"]] | None = Field(
+        None, min_length=2, description="Only these palette colours in the toy set (a shifted set to fine-tune on); unset: all six."
+    )
     image_size: int = Field(64, ge=8, description="img2dataset resizes every image to this side.")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
         "center_crop", description="img2dataset resize mode."
@@ -125,6 +128,23 @@ class TrainConfig(Section):
         "squaredcos_cap_v2", description="DDPM beta schedule."
     )
     num_train_timesteps: int = Field(1000, ge=1, description="Diffusion timesteps.")
+    beta_start: float | None = Field(
+        None, gt=0, description="First beta of the 'linear'/'scaled_linear' schedules; unset: diffusers' 0.0001 (SD-1.5: 0.00085)."
+    )
+    beta_end: float | None = Field(
+        None, gt=0, description="Last beta of the 'linear'/'scaled_linear' schedules; unset: diffusers' 0.02 (SD-1.5: 0.012)."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune: start from this diffusers-format UNet (safetensors) instead of a fresh `unet` preset: a local "
+        "folder (a run's export folder RUN/train/export/step-N uses its unet/) or a Hugging Face id.",
+    )
+    init_subfolder: str | None = Field(None, description="Subfolder of init_from holding the UNet (e.g. 'unet' in a Stable Diffusion repo).")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameters left untrained, by name as in named_parameters(): a dotted prefix ('down_blocks', 'mid_block', "
+        "'up_blocks.1', 'conv_in', 'time_embedding') or a glob ('*.attn2.*': cross-attention); each must match some parameter.",
+    )
     checkpoint_every: int = Field(500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves.")
     keep_checkpoints: int = Field(3, ge=1, description="Resumable checkpoints kept (exports are all kept).")
     log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
@@ -171,6 +191,8 @@ class TrainConfig(Section):
     def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if self.init_subfolder and not self.init_from:
+            raise ValueError("init_subfolder is set but init_from is not")
         return self
 
 

@@ -91,6 +91,10 @@ def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
             if isinstance(value, dict) else value
             for section, value in payload.items()
         }  # fmt: skip
+        if name == "train" and config.train.init_from:  # the init model's weights, not only its name
+            from train.finetune import init_fingerprint
+
+            payload["init_sha256"] = base_payload["init_sha256"] = init_fingerprint(config.train)
         previous = _digest(payload, previous)
         previous_base = _digest(base_payload, previous_base)
         chain[name] = (previous, previous_base)

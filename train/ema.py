@@ -4,7 +4,8 @@ Under ZeRO 0-2 every rank holds whole parameters, and keeps a whole fp32 average
 ZeRO-3 a rank holds only its partition of each parameter (`param.ds_tensor`: elements
 `[rank * n, (rank + 1) * n)` of the flattened parameter, the last one zero-padded), and
 averages just that, so the average is partitioned like the weights. `full_weights` gathers
-it whole for an export.
+it whole for an export. Frozen parameters (train.freeze) never move, so only trainable ones
+are averaged (`averaged_parameters`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ExponentialMovingAverage:
     """`average = d * average + (1 - d) * weights` after every optimizer step, in fp32, on this rank's part."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
-        self.parameters = list(module.parameters())
+        self.parameters = averaged_parameters(module)
         self.partitioned = hasattr(self.parameters[0], "ds_tensor")  # ZeRO-3
         self.decay = decay
         self.restart()
@@ -94,7 +95,7 @@ class ExponentialMovingAverage:
         return f"rank-{distributed.rank()}.pt" if self.partitioned else "whole.pt"
 
     def full_weights(self) -> list[torch.Tensor] | None:
-        """The whole averaged parameters, in `module.parameters()` order, on rank 0 (None elsewhere).
+        """The whole averaged parameters, in `averaged_parameters(module)` order, on rank 0 (None elsewhere).
 
         Collective under ZeRO-3: each parameter's partitions are gathered, joined in rank
         order and cut to the parameter's size.
@@ -109,10 +110,15 @@ class ExponentialMovingAverage:
         return weights if distributed.is_rank_zero() else None
 
 
+def averaged_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an average covers: the trainable ones, in `module.parameters()` order."""
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
 @contextlib.contextmanager
 def weights_replaced(module: torch.nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Within: `module`'s (whole) parameters hold `weights`; after: their own values again."""
-    parameters = list(module.parameters())
+    """Within: `module`'s (whole) averaged parameters hold `weights`; after: their own values again."""
+    parameters = averaged_parameters(module)
     own = [p.detach().clone() for p in parameters]
     with torch.no_grad():
         for parameter, weight in zip(parameters, weights):

@@ -42,7 +42,9 @@ def make_engine(unet: torch.nn.Module, config: TrainConfig):
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Only trainable parameters (train.freeze): ZeRO then keeps gradients and Adam state for these alone.
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = LambdaLR(
         optimizer,
         lambda step: learning_rate_factor(step, config.warmup_steps, config.max_steps, config.lr_schedule),

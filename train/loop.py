@@ -16,6 +16,7 @@ from train.checkpoint import TrainState, export_model, is_due, resume, save_chec
 from train.data import DataOrder, load_latent_data
 from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
+from train.finetune import freeze, load_unet, worker_folder
 from train.metrics import LogWindow, MetricsLog
 from train.step import loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, parameter_count
@@ -29,8 +30,16 @@ def setup_worker(loop_config: dict):
     data = load_latent_data(run)
     order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
     distributed.seed_initial_weights(config.seed)
-    unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
+    if train.init_from:  # fine-tuning; the driver checked that it fits (train.stage.check_inputs)
+        unet = load_unet(worker_folder(train, loop_config.get("init_folder")), data.sample_size)
+    else:
+        unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
+    counts = freeze(unet, train.freeze)
     parameters = parameter_count(unet)  # before ZeRO-3 would shard them
+    distributed.log(
+        f"UNet {'from ' + train.init_from if train.init_from else 'built fresh'}: "
+        f"{counts['trainable']:,} trainable and {counts['frozen']:,} frozen parameters"
+    )
     return config, run, distributed.rank(), data, order, make_engine(unet, train), parameters
 
 
@@ -45,6 +54,9 @@ def train_worker(loop_config: dict) -> None:
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
     _log_start(data, order, state, parameters)
+    start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
+    if state.step == 0 and train.init_from and not run.exists(start_export):
+        export_model(engine, run, train, 0, ema)  # the starting point, validated like the exports after it
 
     batches = order.batches(rank, state.epoch, state.batch_index)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`

@@ -16,6 +16,7 @@ from ingest.identity import EncoderMismatchError, check_run_encoders
 from pipeline import layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
+from train import finetune
 from train.data import latent_shard_names, parts_by_raw_shard
 from train.loop import train_worker
 
@@ -34,12 +35,13 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_inputs(config, run)
+    model = check_inputs(config, run)
     train = config.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    init_folder = model.get("init", {}).get("folder")  # resolved here: workers run in another directory
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json")},
+        train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json"), "init_folder": init_folder},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=run_config(config, run),
     )
@@ -48,7 +50,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep its message, which names the rank
         raise TrainStageError(f"training failed ({type(error).__name__}): {error}") from error
-    return stage_summary(result.metrics or {}, run)
+    return {**stage_summary(result.metrics or {}, run), **model}
 
 
 def run_config(config: PipelineConfig, run: RunDir) -> RunConfig:
@@ -92,8 +94,9 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
     }
 
 
-def check_inputs(config: PipelineConfig, run: RunDir) -> None:
-    """Fail before any worker starts if the encode stage's output cannot feed this config."""
+def check_inputs(config: PipelineConfig, run: RunDir) -> dict:
+    """Fail before any worker starts if the encode stage's output cannot feed this config, or the
+    UNet it names (train.init_from, train.freeze) cannot train on it; run.json's UNet summary."""
     if not run.exists(layout.ENCODE_MANIFEST):
         raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
     manifest = run.read_json(layout.ENCODE_MANIFEST)
@@ -111,3 +114,26 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> None:
         check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
     except EncoderMismatchError as error:
         raise TrainStageError(str(error)) from error
+    return check_model(config, manifest)
+
+
+def check_model(config: PipelineConfig, manifest: dict) -> dict:
+    """The init model fits the latents and the noise schedule, and every train.freeze entry names
+    parameters (checked on the meta device: no weights loaded); their counts, and where the model came from."""
+    train, latent_shape, text_shape = config.train, manifest["latent_shape"], manifest["text_embedding_shape"]
+    try:
+        init = finetune.resolve(train)
+        if init is not None:
+            finetune.check_init(init, train, latent_shape, text_shape)
+        counts = finetune.freeze(finetune.meta_unet(train, init, text_shape[-1], latent_shape[-1]), train.freeze)
+    except finetune.InitModelError as error:
+        raise TrainStageError(str(error)) from error
+    summary = {"parameters": {**counts, "total": counts["trainable"] + counts["frozen"]}}
+    if init is not None:
+        summary["init"] = {
+            "from": train.init_from,
+            "subfolder": train.init_subfolder,
+            "folder": str(init.folder),
+            "sha256": init.sha256(),
+        }
+    return summary

@@ -19,13 +19,16 @@ from train import distributed
 def make_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
     """The DDPM forward process training uses; exported next to the UNet for sampling.
 
-    `clip_sample=False` because latents are scaled, not bounded to [-1, 1].
+    `clip_sample=False` because latents are scaled, not bounded to [-1, 1]. Unset beta_start and
+    beta_end keep diffusers' defaults.
     """
+    betas = {key: getattr(config, key) for key in ("beta_start", "beta_end") if getattr(config, key) is not None}
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.noise_schedule,
         prediction_type=config.prediction_type,
         clip_sample=False,
+        **betas,
     )
 
 
