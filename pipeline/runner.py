@@ -81,7 +81,7 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
 
 def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
-    data = config.model_dump(mode="json")
+    data = _without_unset(config.model_dump(mode="json"))
     chain: dict[str, tuple[str, str]] = {}
     previous, previous_base = "", ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
@@ -99,6 +99,13 @@ def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
         previous_base = _digest(base_payload, previous_base)
         chain[name] = (previous, previous_base)
     return chain
+
+
+def _without_unset(value: Any) -> Any:
+    """Drop keys left unset (None, [] or {}), so adding an optional key keeps existing runs' fingerprints."""
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None and v != [] and v != {}}
+    return value
 
 
 def _digest(payload: dict, previous: str) -> str:

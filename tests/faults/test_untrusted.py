@@ -15,7 +15,8 @@ Weight loaders checked (grep: torch.load, from_pretrained, load_state_dict, safe
   `.bin` is refused by name; tested here. (Without it both libraries fall back to
   `torch.load(weights_only=True)`, which also refuses the payload, with a less clear error.)
 - `load_tokenizer`: reads vocab.json/merges.txt, no weights.
-- the UNet: training builds it from its config (`train.unet.build_unet`), never from weights;
+- the UNet: training builds it from its config (`train.unet.build_unet`), or, when fine-tuning
+  (`train.init_from`), loads it with `train.finetune.load_unet`, safetensors only (tested here);
   sampling loads our own exports (`sample.validate.load_export`) with diffusers'
   `UNet2DConditionModel.from_pretrained(use_safetensors=True)`, tested here with a malicious
   `diffusion_pytorch_model.bin` (diffusers 0.42's own default, `weights_only=True`, refuses it too).
@@ -165,6 +166,17 @@ def test_an_exported_unet_folder_with_pickle_weights_is_refused(tmp_path, marker
         load_export(run, 4, str(tmp_path / "scratch"), torch.device("cpu"))
     with pytest.raises(OSError):  # and diffusers' own default refuses the payload too
         UNet2DConditionModel.from_pretrained(export / "unet", torch_dtype=torch.float32)
+
+
+def test_a_fine_tuning_init_model_with_pickle_weights_is_refused(tmp_path, marker):
+    from train.finetune import load_unet
+    from train.unet import build_unet
+
+    folder = tmp_path / "init"
+    build_unet("tiny", cross_attention_dim=TEXT_SHAPE[1], sample_size=8).save_config(folder)
+    torch.save({"weight": Payload(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_unet(folder, sample_size=8)
 
 
 def test_an_ema_file_with_a_payload_is_refused(tmp_path, marker):

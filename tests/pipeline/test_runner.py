@@ -117,3 +117,14 @@ def test_failure_handling_and_throughput_keys_resume_instead_of_restarting(overr
     before = runner.fingerprints(load_config("tiny"))[section]
     after = runner.fingerprints(load_config("tiny", overrides=[override]))[section]
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_optional_keys_left_unset_do_not_enter_the_fingerprint():
+    """A release that adds an optional key (default None or empty) must not redo existing runs' stages."""
+    config = load_config("tiny")
+    now = config.model_dump(mode="json")
+    before_the_keys_existed = config.model_dump(mode="json")
+    for key in ("init_from", "init_subfolder", "freeze", "beta_start", "beta_end"):
+        del before_the_keys_existed["train"][key]
+    assert runner._without_unset(now) == runner._without_unset(before_the_keys_existed)
+    assert runner.fingerprints(load_config("tiny", overrides=["train.freeze=['conv_in']"]))["train"] != runner.fingerprints(config)["train"]
