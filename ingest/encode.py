@@ -3,7 +3,9 @@
 A Ray Data pipeline: one CPU task per raw shard streams it, decodes and centre-crops the
 images in batches; an actor pool whose actors each hold the VAE and text encoder once encodes
 the batches (one GPU per actor where there are GPUs); write tasks publish latent tars.
-Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
+With encode.buckets each image is cropped to the nearest aspect-ratio bucket instead
+(`ingest.buckets`), decode batches hold one bucket each, and the actors encode whatever
+shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
 resumes where it stopped. Damaged shards and undecodable images are counted, never fatal.
 `encode/manifest.json` records which models made the latents, counts, sizes, and the
 empty-caption embedding that training uses for caption dropout.
@@ -172,10 +174,10 @@ def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]
         config.resolution // downsample,
     ]
     members = latent_members(config)
-    if config.buckets:
-        buckets_fields = bucket_manifest_fields(config.buckets, downsample, encoders.vae.config.latent_channels)
+    channels = encoders.vae.config.latent_channels
+    buckets = bucket_manifest_fields(config.buckets, downsample, channels) if config.buckets else {}
     return records, {
-        **(buckets_fields if config.buckets else {}),
+        **buckets,
         "resolution": config.resolution,
         "latent_storage": "distribution" if config.store_distribution else "mode",
         "flip_copies": config.flip_copies,

@@ -141,16 +141,14 @@ def decode_shard(
             for sample in read_raw_samples(handle):
                 record["samples"] += 1
                 usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
-                pixels = decode_sample(sample, resolution, max_pixels, buckets) if usable else None
-                if pixels is None:
+                decoded = decode_sample(sample, resolution, max_pixels, buckets) if usable else None
+                if decoded is None:
                     record["undecodable"] += 1
                     continue
+                pixels, crop = decoded if buckets else (decoded, None)
+                crops += [crop] if crop else []
                 caption = _text(sample[layout.CAPTION_KEY])
-                meta = meta_bytes(sample.get(layout.META_KEY), caption)
-                if buckets:
-                    pixels, crop = pixels
-                    crops.append(crop)
-                    meta = meta_bytes(meta, caption, crop.record())
+                meta = meta_bytes(sample.get(layout.META_KEY), caption, crop.record() if crop else None)
                 rows = rows_by_shape.setdefault(pixels.shape, [])
                 rows.append((sample[KEY], caption, meta, pixels))
                 if len(rows) == batch_size:

@@ -16,6 +16,9 @@ only (epoch, next batch index):
 Flip choices and posterior draws come from the batch's own generator (`LatentData.batch`),
 so they too are recomputed, not stored, on resume.
 
+With encode.buckets, latents come in one shape per bucket: `train.buckets` reads them and
+deals single-bucket batches instead (same position, same resume).
+
 Arrays are read with `allow_pickle=False` and metadata as JSON: no pickle ever runs.
 """
 
