@@ -3,7 +3,9 @@
 A Ray Data pipeline: one CPU task per raw shard streams it, decodes and centre-crops the
 images in batches; an actor pool whose actors each hold the VAE and text encoder once encodes
 the batches (one GPU per actor where there are GPUs); write tasks publish latent tars.
-Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
+With encode.buckets each image is cropped to the nearest aspect-ratio bucket instead
+(`ingest.buckets`), decode batches hold one bucket each, and the actors encode whatever
+shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
 resumes where it stopped. Damaged shards and undecodable images are counted, never fatal.
 `encode/manifest.json` records which models made the latents, counts, sizes, and the
 empty-caption embedding that training uses for caption dropout.
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from ingest import encode_progress as progress
+from ingest.buckets import bucket_name, check_buckets, manifest_summary
 from ingest.distribute import complete_shards
 from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
 from ingest.identity import configured_names
@@ -101,15 +104,61 @@ class Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         faults.inject("encode-batch")
-        pixels = to_model_input(batch[PIXELS]).to(self.device)
         captions = [str(caption) for caption in batch[layout.CAPTION_KEY]]
         use_autocast = self.autocast is not None and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
-            arrays = encode_batch(pixels, captions, self.encoders, self.scaling_factor, self.config)
+        # Ray Data may join decode batches of different buckets into one: encode each shape on its own.
+        groups = rows_by_shape(batch[PIXELS])
+        encoded = []
+        for rows in groups:
+            pixels = batch[PIXELS] if batch[PIXELS].dtype != object else np.stack([batch[PIXELS][row] for row in rows])
+            pixels, texts = to_model_input(pixels).to(self.device), [captions[row] for row in rows]
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
+                encoded.append(encode_batch(pixels, texts, self.encoders, self.scaling_factor, self.config))
+        arrays = encoded[0] if len(groups) == 1 else join_rows(groups, encoded)
         return {KEY: batch[KEY], SHARD: batch[SHARD], layout.META_KEY: batch[layout.META_KEY], **arrays}
 
 
+def rows_by_shape(pixels: np.ndarray) -> list[list[int]]:
+    """Row indices grouped by image shape, in order of first appearance. A batch of one shape is one
+    4-d array; one of several shapes arrives as an object array of HxWx3 arrays."""
+    if pixels.dtype != object:
+        return [list(range(len(pixels)))]
+    groups: dict[tuple, list[int]] = {}
+    for row, image in enumerate(pixels):
+        groups.setdefault(np.shape(image), []).append(row)
+    return list(groups.values())
+
+
+def join_rows(groups: list[list[int]], encoded: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-group outputs back in the batch's row order; members whose shapes differ become object arrays."""
+    count = sum(len(rows) for rows in groups)
+    joined = {}
+    for member in encoded[0]:
+        column = np.empty(count, dtype=object)
+        for rows, arrays in zip(groups, encoded):
+            for row, array in zip(rows, arrays[member]):
+                column[row] = array
+        same = len({array.shape for array in column}) == 1
+        joined[member] = np.stack(list(column)) if same else column
+    return joined
+
+
 # Stage -------------------------------------------------------------------------------------
+def bucket_manifest_fields(buckets: list, downsample: int, channels: int) -> dict[str, Any]:
+    """The buckets and each one's latent shape; raises naming encode.buckets if the VAE cannot encode one exactly."""
+    buckets = [tuple(bucket) for bucket in buckets]
+    check_buckets(buckets, downsample, where=f"encode.buckets (this VAE downsamples {downsample}x)")
+    return {
+        "buckets": [list(bucket) for bucket in buckets],
+        "bucket_latent_shapes": {bucket_name(b): [channels, b[1] // downsample, b[0] // downsample] for b in buckets},
+    }
+
+
+def bucket_counts(state: dict[str, progress.ShardProgress], buckets: list) -> dict[str, Any]:
+    records = [shard.record for shard in state.values() if shard.complete]
+    return manifest_summary(records, [tuple(bucket) for bucket in buckets])
+
+
 def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model identity records, the manifest's other fixed fields), computed once on the driver."""
     from ingest.identity import Encoders
@@ -125,7 +174,10 @@ def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]
         config.resolution // downsample,
     ]
     members = latent_members(config)
+    channels = encoders.vae.config.latent_channels
+    buckets = bucket_manifest_fields(config.buckets, downsample, channels) if config.buckets else {}
     return records, {
+        **buckets,
         "resolution": config.resolution,
         "latent_storage": "distribution" if config.store_distribution else "mode",
         "flip_copies": config.flip_copies,
@@ -177,6 +229,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         **records,
         **fixed,
         **counts,
+        **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
         "resume": {**found, "encoded_shards": len(encoded)},
         "seconds": round(seconds, 2),
         "samples_per_s": round(encoded_now / max(seconds, 1e-9), 2),
@@ -211,6 +264,7 @@ def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], member
                 "resolution": settings.resolution,
                 "batch_size": settings.batch_size,
                 "max_pixels": int(config.ingest.max_megapixels * 1e6),
+                "buckets": [tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
             },
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ingest import encode_progress as progress
+from ingest.buckets import crop_to_bucket, shard_summary
 from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
@@ -79,9 +80,11 @@ def read_raw_samples(handle) -> Iterator[dict[str, bytes]]:
         yield current
 
 
-def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = MAX_PIXELS, buckets: list | None = None):
     """The centre crop of a sample's image, or None if it has none, it does not decode, or its
-    header declares more than `max_pixels` pixels (then nothing is decoded)."""
+    header declares more than `max_pixels` pixels (then nothing is decoded).
+
+    With `buckets` (encode.buckets): (its crop to the nearest bucket, an `ingest.buckets.Crop`) instead."""
     data = sample.get(layout.IMAGE_KEY)
     if data is None:
         return None
@@ -92,7 +95,7 @@ def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = M
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > max_pixels:
                     return None
-                return center_crop(image, resolution)
+                return crop_to_bucket(image, buckets) if buckets else center_crop(image, resolution)
     except Exception:  # noqa: BLE001 - any decode error means "skip and count"
         return None
 
@@ -104,17 +107,23 @@ def safe_key(key: str) -> bool:
 
 
 def decode_shards(
-    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    batch: dict[str, np.ndarray],
+    run_url: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    buckets: list | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets)
 
 
 def decode_shard(
-    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS, buckets: list | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of one image shape each (one bucket with encode.buckets, else the square)."""
     # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
     record = {
         "shard": progress.stem(name),
@@ -125,28 +134,36 @@ def decode_shard(
         "unreadable": False,
         "error": None,
     }
-    rows: list[tuple[str, str, bytes, np.ndarray]] = []
+    rows_by_shape: dict[tuple, list[tuple[str, str, bytes, np.ndarray]]] = {}
+    crops = []
     try:
         with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
             for sample in read_raw_samples(handle):
                 record["samples"] += 1
                 usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
-                pixels = decode_sample(sample, resolution, max_pixels) if usable else None
-                if pixels is None:
+                decoded = decode_sample(sample, resolution, max_pixels, buckets) if usable else None
+                if decoded is None:
                     record["undecodable"] += 1
                     continue
+                pixels, crop = decoded if buckets else (decoded, None)
+                crops += [crop] if crop else []
                 caption = _text(sample[layout.CAPTION_KEY])
-                rows.append((sample[KEY], caption, meta_bytes(sample.get(layout.META_KEY), caption), pixels))
+                meta = meta_bytes(sample.get(layout.META_KEY), caption, crop.record() if crop else None)
+                rows = rows_by_shape.setdefault(pixels.shape, [])
+                rows.append((sample[KEY], caption, meta, pixels))
                 if len(rows) == batch_size:
                     record["valid"] += len(rows)
                     yield _batch(record["shard"], rows)
-                    rows = []
+                    rows.clear()
     except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
         record["truncated" if record["samples"] else "unreadable"] = True
         record["error"] = f"{type(error).__name__}: {error}"
-    if rows:
-        record["valid"] += len(rows)
-        yield _batch(record["shard"], rows)
+    for rows in rows_by_shape.values():
+        if rows:
+            record["valid"] += len(rows)
+            yield _batch(record["shard"], rows)
+    if buckets:
+        record.update(shard_summary(crops))
     run.write_json(progress.shard_record_path(record["shard"]), record)
 
 
@@ -166,8 +183,8 @@ def _text(value: bytes | str) -> str:
 
 
 # Write tasks -------------------------------------------------------------------------------
-def meta_bytes(raw: Any, caption: str) -> bytes:
-    """The sample's img2dataset JSON (or {} if unreadable) with its caption added."""
+def meta_bytes(raw: Any, caption: str, extra: dict[str, Any] | None = None) -> bytes:
+    """The sample's img2dataset JSON (or {} if unreadable) with its caption (and `extra`) added."""
     try:
         meta = json.loads(raw) if raw else {}
     except (ValueError, TypeError):
@@ -175,6 +192,7 @@ def meta_bytes(raw: Any, caption: str) -> bytes:
     if not isinstance(meta, dict):
         meta = {}
     meta["caption"] = caption
+    meta.update(extra or {})
     return json.dumps(meta).encode("utf-8")
 
 

@@ -25,7 +25,9 @@ from pipeline.rundir import RunDir
 
 def _toy_url_list(config: PipelineConfig, workdir: Path, base_url: str) -> str:
     ingest = config.ingest
-    rows = write_toy_images(workdir / "images", ingest.toy_count, ingest.toy_image_size, config.seed, ingest.toy_colours)
+    rows = write_toy_images(
+        workdir / "images", ingest.toy_count, ingest.toy_image_size, config.seed, ingest.toy_colours, ingest.toy_aspect_ratios
+    )
     rows["url"] = base_url + "/" + rows.pop("file")
     path = workdir / "toy-urls.parquet"
     rows[["url", "caption"]].to_parquet(path, index=False)

@@ -61,13 +61,21 @@ def parse_caption(caption: str) -> ToySpec:
     return spec
 
 
-def draw(spec: ToySpec, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one image; position and size are jittered by `rng`, colours are exact."""
-    image = Image.new("RGB", (size, size), PALETTE[spec.background_colour])
+def draw(spec: ToySpec, size: int, rng: np.random.Generator, aspect_ratio: float = 1.0) -> Image.Image:
+    """Draw one image; position and size are jittered by `rng`, colours are exact.
+
+    `aspect_ratio` (width / height) widens or heightens the image; its shorter side stays `size`,
+    so the shape, sized by it, fits inside either way.
+    """
+    width, height = max(size, round(size * aspect_ratio)), max(size, round(size / aspect_ratio))
+    image = Image.new("RGB", (width, height), PALETTE[spec.background_colour])
     canvas = ImageDraw.Draw(image)
     radius = rng.uniform(0.22, 0.34) * size
     margin = radius + 0.06 * size
-    cx, cy = rng.uniform(margin, size - margin, size=2)
+    if width == height:
+        cx, cy = rng.uniform(margin, size - margin, size=2)
+    else:
+        cx, cy = rng.uniform(margin, [width - margin, height - margin])
     colour = PALETTE[spec.shape_colour]
     if spec.shape == "circle":
         canvas.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
@@ -82,8 +90,13 @@ def draw(spec: ToySpec, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def generate(count: int, size: int, seed: int, colours: list[str] | None = None) -> list[tuple[ToySpec, Image.Image]]:
-    """`count` images cycling through every spec in a seeded order, so all 90 captions appear."""
+def generate(
+    count: int, size: int, seed: int, colours: list[str] | None = None, aspect_ratios: list[float] | None = None
+) -> list[tuple[ToySpec, Image.Image]]:
+    """`count` images cycling through every spec in a seeded order, so all 90 captions appear.
+
+    With `aspect_ratios` each image takes one of them at random (the square set draws nothing extra).
+    """
     rng = np.random.default_rng(seed)
     specs = all_specs(colours)
     out = []
@@ -91,7 +104,8 @@ def generate(count: int, size: int, seed: int, colours: list[str] | None = None)
         if index % len(specs) == 0:
             order = rng.permutation(len(specs))
         spec = specs[order[index % len(specs)]]
-        out.append((spec, draw(spec, size, rng)))
+        ratio = aspect_ratios[rng.integers(len(aspect_ratios))] if aspect_ratios else 1.0
+        out.append((spec, draw(spec, size, rng, ratio)))
     return out
 
 

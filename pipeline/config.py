@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ingest.buckets import VAE_DOWNSAMPLE, auto_buckets, check_buckets, pixel_step
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,12 @@ class IngestConfig(Section):
     toy_colours: list[Literal["red", "green", "blue", "yellow", "white", "black"]] | None = Field(
         None, min_length=2, description="Only these palette colours in the toy set (a shifted set to fine-tune on); unset: all six."
     )
+    toy_aspect_ratios: list[Annotated[float, Field(ge=0.25, le=4.0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Width/height ratios the toy images are drawn at, one picked at random per image (the shorter side is "
+        "toy_image_size), e.g. [1.0, 1.6, 0.625, 2.0, 0.5]; unset: square only.",
+    )
     image_size: int = Field(64, ge=8, description="img2dataset resizes every image to this side.")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
         "center_crop", description="img2dataset resize mode."
@@ -85,6 +93,22 @@ class EncodeConfig(Section):
     flip_copies: bool = Field(
         False, description="Also encode every image mirrored left-right; training picks one of the two at random (p=0.5)."
     )
+    buckets: list[tuple[int, int]] | Literal["auto"] | None = Field(
+        None,
+        description="Aspect-ratio buckets as [[width, height], ...] in pixels: each image is resized to cover the bucket nearest "
+        "its aspect ratio and centre-cropped to it, and training batches one bucket at a time. 'auto': sides multiples of "
+        "8 x 2^(UNet down blocks - 1) px, pixel counts within 15% of resolution^2, ratios up to 2:1 (resolved when the config "
+        "loads). Needs ingest.resize_mode 'keep_ratio' or 'no'. Unset: square `resolution`, centre crop.",
+    )
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_well_formed(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one [width, height] bucket, or leave it unset")
+            check_buckets([tuple(bucket) for bucket in value], VAE_DOWNSAMPLE)
+        return value
 
 
 _MISSING = object()
@@ -255,7 +279,25 @@ class PipelineConfig(Section):
             raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
         if self.sample.judge == "toy" and self.ingest.source != "toy":
             raise ValueError("sample.judge = 'toy' needs ingest.source = 'toy'")
+        if self.encode.buckets is not None:
+            self._resolve_buckets()
         return self
+
+    def _resolve_buckets(self) -> None:
+        if self.ingest.resize_mode in ("center_crop", "border"):
+            raise ValueError(
+                f"encode.buckets needs images that keep their aspect ratio, but ingest.resize_mode = "
+                f"{self.ingest.resize_mode!r} makes them square: set ingest.resize_mode = 'keep_ratio' (or 'no')"
+            )
+        # An init_from UNet's depth is not known here: take the strictest preset's step.
+        step = pixel_step("sd15" if self.train.init_from else self.train.unet)
+        if self.encode.buckets == "auto":
+            found = auto_buckets(self.encode.resolution, step)
+            if not found:
+                raise ValueError(f"encode.buckets = 'auto' finds no bucket of {step}-px sides near encode.resolution")
+            self.encode.buckets = found
+        else:
+            check_buckets(list(self.encode.buckets), step)
 
 
 PRESETS = ("tiny", "sd15-256")

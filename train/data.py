@@ -16,6 +16,9 @@ only (epoch, next batch index):
 Flip choices and posterior draws come from the batch's own generator (`LatentData.batch`),
 so they too are recomputed, not stored, on resume.
 
+With encode.buckets, latents come in one shape per bucket: `train.buckets` reads them and
+deals single-bucket batches instead (same position, same resume).
+
 Arrays are read with `allow_pickle=False` and metadata as JSON: no pickle ever runs.
 """
 
@@ -49,6 +52,7 @@ class LatentShard:
     incomplete_samples: int = 0  # a member missing, unreadable, non-finite or of the wrong shape
     truncated: bool = False  # the tar ended early; the samples before the damage are kept
     keys: tuple[str, ...] = ()  # one per sample, in order
+    bucket: str | None = None  # with encode.buckets: the bucket (WxH) all its samples belong to
 
     def __len__(self) -> int:
         return len(self.text_embeddings)
@@ -63,6 +67,7 @@ class LatentData:
     latent_shape: tuple[int, ...]  # [4, h, w]
     text_embedding_shape: tuple[int, ...]  # [77, D]
     latent_members: tuple[str, ...] = (layout.LATENT_KEY,)
+    bucketed: bool = False  # encode.buckets: batch one bucket at a time (train.buckets.BucketOrder)
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
@@ -162,6 +167,11 @@ def load_latent_data(run: RunDir) -> LatentData:
     names = latent_shard_names(run, manifest)
     if not names:
         raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
+    if manifest.get("buckets"):  # encode.buckets: one shard per raw shard and bucket (train.buckets)
+        from train.buckets import read_bucketed_shards
+
+        shards = read_bucketed_shards(run, names, manifest, text_shape, members)
+        return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape, members, bucketed=True)
     shards = []
     for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
         read = [
@@ -208,20 +218,7 @@ def read_latent_shard(
 ) -> LatentShard:
     """Samples of one tar that hold every one of `members` (latent member names) and a text
     embedding, well-shaped and finite, in the order they appear."""
-    wanted = {*members, layout.TEXT_EMBEDDING_KEY}
-    parts_by_key: dict[str, dict[str, bytes]] = {}
-    truncated = False
-    try:
-        with tarfile.open(fileobj=handle, mode="r|*") as archive:
-            for member in archive:
-                match = _MEMBER_NAME.match(member.name)
-                if not member.isfile() or not match:
-                    continue
-                key, suffix = match.groups()
-                if suffix in wanted:
-                    parts_by_key.setdefault(key, {})[suffix] = archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError):
-        truncated = True
+    parts_by_key, truncated = read_tar_members(handle, {*members, layout.TEXT_EMBEDDING_KEY})
     samples = {key: _decode(parts, members, latent_shape, text_shape) for key, parts in parts_by_key.items()}
     complete = [sample for sample in samples.values() if sample is not None]
     return LatentShard(
@@ -232,6 +229,23 @@ def read_latent_shard(
         truncated=truncated,
         keys=tuple(key for key, sample in samples.items() if sample is not None),
     )
+
+
+def read_tar_members(handle, wanted: set[str]) -> tuple[dict[str, dict[str, bytes]], bool]:
+    """({key: {member suffix: bytes}} for the `wanted` suffixes, whether the tar ended early)."""
+    parts_by_key: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=handle, mode="r|*") as archive:
+            for member in archive:
+                match = _MEMBER_NAME.match(member.name)
+                if not member.isfile() or not match:
+                    continue
+                key, suffix = match.groups()
+                if suffix in wanted:
+                    parts_by_key.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError):
+        return parts_by_key, True
+    return parts_by_key, False
 
 
 def _stack_rows(rows: list[np.ndarray], shape: tuple) -> np.ndarray:

@@ -12,6 +12,7 @@ from pipeline import faults, layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
 from train import distributed
+from train.buckets import BucketOrder, make_order
 from train.checkpoint import TrainState, export_model, is_due, resume, save_checkpoint
 from train.data import DataOrder, load_latent_data
 from train.ema import ExponentialMovingAverage
@@ -28,7 +29,7 @@ def setup_worker(loop_config: dict):
     train, run = config.train, RunDir(loop_config["run_url"])
     distributed.setup(train)
     data = load_latent_data(run)
-    order = DataOrder(data.shard_sizes, distributed.world_size(), train.batch_size_per_worker, config.seed)
+    order = make_order(data, distributed.world_size(), train.batch_size_per_worker, config.seed)  # by bucket with encode.buckets
     distributed.seed_initial_weights(config.seed)
     if train.init_from:  # fine-tuning; the driver checked that it fits (train.stage.check_inputs)
         unet = load_unet(worker_folder(train, loop_config.get("init_folder")), data.sample_size)
@@ -123,10 +124,11 @@ def _summary(state: TrainState, metrics: MetricsLog) -> dict:
     }
 
 
-def _log_start(data, order: DataOrder, state: TrainState, parameters: int) -> None:
+def _log_start(data, order: DataOrder | BucketOrder, state: TrainState, parameters: int) -> None:
     plan = order.plan(state.epoch)
+    buckets = f"; batches per bucket {plan.batches_by_bucket}, left out {plan.dropped_by_bucket}" if data.bucketed else ""
     distributed.log(
         f"{parameters / 1e6:.1f}M-parameter UNet, {distributed.world_size()} workers; data {data.counts()}; "
         f"epoch {state.epoch}: {plan.steps} batches per rank, {len(plan.shards_dropped)} shard(s) and "
-        f"{plan.samples_dropped} sample(s) left out; starting at step {state.step}"
+        f"{plan.samples_dropped} sample(s) left out{buckets}; starting at step {state.step}"
     )
