@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ingest import encode_progress as progress
+from ingest import reuse
 from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
@@ -104,17 +105,38 @@ def safe_key(key: str) -> bool:
 
 
 def decode_shards(
-    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    batch: dict[str, np.ndarray],
+    run_url: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    previous: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, previous)
 
 
 def decode_shard(
-    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    run: RunDir,
+    name: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    previous: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
+    """`previous` (`ingest.reuse`): latents of another resolution whose text members the batches carry along."""
+    reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
+
+    def batch_of(rows: list) -> dict[str, np.ndarray]:
+        batch = _batch(record["shard"], rows)
+        if reusable is not None:
+            record["text_reused"] += reuse.attach_text(
+                batch, [row[0] for row in rows], reusable, previous["text_embedding_shape"]
+            )
+        return batch
+
     # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
     record = {
         "shard": progress.stem(name),
@@ -124,6 +146,7 @@ def decode_shard(
         "truncated": False,
         "unreadable": False,
         "error": None,
+        **({"text_reused": 0} if reusable is not None else {}),
     }
     rows: list[tuple[str, str, bytes, np.ndarray]] = []
     try:
@@ -139,14 +162,14 @@ def decode_shard(
                 rows.append((sample[KEY], caption, meta_bytes(sample.get(layout.META_KEY), caption), pixels))
                 if len(rows) == batch_size:
                     record["valid"] += len(rows)
-                    yield _batch(record["shard"], rows)
+                    yield batch_of(rows)
                     rows = []
     except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
         record["truncated" if record["samples"] else "unreadable"] = True
         record["error"] = f"{type(error).__name__}: {error}"
     if rows:
         record["valid"] += len(rows)
-        yield _batch(record["shard"], rows)
+        yield batch_of(rows)
     run.write_json(progress.shard_record_path(record["shard"]), record)
 
 
