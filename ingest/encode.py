@@ -8,7 +8,9 @@ With encode.buckets each image is cropped to the nearest aspect-ratio bucket ins
 shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
 resumes where it stopped. Damaged shards and undecodable images are counted, never fatal.
 `encode/manifest.json` records which models made the latents, counts, sizes, and the
-empty-caption embedding that training uses for caption dropout.
+empty-caption embedding that training uses for caption dropout. At a new encode.resolution of
+the same run (a multi-resolution schedule) only the VAE runs: the text embeddings come from the
+previous resolution's latents (`ingest.reuse`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from ingest import encode_progress as progress
 from ingest.buckets import bucket_name, check_buckets, manifest_summary
+from ingest import reuse
 from ingest.distribute import complete_shards
 from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
 from ingest.identity import configured_names
@@ -69,21 +72,25 @@ def encode_batch(
     encoders,
     scaling_factor: float,
     config: EncodeConfig,
+    reused: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """One batch through the encoders: member name -> float16 array with one row per image.
 
     `pixels` are Bx3xHxW in [-1, 1]; `encoders` holds vae, tokenizer and text_encoder (see
     `ingest.identity.Encoders`). The members are `latent_members(config)` plus the text embedding.
+    `reused` (the batch's columns, `ingest.reuse`) may carry rows' text members from latents of
+    another resolution: only the other rows' captions go through the text encoder.
     """
     from ingest.models import encode_prompts
+
+    def encode_text(texts: list[str]) -> dict[str, np.ndarray]:
+        text = encode_prompts(encoders.tokenizer, encoders.text_encoder, texts)
+        return {layout.TEXT_EMBEDDING_KEY: text.float().cpu().numpy().astype(np.float16)}
 
     arrays = encode_latents(encoders.vae, pixels, scaling_factor, config.store_distribution)
     if config.flip_copies:
         arrays += encode_latents(encoders.vae, pixels.flip(-1), scaling_factor, config.store_distribution)
-    result = dict(zip(latent_members(config), arrays))
-    text = encode_prompts(encoders.tokenizer, encoders.text_encoder, captions)
-    result[layout.TEXT_EMBEDDING_KEY] = text.float().cpu().numpy().astype(np.float16)
-    return result
+    return {**dict(zip(latent_members(config), arrays)), **reuse.complete_text(reused or {}, captions, encode_text)}
 
 
 class Encoder:
@@ -112,8 +119,9 @@ class Encoder:
         for rows in groups:
             pixels = batch[PIXELS] if batch[PIXELS].dtype != object else np.stack([batch[PIXELS][row] for row in rows])
             pixels, texts = to_model_input(pixels).to(self.device), [captions[row] for row in rows]
+            reused = {name: np.asarray(batch[name])[rows] for name in (reuse.REUSED, *reuse.TEXT_MEMBERS) if name in batch}
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
-                encoded.append(encode_batch(pixels, texts, self.encoders, self.scaling_factor, self.config))
+                encoded.append(encode_batch(pixels, texts, self.encoders, self.scaling_factor, self.config, reused=reused))
         arrays = encoded[0] if len(groups) == 1 else join_rows(groups, encoded)
         return {KEY: batch[KEY], SHARD: batch[SHARD], layout.META_KEY: batch[layout.META_KEY], **arrays}
 
@@ -198,26 +206,40 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         raise FileNotFoundError(f"no raw shards under {run.path(layout.INGEST_SHARDS)}: run the ingest stage first")
     names = {progress.stem(name): name for name in raw}
     members = latent_members(settings)
+    # Latents of another resolution (a multi-resolution schedule): their text embeddings are reused.
+    previous = reuse.stash(run, settings.resolution)
+    image = {"image": {"resolution": settings.resolution}}  # progress of another resolution is never kept
+    if previous and not reuse.same_text_encoder(previous, configured_names(settings)):
+        reuse.forget(run, previous)
+        previous = None
     # The driver loads and hashes the models for the manifest while the first pass runs: on a
     # cluster that is many seconds of CPU work no GPU should wait for. Until the hashes are
     # known, progress is matched by model names; then once more by weights, which drops what
     # other weights under the same names encoded before.
-    todo, found = progress.prepare(run, list(names), configured_names(settings))
+    todo, found = progress.prepare(run, list(names), {**configured_names(settings), **image}, reuse.tar_names(previous))
     print(f"encode: {len(raw)} raw shard(s), {found['kept_shards']} already encoded, {len(todo)} to encode", flush=True)
+    if previous:
+        print(
+            f"encode: {settings.resolution} px; the text embeddings come from the {previous['resolution']} px latents", flush=True
+        )
     encoded = set(todo)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         manifest_fields = pool.submit(build_manifest, settings)
         if todo:
-            encode_shards(config, run, [names[stem] for stem in todo], members)
+            encode_shards(config, run, [names[stem] for stem in todo], members, previous)
         records, fixed = manifest_fields.result()
+    if previous and not reuse.same_text_encoder(previous, records):
+        print("encode: other text encoder weights under the same name: encoding every caption again", flush=True)
+        reuse.forget(run, previous)
+        previous = None
     # A task Ray retried after its worker died yields its rows twice: that shard's parts then
     # add up to more than it holds, so it is discarded and encoded again here.
     for attempt in range(3):
-        todo, _ = progress.prepare(run, list(names), records)
+        todo, _ = progress.prepare(run, list(names), {**records, **image}, reuse.tar_names(previous))
         if not todo or attempt == 2:
             break
         encoded.update(todo)
-        encode_shards(config, run, [names[stem] for stem in todo], members)
+        encode_shards(config, run, [names[stem] for stem in todo], members, previous)
     if todo:
         raise RuntimeError(f"encode did not finish raw shard(s) {todo[:10]}; run the stage again to resume them")
 
@@ -225,16 +247,26 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     counts = progress.totals(state)
     seconds = time.monotonic() - started
     encoded_now = sum(state[stem].written for stem in encoded)
+    reused = progress.text_reused(state)
     manifest = {
         **records,
         **fixed,
         **counts,
         **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
+        # Captions whose embeddings came from the previous resolution's latents, not the text encoder.
+        "text_embeddings": {
+            "reused": reused,
+            "encoded": counts["samples"] - reused,
+            "reused_from_resolution": previous["resolution"] if previous else None,
+        },
         "resume": {**found, "encoded_shards": len(encoded)},
         "seconds": round(seconds, 2),
         "samples_per_s": round(encoded_now / max(seconds, 1e-9), 2),
     }
+    if previous:  # the same tensor the reused embeddings' caption dropout trained on so far
+        manifest["empty_caption_embedding"] = previous["empty_caption_embedding"]
     run.write_json(layout.ENCODE_MANIFEST, manifest)
+    reuse.finish(run, previous)  # only now: a crash before this resumes from the previous tars
     if counts["samples"] == 0:
         raise RuntimeError("encode wrote no sample: no image of any raw shard decoded")
     return {
@@ -250,8 +282,12 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     }
 
 
-def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], members: list[str]) -> None:
-    """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink."""
+def encode_shards(
+    config: PipelineConfig, run: RunDir, shards: list[str], members: list[str], previous: dict[str, Any] | None = None
+) -> None:
+    """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink.
+
+    With `previous` (`ingest.reuse.stash`) the decode tasks attach each sample's earlier text members."""
     import ray
 
     settings = config.encode
@@ -265,6 +301,7 @@ def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], member
                 "batch_size": settings.batch_size,
                 "max_pixels": int(config.ingest.max_megapixels * 1e6),
                 "buckets": [tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
+                "previous": {key: previous[key] for key in ("parts", "text_embedding_shape")} if previous else None,
             },
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,

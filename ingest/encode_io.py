@@ -20,6 +20,7 @@ from PIL import Image
 
 from ingest import encode_progress as progress
 from ingest.buckets import crop_to_bucket, shard_summary
+from ingest import reuse
 from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
@@ -113,17 +114,36 @@ def decode_shards(
     batch_size: int,
     max_pixels: int = MAX_PIXELS,
     buckets: list | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets, previous)
 
 
 def decode_shard(
-    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS, buckets: list | None = None
+    run: RunDir,
+    name: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    buckets: list | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of one image shape each (one bucket with encode.buckets, else the square)."""
+    """Batches of one image shape each (one bucket with encode.buckets, else the square).
+
+    `previous` (`ingest.reuse`): latents of another resolution whose text members the batches carry along."""
+    reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
+
+    def batch_of(rows: list) -> dict[str, np.ndarray]:
+        batch = _batch(record["shard"], rows)
+        if reusable is not None:
+            record["text_reused"] += reuse.attach_text(
+                batch, [row[0] for row in rows], reusable, previous["text_embedding_shape"]
+            )
+        return batch
+
     # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
     record = {
         "shard": progress.stem(name),
@@ -133,6 +153,7 @@ def decode_shard(
         "truncated": False,
         "unreadable": False,
         "error": None,
+        **({"text_reused": 0} if reusable is not None else {}),
     }
     rows_by_shape: dict[tuple, list[tuple[str, str, bytes, np.ndarray]]] = {}
     crops = []
@@ -153,7 +174,7 @@ def decode_shard(
                 rows.append((sample[KEY], caption, meta, pixels))
                 if len(rows) == batch_size:
                     record["valid"] += len(rows)
-                    yield _batch(record["shard"], rows)
+                    yield batch_of(rows)
                     rows.clear()
     except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
         record["truncated" if record["samples"] else "unreadable"] = True
@@ -161,7 +182,7 @@ def decode_shard(
     for rows in rows_by_shape.values():
         if rows:
             record["valid"] += len(rows)
-            yield _batch(record["shard"], rows)
+            yield batch_of(rows)
     if buckets:
         record.update(shard_summary(crops))
     run.write_json(progress.shard_record_path(record["shard"]), record)

@@ -5,8 +5,8 @@ Three kinds of record live under `encode/progress/`:
   end: samples seen, images that would not decode, whether the tar was damaged;
 - `parts/PART.json`, written by a write task right after it published the latent tar
   `encode/shards/PART.tar`: which raw shard its rows came from and how many;
-- `models.json`: the encoders' identity records, so that a resumed attempt never mixes
-  latents of two different VAEs.
+- `models.json`: the encoders' identity records and the image resolution, so that a resumed
+  attempt never mixes latents of two different VAEs or resolutions.
 A raw shard is complete when its record exists and its parts add up to the images it
 decoded. Whatever an interrupted attempt left of any other shard is removed before that
 shard is encoded again, so no sample is ever written twice.
@@ -77,10 +77,14 @@ def discard(run: RunDir, shard: ShardProgress) -> None:
     run.remove(shard_record_path(shard.stem))
 
 
-def remove_orphan_tars(run: RunDir, progress: dict[str, ShardProgress]) -> int:
-    """Latent tars without a part record (a write task stopped between the two): removed."""
+def remove_orphan_tars(run: RunDir, progress: dict[str, ShardProgress], keep: set[str] = frozenset()) -> int:
+    """Latent tars without a part record (a write task stopped between the two), but those in `keep`: removed."""
     recorded = {part["part"] for shard in progress.values() for part in shard.parts}
-    orphans = [name for name in run.list(layout.ENCODE_SHARDS, ".tar") if name.removesuffix(".tar") not in recorded]
+    orphans = [
+        name
+        for name in run.list(layout.ENCODE_SHARDS, ".tar")
+        if name.removesuffix(".tar") not in recorded and name not in keep
+    ]
     for name in orphans:
         run.remove(f"{layout.ENCODE_SHARDS}/{name}")
     return len(orphans)
@@ -91,16 +95,20 @@ def same_models(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return all(stored.get(kind, {}).get(key, value) == value for kind, record in wanted.items() for key, value in record.items())
 
 
-def prepare(run: RunDir, raw_stems: list[str], models: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+def prepare(
+    run: RunDir, raw_stems: list[str], models: dict[str, Any], keep: set[str] = frozenset()
+) -> tuple[list[str], dict[str, int]]:
     """Clear what cannot be kept; return the stems still to encode and what was found.
 
-    `models` are identity records (`ingest.identity`), by name only or with weight hashes.
-    Everything is dropped when they contradict the ones recorded with the progress.
+    `models` are identity records (`ingest.identity`), by name only or with weight hashes, and
+    the image resolution (kind "image"). Everything is dropped when they contradict the ones
+    recorded with the progress, but the latent tars named in `keep` (`ingest.reuse`).
     """
     stored = run.read_json(MODELS) if run.exists(MODELS) else {}
     if not same_models(stored, models):
-        run.remove(layout.ENCODE_SHARDS)
-        run.remove(layout.ENCODE_PROGRESS)
+        if not keep:
+            run.remove(layout.ENCODE_SHARDS)
+        run.remove(layout.ENCODE_PROGRESS)  # with `keep`, the tars go below as orphans
         stored = {}
     run.write_json(MODELS, {kind: {**stored.get(kind, {}), **record} for kind, record in models.items()})
     progress = read_progress(run)
@@ -110,7 +118,7 @@ def prepare(run: RunDir, raw_stems: list[str], models: dict[str, Any]) -> tuple[
         if shard.stem not in wanted or not shard.complete:
             discarded += bool(shard.record or shard.parts)
             discard(run, shard)
-    orphans = remove_orphan_tars(run, progress)
+    orphans = remove_orphan_tars(run, progress, keep)
     kept = [name for name in raw_stems if name in progress and progress[name].complete]
     todo = [name for name in raw_stems if name not in set(kept)]
     return todo, {
@@ -118,6 +126,11 @@ def prepare(run: RunDir, raw_stems: list[str], models: dict[str, Any]) -> tuple[
         "discarded_partial_shards": discarded,
         "removed_orphan_tars": orphans,
     }
+
+
+def text_reused(progress: dict[str, ShardProgress]) -> int:
+    """Samples of complete shards whose text members came from the previous latents (`ingest.reuse`)."""
+    return sum(shard.record.get("text_reused", 0) for shard in progress.values() if shard.complete)
 
 
 def totals(progress: dict[str, ShardProgress]) -> dict[str, Any]:

@@ -299,6 +299,24 @@ class PipelineConfig(Section):
         else:
             check_buckets(list(self.encode.buckets), step)
 
+    @model_validator(mode="after")
+    def _images_big_enough(self) -> PipelineConfig:
+        """Encode would upscale images smaller than encode.resolution: blurred latents, silently. A multi-resolution
+        schedule ingests once at its largest resolution and encodes at each (README: multi-resolution)."""
+        sides = []
+        if self.ingest.resize_mode != "no":  # with "no", img2dataset keeps each image's own size: unknown here
+            sides.append(("ingest.image_size", self.ingest.image_size))
+        if self.ingest.source == "toy":
+            sides.append(("ingest.toy_image_size", self.ingest.toy_image_size))
+        for key, side in sides:
+            if side < self.encode.resolution:
+                raise ValueError(
+                    f"encode.resolution ({self.encode.resolution}) is larger than {key} ({side}): encode would upscale "
+                    f"every image. Ingest at least at the largest resolution you will encode ({key} = "
+                    f"{self.encode.resolution}; changing it ingests again), or lower encode.resolution"
+                )
+        return self
+
 
 PRESETS = ("tiny", "sd15-256")
 

@@ -12,6 +12,8 @@ ENCODE_SHARDS = "encode/shards"
 ENCODE_MANIFEST = "encode/manifest.json"
 # Per raw shard and per written part: what makes encode resumable shard by shard.
 ENCODE_PROGRESS = "encode/progress"
+# Only while a new resolution is being encoded: the previous resolution's latent tars, whose text embeddings are reused.
+ENCODE_PREVIOUS = "encode/previous.json"
 
 TRAIN_DIR = "train"
 TRAIN_CHECKPOINTS = "train/checkpoints"

@@ -6,7 +6,11 @@ run.json says it is done with the same fingerprint. Otherwise it resumes (each s
 what it can from its output folder) when its *base* fingerprint is unchanged: the same hash
 without the keys that only say how far to go (`train.max_steps`, checkpoint cadence), chained
 through the base fingerprints upstream; so raising max_steps continues training from the last
-checkpoint and validates only the new exports. Any other change starts the stage over from an
+checkpoint and validates only the new exports. A third, *phase* fingerprint also leaves out
+PHASE_KEYS (encode.resolution, encode.buckets): when only they differ, the stage keeps its output and starts a new
+phase of the same run (a multi-resolution schedule): encode re-encodes the images but reuses the
+text embeddings (`ingest.reuse`), train continues from its last checkpoint at the new resolution
+(`train.phases`), sample keeps what it validated. Any other change starts the stage over from an
 empty output folder.
 """
 
@@ -63,6 +67,11 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
     "train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures", "max_nonfinite_streak"},
 }
 
+# Keys whose change upstream starts a new phase of the same run instead of a new run: train at 256 px, then go on
+# at 512 px from the same checkpoint (MosaicML's SD2 recipe). Only the sizes (the resolution and the buckets,
+# which "auto" derives from it): anything else that changes what the latents hold makes a new run.
+PHASE_KEYS: dict[str, set[str]] = {"encode": {"resolution", "buckets"}}
+
 # name -> (entry point, config sections it reads, output folder, needs Ray)
 STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
     "ingest": ("ingest.stage:run_stage", ("seed", "ingest"), "ingest", True),
@@ -81,23 +90,45 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
 
 def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
+    return {
+        name: (fingerprint, base)
+        for (name, fingerprint), base in zip(_chain(config, {}).items(), _chain(config, RESUMABLE_KEYS).values())
+    }
+
+
+def phase_fingerprints(config: PipelineConfig) -> dict[str, str]:
+    """Stage -> the base fingerprint that also leaves out PHASE_KEYS, chained: equal when only those changed."""
+    ignored = {section: RESUMABLE_KEYS.get(section, set()) | PHASE_KEYS.get(section, set()) for section in STAGE_SPECS}
+    return _chain(config, ignored)
+
+
+def continuation(entry: dict, base: str, phase: str, force: bool = False) -> str:
+    """How a stage that is not up to date runs against what its run.json `entry` says it did last:
+    'resume' (only resumable keys changed), 'new phase' (also PHASE_KEYS upstream) or 'start' over."""
+    if force or entry.get("status", "pending") == "pending":
+        return "start"
+    if entry.get("base_fingerprint") == base:
+        return "resume"
+    return "new phase" if entry.get("phase_fingerprint") == phase else "start"
+
+
+def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, str]:
+    """Stage -> the chained hash of the config sections it reads, without the `ignored` keys of each section."""
     data = _without_unset(config.model_dump(mode="json"))
-    chain: dict[str, tuple[str, str]] = {}
-    previous, previous_base = "", ""
+    chain: dict[str, str] = {}
+    previous = ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
-        payload = {section: data[section] for section in sections}
-        base_payload = {
-            section: {k: v for k, v in value.items() if k not in RESUMABLE_KEYS.get(section, ())}
-            if isinstance(value, dict) else value
-            for section, value in payload.items()
+        payload = {
+            section: {k: v for k, v in data[section].items() if k not in ignored.get(section, ())}
+            if isinstance(data[section], dict) else data[section]
+            for section in sections
         }  # fmt: skip
         if name == "train" and config.train.init_from:  # the init model's weights, not only its name
             from train.finetune import init_fingerprint
 
-            payload["init_sha256"] = base_payload["init_sha256"] = init_fingerprint(config.train)
+            payload["init_sha256"] = init_fingerprint(config.train)
         previous = _digest(payload, previous)
-        previous_base = _digest(base_payload, previous_base)
-        chain[name] = (previous, previous_base)
+        chain[name] = previous
     return chain
 
 
@@ -131,7 +162,7 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
         if storage_error(error) is None:
             raise
         raise StageError(f"cannot write the run directory {run.url}: {error.strerror or error}") from error
-    chain = fingerprints(config)
+    chain, phases = fingerprints(config), phase_fingerprints(config)
     watched = False
     for name in layout.STAGES:
         entry = run.stage(name)
@@ -145,33 +176,33 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
             continue
         beside = None
         if name == "train" and "sample" in wanted and config.sample.watch and config.sample.prompts:
-            beside = functools.partial(_sample_watcher, config, run, chain["sample"], force)
+            beside = functools.partial(_sample_watcher, config, run, (*chain["sample"], phases["sample"]), force)
             watched = True
         # What the watcher validated for this training stays, even under force.
-        _run_one(name, config, run, entry, chain[name], force and not (name == "sample" and watched), beside)
+        _run_one(name, config, run, entry, (*chain[name], phases[name]), force and not (name == "sample" and watched), beside)
     _print_summary(run)
     return run.manifest()
 
 
 def _run_one(
-    name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str], force: bool,
+    name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str, str], force: bool,
     beside: Callable[[bool], contextlib.AbstractContextManager] | None = None,
 ) -> None:
-    """`beside(resuming)`, if given, is a context the stage function runs inside (the sample watcher)."""
+    """`beside(keeps_output)`, if given, is a context the stage function runs inside (the sample watcher)."""
     _, _, output, needs_ray = STAGE_SPECS[name]
-    fingerprint, base = stage_fingerprints
-    resuming = entry.get("status") != "pending" and entry.get("base_fingerprint") == base and not force
-    if not resuming:
+    fingerprint, base, phase = stage_fingerprints
+    mode = continuation(entry, base, phase, force)
+    if mode == "start":
         run.remove(output)  # stale or forced: start from an empty folder
-    console.rule(f"[bold]{name}[/] ({'resume' if resuming else 'start'})")
+    console.rule(f"[bold]{name}[/] ({mode})")
     if needs_ray:
         ensure_ray(config.ray)
     started = time.monotonic()
     run.update_stage(name, status="running", started=now(), finished=None, fingerprint=fingerprint,
-                     base_fingerprint=base, error=None)  # fmt: skip
+                     base_fingerprint=base, phase_fingerprint=phase, error=None)  # fmt: skip
     try:
         function = stage_function(name)  # imported before a watcher thread imports too: diffusers' lazy imports race
-        with beside(resuming) if beside else contextlib.nullcontext():
+        with beside(mode != "start") if beside else contextlib.nullcontext():
             summary = function(config, run) or {}
     except BaseException as error:
         storage = storage_error(error)
@@ -192,18 +223,19 @@ def _run_one(
 
 
 @contextlib.contextmanager
-def _sample_watcher(config: PipelineConfig, run: RunDir, sample_fingerprints: tuple[str, str], force: bool, train_resuming: bool):
+def _sample_watcher(
+    config: PipelineConfig, run: RunDir, sample_fingerprints: tuple[str, str, str], force: bool, train_keeps_output: bool
+):
     """sample.watch: validate exports while training runs (sample.watch.Watcher), stopped and joined before
     the sample stage. sample/ is first kept or emptied as the sample stage would (emptied too when training
     starts over), and the stage's entry then says the stage resumes it."""
     from sample.watch import Watcher
 
-    fingerprint, base = sample_fingerprints
-    entry = run.stage("sample")
-    if force or not train_resuming or entry.get("status") == "pending" or entry.get("base_fingerprint") != base:
+    fingerprint, base, phase = sample_fingerprints
+    if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
         run.remove(STAGE_SPECS["sample"][2])
     run.update_stage("sample", status="running", started=now(), finished=None, fingerprint=fingerprint,
-                     base_fingerprint=base, error=None)  # fmt: skip
+                     base_fingerprint=base, phase_fingerprint=phase, error=None)  # fmt: skip
     watcher = Watcher(config, run).start()
     try:
         yield

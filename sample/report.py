@@ -202,6 +202,7 @@ def loss_section(metrics: list[dict[str, Any]]) -> str:
 def accuracy_section(validation: dict[str, Any] | None) -> str:
     checkpoints = (validation or {}).get("checkpoints", [])
     judged = [(c["step"], c["metrics"]["prompt_accuracy"]) for c in checkpoints if c.get("metrics", {}).get("prompt_accuracy")]
+    labels = step_labels(checkpoints)
     if not judged:
         return note("No prompt-accuracy metrics (no validated checkpoints yet, or sample.judge = 'none').")
     keys = sorted({key for _, accuracy in judged for key in accuracy}, key=float)
@@ -226,7 +227,7 @@ def accuracy_section(validation: dict[str, Any] | None) -> str:
     plots.append(img(line_plot(per_checkpoint, "guidance scale", "prompt accuracy", size=(4.6, 3.4), accuracy_axis=True,
                                marker="o"), "prompt accuracy vs guidance scale"))  # fmt: skip
 
-    rows = [[step, *[f"{accuracy[k]:.3f}" if k in accuracy else "" for k in keys]] for step, accuracy in judged]
+    rows = [[labels[step], *[f"{accuracy[k]:.3f}" if k in accuracy else "" for k in keys]] for step, accuracy in judged]
     best_line = ""
     if best and "prompt_accuracy" in best:
         scale, accuracy = best["guidance_scale"], best["prompt_accuracy"]
@@ -280,22 +281,32 @@ def metrics_section(validation: dict[str, Any] | None) -> str:
     return "".join(parts)
 
 
+def step_labels(checkpoints: list[dict[str, Any]]) -> dict[int, int | str]:
+    """Step -> how the report names it: '800 (128 px)' once checkpoints were sampled at several resolutions
+    (a multi-resolution schedule, train.phases), so 64 px images are never compared with 128 px ones unlabelled."""
+    several = len({entry["resolution"] for entry in checkpoints if entry.get("resolution")}) > 1
+    return {
+        entry["step"]: f"{entry['step']} ({entry['resolution']} px)" if several and entry.get("resolution") else entry["step"]
+        for entry in checkpoints
+    }
+
+
 def grids_section(run: RunDir, validation: dict[str, Any] | None) -> str:
     checkpoints = (validation or {}).get("checkpoints", [])
     if not checkpoints:
         return note(f"No validated checkpoints yet ({layout.SAMPLE_VALIDATION}).")
-    parts = []
+    parts, labels = [], step_labels(checkpoints)
     for entry in reversed(checkpoints):  # newest first
         accuracy = entry.get("metrics", {}).get("prompt_accuracy", {})
         parts.append(
-            f"<h3>Step {esc(entry['step'])}</h3><p>{esc(entry.get('scheduler'))}, {esc(entry.get('steps'))} steps, "
+            f"<h3>Step {esc(labels[entry['step']])}</h3><p>{esc(entry.get('scheduler'))}, {esc(entry.get('steps'))} steps, "
             f"{len(entry.get('prompts', []))} prompts x seeds {esc(entry.get('seeds'))}, "
             f"validated in {esc(entry.get('seconds', '?'))} s{' while training ran' if entry.get('during_training') else ''}. "
             "Each block: the prompt above its images, one per seed.</p>"
         )
         figures = []
         for key, path in sorted(entry.get("images", {}).items(), key=lambda item: float(item[0])):
-            caption = f"step {entry['step']}, guidance {key}"
+            caption = f"step {labels[entry['step']]}, guidance {key}"
             if key in accuracy:
                 caption += f": prompt accuracy {accuracy[key]:.3f}"
             for metric, (label, _) in OTHER_METRICS.items():

@@ -107,6 +107,16 @@ def load_export(run: RunDir, step: int, scratch: str, device: torch.device):
     return unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
 
 
+def export_latents(unet, manifest: dict[str, Any]) -> tuple[list[int], int | None]:
+    """(latent shape, image side) an export samples at: the latents it was trained on, which its sample_size
+    records. They are the encode manifest's but for an export of an earlier phase of a multi-resolution
+    schedule (train.phases), validated at the resolution it was trained at, and labelled with it."""
+    channels, side = manifest["latent_shape"][0], manifest["latent_shape"][-1]
+    trained = int(unet.config.sample_size or side)
+    resolution = trained * (manifest["resolution"] // side) if manifest.get("resolution") else None
+    return [channels, trained, trained], resolution
+
+
 def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
     """Fail before any work on prompts the judge cannot read or a manifest missing what we need."""
     if config.sample.judge == "toy":
@@ -170,13 +180,14 @@ class Validator:
         started = time.monotonic()
         scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
         specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
-        entry: dict[str, Any] = {"step": step, **settings_of(sample), "metrics": {}, "images": {}}
+        latent_shape, resolution = export_latents(unet, self.manifest)
+        entry: dict[str, Any] = {"step": step, "resolution": resolution, **settings_of(sample), "metrics": {}, "images": {}}
         for guidance_scale in sample.guidance_scales:
             scale_started = time.monotonic()
             key = scale_key(guidance_scale)
             images = sample_images(
                 unet, self.vae, scheduler, self.prompt_embeddings, self.empty_embedding, guidance_scale, sample.seeds,
-                sample.steps, self.manifest["latent_shape"], self.manifest["vae"]["scaling_factor"], sample.batch_size,
+                sample.steps, latent_shape, self.manifest["vae"]["scaling_factor"], sample.batch_size,
             )  # fmt: skip
             run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, sample.prompts)))
             entry["images"][key] = grid_path(step, guidance_scale)

@@ -2,7 +2,7 @@
 
 A checkpoint is `RUN/train/checkpoints/step-NNNNNNN/`: the DeepSpeed engine state of every
 rank under `deepspeed/` (Ray Train merges the ranks' folders), the moving average of the
-weights under `ema/` (train.ema), `train_state.json` (step and where the data order stands)
+weights under `ema/` (train.ema), `train_state.json` (step, where the data order stands, the resolution phases)
 and a `COMMITTED` marker rank 0 writes once every rank's upload has returned. Ray Train
 keeps the newest `keep_checkpoints`; a run (rerun, or restarted by Ray Train) resumes from
 the newest folder with the marker.
@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline import faults, layout
 from pipeline.config import TrainConfig
 from pipeline.rundir import RunDir, now
-from train import distributed
+from train import distributed, phases
 from train.data import BatchPosition
 from train.ema import ExponentialMovingAverage, weights_replaced
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
-STATE_FILE = "train_state.json"
+STATE_FILE = phases.STATE_FILE
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainState:
     batch_index: int = 0
     skipped_nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     skipped_in_a_row: int = 0  # the current streak of them; a finite loss resets it
+    phases: list[dict] = field(default_factory=list)  # resolution and first step of each phase (train.phases)
 
     def advance(self, position: BatchPosition, skipped: bool, step: int) -> None:
         self.epoch, self.batch_index = position.epoch, position.index + 1

@@ -19,6 +19,7 @@ from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
 from train.finetune import freeze, load_unet, worker_folder
 from train.metrics import LogWindow, MetricsLog
+from train.phases import begin_phase, latent_resolution
 from train.step import loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, parameter_count
 
@@ -49,6 +50,8 @@ def train_worker(loop_config: dict) -> None:
     train = config.train
     ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
     state = resume(engine, run, ema)
+    if begin_phase(state, latent_resolution(run)):  # latents of another resolution: go on from this checkpoint
+        distributed.log(f"phase {len(state.phases)}: {state.phases[-1]['resolution']} px from step {state.step}")
     restart_schedule(engine, train)
     noise_scheduler = make_noise_scheduler(train)
     options = loss_options(train)  # min-SNR weighting, offset noise

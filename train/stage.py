@@ -16,7 +16,7 @@ from ingest.identity import EncoderMismatchError, check_run_encoders
 from pipeline import layout
 from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
-from train import finetune
+from train import finetune, phases
 from train.data import latent_shard_names, parts_by_raw_shard
 from train.loop import train_worker
 
@@ -77,6 +77,7 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
         raise TrainStageError(f"{run.read_json(layout.TRAIN_STOPPED)['reason']}; {kept}")
     exports = run.committed_steps(layout.TRAIN_EXPORT)
     resumes = run.read_json(layout.TRAIN_RESUMES) if run.exists(layout.TRAIN_RESUMES) else []
+    newest = phases.newest_state(run) or {}
     return {
         "counts": {
             "steps": worker_summary.get("step"),
@@ -91,6 +92,8 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
         "skipped_nonfinite": worker_summary.get("skipped_nonfinite"),
         # Every resume (a rerun or a Ray Train restart): the step it started from, the last one first.
         "resumed_from": [entry["step"] for entry in reversed(resumes)],
+        # The multi-resolution schedule so far: each phase's resolution and first step (train.phases).
+        "phases": newest.get("phases", []),
     }
 
 
@@ -109,6 +112,9 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> dict:
             "every worker needs at least one shard. Encode into more shards (lower ingest.samples_per_shard) "
             "or lower train.num_workers."
         )
+    stuck = phases.check_new_phase(run, config.train.max_steps)
+    if stuck:
+        raise TrainStageError(stuck)
     # Latents of another VAE would train a UNet that sampling (with the configured VAE) cannot use.
     try:
         check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))

@@ -41,7 +41,7 @@ def test_config_resolves_auto_and_validates_explicit_buckets_naming_the_key():
     config = load_config("tiny", overrides=[KEEP_RATIO, "encode.buckets='auto'"])
     assert config.encode.buckets == [(48, 96), (48, 80), (64, 64), (80, 48), (96, 48)]
     assert "buckets = [[48, 96], [48, 80], [64, 64], [80, 48], [96, 48]]" in to_toml(config)
-    sd = load_config("tiny", overrides=[KEEP_RATIO, "encode.buckets='auto'", "encode.resolution=256", 'train.unet="sd15"'])
+    sd = load_config("tiny", overrides=[KEEP_RATIO, "encode.buckets='auto'", "encode.resolution=256", "ingest.image_size=256", "ingest.toy_image_size=256", 'train.unet="sd15"'])
     assert sd.encode.buckets == buckets.auto_buckets(256, 64)
     assert load_config("tiny").encode.buckets is None  # unset: square centre crop, as before
 

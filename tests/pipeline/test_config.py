@@ -103,3 +103,20 @@ def test_train_options_round_trip_and_are_validated():
     for override in ("train.min_snr_gamma=0", "train.noise_offset=-0.1", "train.max_nonfinite_streak=0", "train.max_failures=-2"):
         with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
             load_config("tiny", overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["encode.resolution=128"], "ingest.image_size (64)"),
+        (["encode.resolution=128", "ingest.image_size=128"], "ingest.toy_image_size (64)"),
+        (["encode.resolution=128", "ingest.toy_image_size=128"], "ingest.image_size (64)"),
+    ],
+)
+def test_encoding_above_the_ingested_size_is_refused_naming_both_keys(overrides, key):
+    """Encode would upscale: a multi-resolution schedule ingests once at its largest resolution."""
+    with pytest.raises(ConfigError, match=rf"encode\.resolution \(128\) is larger than {key.replace('(', '[(]').replace(')', '[)]')}"):
+        load_config("tiny", overrides=overrides)
+    sizes = ["ingest.image_size=128", "ingest.toy_image_size=128"]
+    assert load_config("tiny", overrides=[*sizes, "encode.resolution=64"]).encode.resolution == 64  # encoding smaller is fine
+    assert load_config("tiny", overrides=[*sizes, "encode.resolution=128"]).encode.resolution == 128

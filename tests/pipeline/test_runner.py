@@ -128,3 +128,60 @@ def test_optional_keys_left_unset_do_not_enter_the_fingerprint():
         del before_the_keys_existed["train"][key]
     assert runner._without_unset(now) == runner._without_unset(before_the_keys_existed)
     assert runner.fingerprints(load_config("tiny", overrides=["train.freeze=['conv_in']"]))["train"] != runner.fingerprints(config)["train"]
+
+
+def _mode(before: list[str], after: list[str], stage: str) -> str:
+    """How `stage` runs under `after` once it ran under `before` (what run.json then records)."""
+    old, new = load_config("tiny", overrides=before), load_config("tiny", overrides=after)
+    entry = {"status": "done", "base_fingerprint": runner.fingerprints(old)[stage][1],
+             "phase_fingerprint": runner.phase_fingerprints(old)[stage]}  # fmt: skip
+    return runner.continuation(entry, runner.fingerprints(new)[stage][1], runner.phase_fingerprints(new)[stage])
+
+
+@pytest.mark.parametrize(
+    ("change", "encode", "train"),
+    [
+        (["encode.resolution=32"], "new phase", "new phase"),  # a multi-resolution schedule's next phase
+        (["encode.resolution=32", "train.max_steps=3000", "encode.batch_size=7"], "new phase", "new phase"),
+        (["encode.resolution=32", "train.lr=1e-4"], "new phase", "start"),  # another training is another run
+        (["encode.resolution=32", "encode.flip_copies=true"], "start", "start"),  # other latents
+        (["encode.vae_subfolder='vae'"], "start", "start"),
+        (["train.max_steps=3000"], "resume", "resume"),
+    ],
+)
+def test_only_a_resolution_change_upstream_continues_training_in_a_new_phase(change, encode, train):
+    assert _mode([], change, "encode") == encode
+    assert _mode([], change, "train") == train
+    assert _mode([], change, "ingest") == "resume"  # its section did not change: it is skipped, never redone
+
+
+def test_auto_buckets_follow_the_resolution_into_the_next_phase():
+    bucketed = ["ingest.resize_mode='keep_ratio'", "encode.buckets='auto'"]
+    larger = [*bucketed, "encode.resolution=32"]
+    assert load_config("tiny", overrides=bucketed).encode.buckets != load_config("tiny", overrides=larger).encode.buckets
+    assert _mode(bucketed, larger, "train") == "new phase"
+    assert _mode(bucketed, [*larger, "encode.flip_copies=true"], "train") == "start"
+
+
+def test_a_run_recorded_before_phases_existed_starts_over_at_a_new_resolution():
+    config = load_config("tiny")
+    entry = {"status": "done", "base_fingerprint": runner.fingerprints(config)["train"][1]}  # no phase_fingerprint
+    new = load_config("tiny", overrides=["encode.resolution=32"])
+    assert runner.continuation(entry, runner.fingerprints(new)["train"][1], runner.phase_fingerprints(new)["train"]) == "start"
+    assert runner.continuation({**entry, "phase_fingerprint": "x"}, "y", "x", force=True) == "start"
+
+
+def test_a_new_resolution_keeps_every_later_stages_output(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    for name in ("encode", "train", "sample"):
+        (tmp_path / name / "from-before").write_text("kept")
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["encode.resolution=32", "train.max_steps=3000"]), run)
+    assert calls == ["encode", "train", "sample", "report"]
+    # Kept for the stages to continue from: encode reuses its text embeddings, train its checkpoint.
+    assert all((tmp_path / name / "from-before").exists() for name in ("encode", "train", "sample"))
+    assert run.stage("train")["phase_fingerprint"] == runner.phase_fingerprints(load_config("tiny"))["train"]
+    runner.run_stages(load_config("tiny", overrides=["encode.resolution=32", "train.lr=1e-4"]), run)
+    assert (tmp_path / "encode" / "from-before").exists() and not (tmp_path / "train" / "from-before").exists()
