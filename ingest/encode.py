@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ingest import encode_progress as progress
+from ingest.class_labels import find_classes
 from ingest.distribute import complete_shards
 from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
 from ingest.identity import configured_names
@@ -106,7 +107,8 @@ class Encoder:
         use_autocast = self.autocast is not None and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
             arrays = encode_batch(pixels, captions, self.encoders, self.scaling_factor, self.config)
-        return {KEY: batch[KEY], SHARD: batch[SHARD], layout.META_KEY: batch[layout.META_KEY], **arrays}
+        passed = {name: batch[name] for name in (KEY, SHARD, layout.META_KEY, layout.CLASS_KEY)}
+        return {**passed, **arrays}
 
 
 # Stage -------------------------------------------------------------------------------------
@@ -152,11 +154,12 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     # other weights under the same names encoded before.
     todo, found = progress.prepare(run, list(names), configured_names(settings))
     print(f"encode: {len(raw)} raw shard(s), {found['kept_shards']} already encoded, {len(todo)} to encode", flush=True)
+    classes = stage_classes(settings, run, raw)
     encoded = set(todo)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         manifest_fields = pool.submit(build_manifest, settings)
         if todo:
-            encode_shards(config, run, [names[stem] for stem in todo], members)
+            encode_shards(config, run, [names[stem] for stem in todo], members, classes)
         records, fixed = manifest_fields.result()
     # A task Ray retried after its worker died yields its rows twice: that shard's parts then
     # add up to more than it holds, so it is discarded and encoded again here.
@@ -165,7 +168,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         if not todo or attempt == 2:
             break
         encoded.update(todo)
-        encode_shards(config, run, [names[stem] for stem in todo], members)
+        encode_shards(config, run, [names[stem] for stem in todo], members, classes)
     if todo:
         raise RuntimeError(f"encode did not finish raw shard(s) {todo[:10]}; run the stage again to resume them")
 
@@ -176,6 +179,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     manifest = {
         **records,
         **fixed,
+        **({"class_field": settings.class_field, "classes": classes} if classes is not None else {}),
         **counts,
         "resume": {**found, "encoded_shards": len(encoded)},
         "seconds": round(seconds, 2),
@@ -188,6 +192,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         "counts": {
             "samples": counts["samples"],
             "skipped": counts["skipped_undecodable"],
+            **({"unlabelled": counts["skipped_unlabelled"]} if classes is not None else {}),
             "shards": len(counts["shards"]),
             "truncated_shards": len(counts["truncated_shards"]),
             "unreadable_shards": len(counts["unreadable_shards"]),
@@ -197,7 +202,22 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     }
 
 
-def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], members: list[str]) -> None:
+def stage_classes(settings: EncodeConfig, run: RunDir, raw_shards: list[str]) -> list[str] | None:
+    """The class names in label order (see `ingest.class_labels`); None without encode.class_field."""
+    if not settings.class_field:
+        return None
+    if settings.classes is not None:
+        return list(settings.classes)
+    classes = find_classes(run, raw_shards, settings.class_field)
+    if not classes:
+        raise ValueError(f"encode.class_field = {settings.class_field!r}: no sample of the raw shards has that metadata field")
+    print(f"encode: {len(classes)} classes of {settings.class_field!r}: {classes[:20]}", flush=True)
+    return classes
+
+
+def encode_shards(
+    config: PipelineConfig, run: RunDir, shards: list[str], members: list[str], classes: list[str] | None = None
+) -> None:
     """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink."""
     import ray
 
@@ -211,6 +231,8 @@ def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], member
                 "resolution": settings.resolution,
                 "batch_size": settings.batch_size,
                 "max_pixels": int(config.ingest.max_megapixels * 1e6),
+                "class_field": settings.class_field,
+                "classes": classes,
             },
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,
@@ -224,5 +246,5 @@ def encode_shards(config: PipelineConfig, run: RunDir, shards: list[str], member
             num_gpus=settings.gpus_per_actor,
         )
     )
-    sink = latent_sink(run.url, members, config.ingest.samples_per_shard)
+    sink = latent_sink(run.url, members, config.ingest.samples_per_shard, with_labels=classes is not None)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ingest import encode_progress as progress
+from ingest.class_labels import label_of
 from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
@@ -104,17 +105,30 @@ def safe_key(key: str) -> bool:
 
 
 def decode_shards(
-    batch: dict[str, np.ndarray], run_url: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    batch: dict[str, np.ndarray],
+    run_url: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    class_field: str | None = None,
+    classes: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, class_field, classes)
 
 
 def decode_shard(
-    run: RunDir, name: str, resolution: int, batch_size: int, max_pixels: int = MAX_PIXELS
+    run: RunDir,
+    name: str,
+    resolution: int,
+    batch_size: int,
+    max_pixels: int = MAX_PIXELS,
+    class_field: str | None = None,
+    classes: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
+    """With `class_field`, each row carries its index in `classes`; a sample without one is skipped (unlabelled)."""
     # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
     record = {
         "shard": progress.stem(name),
@@ -125,18 +139,24 @@ def decode_shard(
         "unreadable": False,
         "error": None,
     }
-    rows: list[tuple[str, str, bytes, np.ndarray]] = []
+    if class_field:
+        record["unlabelled"] = 0
+    rows: list[tuple[str, str, bytes, np.ndarray, int]] = []
     try:
         with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
             for sample in read_raw_samples(handle):
                 record["samples"] += 1
                 usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
+                label = label_of(sample.get(layout.META_KEY), class_field, classes or []) if class_field else -1
+                if label is None:
+                    record["unlabelled"] += 1
+                    continue
                 pixels = decode_sample(sample, resolution, max_pixels) if usable else None
                 if pixels is None:
                     record["undecodable"] += 1
                     continue
                 caption = _text(sample[layout.CAPTION_KEY])
-                rows.append((sample[KEY], caption, meta_bytes(sample.get(layout.META_KEY), caption), pixels))
+                rows.append((sample[KEY], caption, meta_bytes(sample.get(layout.META_KEY), caption), pixels, label))
                 if len(rows) == batch_size:
                     record["valid"] += len(rows)
                     yield _batch(record["shard"], rows)
@@ -150,14 +170,15 @@ def decode_shard(
     run.write_json(progress.shard_record_path(record["shard"]), record)
 
 
-def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray]]) -> dict[str, np.ndarray]:
-    keys, captions, metas, pixels = zip(*rows)
+def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray, int]]) -> dict[str, np.ndarray]:
+    keys, captions, metas, pixels, labels = zip(*rows)
     return {
         KEY: np.array(keys, dtype=object),
         SHARD: np.array([shard] * len(rows), dtype=object),
         layout.CAPTION_KEY: np.array(captions, dtype=object),
         layout.META_KEY: np.array(metas, dtype=object),
         PIXELS: np.stack(pixels),
+        layout.CLASS_KEY: np.array(labels, dtype=np.int64),  # -1: no class labels in this run
     }
 
 
@@ -178,10 +199,11 @@ def meta_bytes(raw: Any, caption: str) -> bytes:
     return json.dumps(meta).encode("utf-8")
 
 
-def latent_sink(run_url: str, members: list[str], rows_per_write: int):
+def latent_sink(run_url: str, members: list[str], rows_per_write: int, with_labels: bool = False):
     """A Ray Data sink writing one latent tar (then its record) per raw shard in each write task.
 
-    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors."""
+    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors.
+    `with_labels` adds each sample's class index (`layout.CLASS_KEY`)."""
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
     from webdataset import TarWriter
@@ -212,6 +234,7 @@ def latent_sink(run_url: str, members: list[str], rows_per_write: int):
                                     for member in [*members, layout.TEXT_EMBEDDING_KEY]
                                 },
                                 layout.META_KEY: bytes(row[layout.META_KEY]),
+                                **({layout.CLASS_KEY: str(int(row[layout.CLASS_KEY])).encode()} if with_labels else {}),
                             }
                         )
                     writer.close()

@@ -79,9 +79,16 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
     return getattr(importlib.import_module(module), function)
 
 
+# Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
+# as unset optional keys are, so runs made before the key existed stay valid.
+NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {"train": {"conditioning": "text"}}
+
+
 def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
     data = _without_unset(config.model_dump(mode="json"))
+    for section, defaults in NEUTRAL_DEFAULTS.items():
+        data[section] = {k: v for k, v in data[section].items() if defaults.get(k, _NO_DEFAULT) != v}
     chain: dict[str, tuple[str, str]] = {}
     previous, previous_base = "", ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
@@ -99,6 +106,9 @@ def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
         previous_base = _digest(base_payload, previous_base)
         chain[name] = (previous, previous_base)
     return chain
+
+
+_NO_DEFAULT = object()
 
 
 def _without_unset(value: Any) -> Any:
@@ -144,7 +154,8 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
             console.print(f"[green]skip[/] {name}: done at {entry.get('finished')} ({entry.get('seconds')} s)")
             continue
         beside = None
-        if name == "train" and "sample" in wanted and config.sample.watch and config.sample.prompts:
+        validates = bool(config.sample.prompts) or config.train.conditioning == "class"  # sample.validate.has_conditions
+        if name == "train" and "sample" in wanted and config.sample.watch and validates:
             beside = functools.partial(_sample_watcher, config, run, chain["sample"], force)
             watched = True
         # What the watcher validated for this training stays, even under force.
