@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from ingest import encode_progress as progress
-from ingest.buckets import bucket_name, check_buckets, manifest_summary
 from ingest import reuse
+from ingest.buckets import bucket_name, check_buckets, manifest_summary
+from ingest.class_labels import find_classes
 from ingest.distribute import complete_shards
 from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
 from ingest.identity import configured_names
@@ -123,7 +124,8 @@ class Encoder:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
                 encoded.append(encode_batch(pixels, texts, self.encoders, self.scaling_factor, self.config, reused=reused))
         arrays = encoded[0] if len(groups) == 1 else join_rows(groups, encoded)
-        return {KEY: batch[KEY], SHARD: batch[SHARD], layout.META_KEY: batch[layout.META_KEY], **arrays}
+        passed = {name: batch[name] for name in (KEY, SHARD, layout.META_KEY, layout.CLASS_KEY)}
+        return {**passed, **arrays}
 
 
 def rows_by_shape(pixels: np.ndarray) -> list[list[int]]:
@@ -222,11 +224,12 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         print(
             f"encode: {settings.resolution} px; the text embeddings come from the {previous['resolution']} px latents", flush=True
         )
+    classes = stage_classes(settings, run, raw)
     encoded = set(todo)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         manifest_fields = pool.submit(build_manifest, settings)
         if todo:
-            encode_shards(config, run, [names[stem] for stem in todo], members, previous)
+            encode_shards(config, run, [names[stem] for stem in todo], members, previous, classes)
         records, fixed = manifest_fields.result()
     if previous and not reuse.same_text_encoder(previous, records):
         print("encode: other text encoder weights under the same name: encoding every caption again", flush=True)
@@ -239,7 +242,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         if not todo or attempt == 2:
             break
         encoded.update(todo)
-        encode_shards(config, run, [names[stem] for stem in todo], members, previous)
+        encode_shards(config, run, [names[stem] for stem in todo], members, previous, classes)
     if todo:
         raise RuntimeError(f"encode did not finish raw shard(s) {todo[:10]}; run the stage again to resume them")
 
@@ -251,6 +254,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     manifest = {
         **records,
         **fixed,
+        **({"class_field": settings.class_field, "classes": classes} if classes is not None else {}),
         **counts,
         **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
         # Captions whose embeddings came from the previous resolution's latents, not the text encoder.
@@ -273,6 +277,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         "counts": {
             "samples": counts["samples"],
             "skipped": counts["skipped_undecodable"],
+            **({"unlabelled": counts["skipped_unlabelled"]} if classes is not None else {}),
             "shards": len(counts["shards"]),
             "truncated_shards": len(counts["truncated_shards"]),
             "unreadable_shards": len(counts["unreadable_shards"]),
@@ -282,8 +287,26 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     }
 
 
+def stage_classes(settings: EncodeConfig, run: RunDir, raw_shards: list[str]) -> list[str] | None:
+    """The class names in label order (see `ingest.class_labels`); None without encode.class_field."""
+    if not settings.class_field:
+        return None
+    if settings.classes is not None:
+        return list(settings.classes)
+    classes = find_classes(run, raw_shards, settings.class_field)
+    if not classes:
+        raise ValueError(f"encode.class_field = {settings.class_field!r}: no sample of the raw shards has that metadata field")
+    print(f"encode: {len(classes)} classes of {settings.class_field!r}: {classes[:20]}", flush=True)
+    return classes
+
+
 def encode_shards(
-    config: PipelineConfig, run: RunDir, shards: list[str], members: list[str], previous: dict[str, Any] | None = None
+    config: PipelineConfig,
+    run: RunDir,
+    shards: list[str],
+    members: list[str],
+    previous: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
 ) -> None:
     """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink.
 
@@ -302,6 +325,8 @@ def encode_shards(
                 "max_pixels": int(config.ingest.max_megapixels * 1e6),
                 "buckets": [tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
                 "previous": {key: previous[key] for key in ("parts", "text_embedding_shape")} if previous else None,
+                "class_field": settings.class_field,
+                "classes": classes,
             },
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,
@@ -315,5 +340,5 @@ def encode_shards(
             num_gpus=settings.gpus_per_actor,
         )
     )
-    sink = latent_sink(run.url, members, config.ingest.samples_per_shard)
+    sink = latent_sink(run.url, members, config.ingest.samples_per_shard, with_labels=classes is not None)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})

@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 
 from ingest import encode_progress as progress
-from ingest.buckets import crop_to_bucket, shard_summary
 from ingest import reuse
+from ingest.buckets import crop_to_bucket, shard_summary
+from ingest.class_labels import label_of
 from pipeline import faults, layout
 from pipeline.arrays import to_npy_bytes
 from pipeline.rundir import RunDir
@@ -115,11 +116,13 @@ def decode_shards(
     max_pixels: int = MAX_PIXELS,
     buckets: list | None = None,
     previous: dict[str, Any] | None = None,
+    class_field: str | None = None,
+    classes: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets, previous)
+        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets, previous, class_field, classes)
 
 
 def decode_shard(
@@ -130,10 +133,13 @@ def decode_shard(
     max_pixels: int = MAX_PIXELS,
     buckets: list | None = None,
     previous: dict[str, Any] | None = None,
+    class_field: str | None = None,
+    classes: list[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of one image shape each (one bucket with encode.buckets, else the square).
 
-    `previous` (`ingest.reuse`): latents of another resolution whose text members the batches carry along."""
+    `previous` (`ingest.reuse`): latents of another resolution whose text members the batches carry along.
+    With `class_field`, each row carries its index in `classes`; a sample without one is skipped (unlabelled)."""
     reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
 
     def batch_of(rows: list) -> dict[str, np.ndarray]:
@@ -155,13 +161,19 @@ def decode_shard(
         "error": None,
         **({"text_reused": 0} if reusable is not None else {}),
     }
-    rows_by_shape: dict[tuple, list[tuple[str, str, bytes, np.ndarray]]] = {}
+    if class_field:
+        record["unlabelled"] = 0
+    rows_by_shape: dict[tuple, list[tuple[str, str, bytes, np.ndarray, int]]] = {}
     crops = []
     try:
         with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
             for sample in read_raw_samples(handle):
                 record["samples"] += 1
                 usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
+                label = label_of(sample.get(layout.META_KEY), class_field, classes or []) if class_field else -1
+                if label is None:
+                    record["unlabelled"] += 1
+                    continue
                 decoded = decode_sample(sample, resolution, max_pixels, buckets) if usable else None
                 if decoded is None:
                     record["undecodable"] += 1
@@ -171,7 +183,7 @@ def decode_shard(
                 caption = _text(sample[layout.CAPTION_KEY])
                 meta = meta_bytes(sample.get(layout.META_KEY), caption, crop.record() if crop else None)
                 rows = rows_by_shape.setdefault(pixels.shape, [])
-                rows.append((sample[KEY], caption, meta, pixels))
+                rows.append((sample[KEY], caption, meta, pixels, label))
                 if len(rows) == batch_size:
                     record["valid"] += len(rows)
                     yield batch_of(rows)
@@ -188,14 +200,15 @@ def decode_shard(
     run.write_json(progress.shard_record_path(record["shard"]), record)
 
 
-def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray]]) -> dict[str, np.ndarray]:
-    keys, captions, metas, pixels = zip(*rows)
+def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray, int]]) -> dict[str, np.ndarray]:
+    keys, captions, metas, pixels, labels = zip(*rows)
     return {
         KEY: np.array(keys, dtype=object),
         SHARD: np.array([shard] * len(rows), dtype=object),
         layout.CAPTION_KEY: np.array(captions, dtype=object),
         layout.META_KEY: np.array(metas, dtype=object),
         PIXELS: np.stack(pixels),
+        layout.CLASS_KEY: np.array(labels, dtype=np.int64),  # -1: no class labels in this run
     }
 
 
@@ -217,10 +230,11 @@ def meta_bytes(raw: Any, caption: str, extra: dict[str, Any] | None = None) -> b
     return json.dumps(meta).encode("utf-8")
 
 
-def latent_sink(run_url: str, members: list[str], rows_per_write: int):
+def latent_sink(run_url: str, members: list[str], rows_per_write: int, with_labels: bool = False):
     """A Ray Data sink writing one latent tar (then its record) per raw shard in each write task.
 
-    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors."""
+    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors.
+    `with_labels` adds each sample's class index (`layout.CLASS_KEY`)."""
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
     from webdataset import TarWriter
@@ -251,6 +265,7 @@ def latent_sink(run_url: str, members: list[str], rows_per_write: int):
                                     for member in [*members, layout.TEXT_EMBEDDING_KEY]
                                 },
                                 layout.META_KEY: bytes(row[layout.META_KEY]),
+                                **({layout.CLASS_KEY: str(int(row[layout.CLASS_KEY])).encode()} if with_labels else {}),
                             }
                         )
                     writer.close()

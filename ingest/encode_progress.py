@@ -141,6 +141,7 @@ def totals(progress: dict[str, ShardProgress]) -> dict[str, Any]:
         "samples": sum(shard.written for shard in complete),
         "raw_samples": sum(record["samples"] for record in records),
         "skipped_undecodable": sum(record["undecodable"] for record in records),
+        "skipped_unlabelled": sum(record.get("unlabelled", 0) for record in records),
         "truncated_shards": sorted(shard.stem for shard in complete if shard.record["truncated"]),
         "unreadable_shards": sorted(shard.stem for shard in complete if shard.record["unreadable"]),
         "raw_shards": len(complete),

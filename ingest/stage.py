@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ingest import accounting, distribute
+from ingest import accounting, distribute, toy
 from ingest.toy_server import serve_directory, write_toy_images
 from ingest.url_list import prepare_url_list
 from pipeline import layout
@@ -30,7 +30,7 @@ def _toy_url_list(config: PipelineConfig, workdir: Path, base_url: str) -> str:
     )
     rows["url"] = base_url + "/" + rows.pop("file")
     path = workdir / "toy-urls.parquet"
-    rows[["url", "caption"]].to_parquet(path, index=False)
+    rows[["url", "caption", *toy.SPEC_COLUMNS]].to_parquet(path, index=False)
     return str(path)
 
 
@@ -42,7 +42,10 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         if settings.source == "toy":
             base_url = stack.enter_context(serve_directory(workdir / "images"))
             source = _toy_url_list(config, workdir, base_url)
-            settings = settings.model_copy(update={"url_list": source, "url_column": "url", "caption_column": "caption"})
+            extra = list(dict.fromkeys([*settings.extra_columns, *toy.SPEC_COLUMNS]))  # what each image shows, for class labels
+            settings = settings.model_copy(
+                update={"url_list": source, "url_column": "url", "caption_column": "caption", "extra_columns": extra}
+            )
         cleaned = str(workdir / "urls.parquet")
         prefilter = prepare_url_list(settings, cleaned)
         print(f"[ingest] url list: {prefilter['kept']} of {prefilter['rows']} rows kept; dropped {prefilter['dropped']}", flush=True)

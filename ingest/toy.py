@@ -22,6 +22,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# What the toy ingest passes through into every sample's metadata JSON (e.g. encode.class_field = "shape").
+SPEC_COLUMNS: tuple[str, ...] = ("shape", "shape_colour", "background_colour")
 
 
 @dataclass(frozen=True)

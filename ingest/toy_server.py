@@ -38,11 +38,11 @@ def serve_directory(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
 def write_toy_images(
     directory: Path, count: int, size: int, seed: int, colours: list[str] | None = None, aspect_ratios: list[float] | None = None
 ) -> pd.DataFrame:
-    """Draw the toy set as PNG files; returns (file name, caption) rows."""
+    """Draw the toy set as PNG files; returns (file name, caption, `toy.SPEC_COLUMNS`) rows."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (spec, image) in enumerate(toy.generate(count, size, seed, colours, aspect_ratios)):
         name = f"{index:06d}.png"
         (directory / name).write_bytes(toy.to_png_bytes(image))
-        rows.append({"file": name, "caption": spec.caption})
+        rows.append({"file": name, "caption": spec.caption, **{column: getattr(spec, column) for column in toy.SPEC_COLUMNS}})
     return pd.DataFrame(rows)

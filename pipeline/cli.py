@@ -29,6 +29,9 @@ SetOption = typer.Option([], "--set", "-s", help="Override KEY=VALUE, e.g. train
 ForceOption = typer.Option(False, "--force", help="Rerun even if the run directory says it is done.")
 PromptOption = typer.Option([], "--prompt", help="Sample these prompts into --out instead of validating (repeatable).")
 SeedOption = typer.Option([], "--seed", help="One image per seed (repeatable); default 0.")
+ClassOption = typer.Option(
+    [], "--class", help="Sample this class of a class-conditional run (repeatable; with --prompt: every pair)."
+)
 
 
 def _fail(message: str) -> None:
@@ -86,6 +89,7 @@ for _name in layout.STAGES:
 def sample(
     run_url: str = typer.Argument(..., metavar="RUN", help="An existing run directory."),
     prompts: list[str] = PromptOption,
+    class_names: list[str] = ClassOption,
     out: str | None = typer.Option(None, "--out", "-o", help="Folder for the PNGs (with --prompt)."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Default: the empty caption training dropped to."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
@@ -95,10 +99,10 @@ def sample(
     checkpoint: int | None = typer.Option(None, "--checkpoint", help="Exported step; default: the latest."),
     force: bool = ForceOption,
 ) -> None:
-    """Validate every exported checkpoint (the sample stage), or with --prompt write PNGs of one."""
-    if not prompts:
+    """Validate every exported checkpoint (the sample stage), or with --prompt (or --class) write PNGs of one."""
+    if not prompts and not class_names:
         if out or negative_prompt is not None or steps or scheduler or seeds or checkpoint is not None:
-            _fail("--out, --negative-prompt, --steps, --scheduler, --seed and --checkpoint go with --prompt")
+            _fail("--out, --negative-prompt, --steps, --scheduler, --seed and --checkpoint go with --prompt or --class")
         return _stage_command("sample")(run_url, force)
     from pipeline.rundir import RunDir
     from pipeline.runner import load_run_config
@@ -106,7 +110,7 @@ def sample(
     from sample.guidance import SCHEDULERS
 
     if not out:
-        _fail("--prompt needs --out DIR for the PNGs")
+        _fail("--prompt needs --out DIR for the PNGs (as --class does)")
     run_dir = RunDir(run_url)
     try:
         config = load_run_config(run_dir)
@@ -118,7 +122,7 @@ def sample(
     try:
         paths = sample_command(
             run_dir, config, prompts, out, seeds or [0], guidance, steps or config.sample.steps, scheduler,
-            negative_prompt, checkpoint,
+            negative_prompt, checkpoint, class_names,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))

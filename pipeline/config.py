@@ -110,6 +110,26 @@ class EncodeConfig(Section):
             check_buckets([tuple(bucket) for bucket in value], VAE_DOWNSAMPLE)
         return value
 
+    class_field: str | None = Field(
+        None,
+        description="Field of each sample's metadata JSON holding its class (e.g. 'shape' on toy runs; a URL list's column "
+        "passed through by ingest.extra_columns); each latent sample then carries its class index. Unset: no class labels.",
+    )
+    classes: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Class names in label order (index i is classes[i]); samples whose class_field value is not listed are "
+        "skipped and counted. Unset: the distinct values found in the raw shards, sorted (numbers numerically).",
+    )
+
+    @model_validator(mode="after")
+    def _classes_need_field(self) -> EncodeConfig:
+        if self.classes is not None and not self.class_field:
+            raise ValueError("classes is set but class_field is not")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes has duplicates: {self.classes}")
+        return self
+
 
 _MISSING = object()
 
@@ -146,7 +166,18 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Schedule after warmup.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0 disables.")
-    caption_dropout: float = Field(0.1, ge=0, le=1, description="Probability of replacing a caption embedding with the empty caption's.")
+    caption_dropout: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Probability of replacing a caption embedding with the empty caption's (and the class label with the "
+        "null class, in the same draw, where conditioning includes 'class').",
+    )
+    conditioning: Literal["text", "class", "text+class"] = Field(
+        "text",
+        description="What the UNet is conditioned on: caption embeddings; class labels (encode.class_field) through a "
+        "learned class embedding with one extra null class for guidance, the text input then being the empty caption's; or both.",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="What the UNet predicts.")
     noise_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = Field(
         "squaredcos_cap_v2", description="DDPM beta schedule."
@@ -230,7 +261,17 @@ class SampleConfig(Section):
         "trailing", description="How sampling steps are spread over the training timesteps; 'trailing' starts from pure noise."
     )
     batch_size: int = Field(64, ge=1, description="Images per UNet batch.")
-    judge: Literal["toy", "none"] = Field("none", description="'toy': exact prompt accuracy with the toy pixel judge.")
+    class_labels: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Class names to validate when train.conditioning includes 'class' (with 'text+class': every prompt with "
+        "every class); unset: every class of the encode manifest.",
+    )
+    judge: Literal["toy", "none"] = Field(
+        "none",
+        description="'toy': exact prompt accuracy with the toy pixel judge, and shape accuracy (the drawn shape is the "
+        "prompt's, or the class's when the classes are toy shapes).",
+    )
     clip_model: str | None = Field(
         None,
         description="CLIPModel (Hugging Face id, local path or builtin:NAME) for the CLIP score; unset: encode.text_encoder "
@@ -279,6 +320,15 @@ class PipelineConfig(Section):
             raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
         if self.sample.judge == "toy" and self.ingest.source != "toy":
             raise ValueError("sample.judge = 'toy' needs ingest.source = 'toy'")
+        if "class" in self.train.conditioning and not self.encode.class_field:
+            raise ValueError(
+                f"train.conditioning = {self.train.conditioning!r} needs encode.class_field (where class labels come from)"
+            )
+        if self.sample.class_labels and "class" not in self.train.conditioning:
+            raise ValueError("sample.class_labels is set but train.conditioning has no 'class'")
+        unknown = [name for name in self.sample.class_labels or [] if self.encode.classes and name not in self.encode.classes]
+        if unknown:
+            raise ValueError(f"sample.class_labels {unknown} are not in encode.classes {self.encode.classes}")
         if self.encode.buckets is not None:
             self._resolve_buckets()
         return self

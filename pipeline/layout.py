@@ -22,6 +22,8 @@ TRAIN_EXPORT = "train/export"
 EXPORT_UNET = "unet"
 EXPORT_UNET_ONLINE = "unet_online"
 EXPORT_SCHEDULER = "scheduler"
+# Only in class-conditional exports: the conditioning mode and the class names, in label order.
+EXPORT_CLASSES = "classes.json"
 TRAIN_LOGS = "train/logs"
 TRAIN_METRICS = "train/metrics.jsonl"
 # Written when the workers stop before max_steps because training diverged: why, and at which step.
@@ -46,6 +48,8 @@ LATENT_STD_KEY = "latent_std.npy"
 # Only with encode.flip_copies: the same for the image mirrored left-right.
 LATENT_FLIP_KEY = "latent_flip.npy"
 LATENT_FLIP_STD_KEY = "latent_flip_std.npy"
+# Only with encode.class_field: the sample's class index as decimal text (webdataset's .cls convention).
+CLASS_KEY = "cls"
 
 STAGES = ("ingest", "encode", "train", "sample", "report")
 

@@ -88,6 +88,11 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
     return getattr(importlib.import_module(module), function)
 
 
+# Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
+# as unset optional keys are, so runs made before the key existed stay valid.
+NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {"train": {"conditioning": "text"}}
+
+
 def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
     return {
@@ -115,6 +120,8 @@ def continuation(entry: dict, base: str, phase: str, force: bool = False) -> str
 def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, str]:
     """Stage -> the chained hash of the config sections it reads, without the `ignored` keys of each section."""
     data = _without_unset(config.model_dump(mode="json"))
+    for section, defaults in NEUTRAL_DEFAULTS.items():
+        data[section] = {k: v for k, v in data[section].items() if defaults.get(k, _NO_DEFAULT) != v}
     chain: dict[str, str] = {}
     previous = ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
@@ -130,6 +137,9 @@ def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, st
         previous = _digest(payload, previous)
         chain[name] = previous
     return chain
+
+
+_NO_DEFAULT = object()
 
 
 def _without_unset(value: Any) -> Any:
@@ -175,7 +185,8 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
             console.print(f"[green]skip[/] {name}: done at {entry.get('finished')} ({entry.get('seconds')} s)")
             continue
         beside = None
-        if name == "train" and "sample" in wanted and config.sample.watch and config.sample.prompts:
+        validates = bool(config.sample.prompts) or config.train.conditioning == "class"  # sample.validate.has_conditions
+        if name == "train" and "sample" in wanted and config.sample.watch and validates:
             beside = functools.partial(_sample_watcher, config, run, (*chain["sample"], phases["sample"]), force)
             watched = True
         # What the watcher validated for this training stays, even under force.

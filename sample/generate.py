@@ -4,7 +4,8 @@ checkpoint assembled into a diffusers `StableDiffusionPipeline`.
 Both use the VAE, tokenizer and text encoder the run's config names, refused unless their
 weights made the training latents (`ingest.identity`). Without a negative prompt the
 unconditional branch uses the manifest's empty-caption embedding, the tensor caption dropout
-trained on; a negative prompt (even "") is encoded by the text encoder, as diffusers does.
+trained on; a negative prompt (even "") is encoded by the text encoder, as diffusers does. A
+class-conditional export (its classes.json) samples named classes (`--class`), against the null class.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Checkpoint:
     empty_embedding: torch.Tensor  # [77, D], float32
     latent_shape: list[int]
     scaling_factor: float
+    classes: dict[str, Any] | None = None  # the export's classes.json (class-conditional exports only)
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         return models.encode_prompts(self.tokenizer, self.text_encoder, prompts).float().cpu()
@@ -65,7 +67,7 @@ def load_checkpoint(run: RunDir, config: PipelineConfig, step: int | None, scrat
     step = pick_step(run, step)
     manifest = run.read_json(layout.ENCODE_MANIFEST)
     encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
-    unet, scheduler_config = load_export(run, step, scratch, device)
+    unet, scheduler_config, classes = load_export(run, step, scratch, device, with_classes=True)
     return Checkpoint(
         step=step,
         unet=unet,
@@ -76,6 +78,7 @@ def load_checkpoint(run: RunDir, config: PipelineConfig, step: int | None, scrat
         empty_embedding=torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float(),
         latent_shape=list(manifest["latent_shape"]),
         scaling_factor=float(manifest["vae"]["scaling_factor"]),
+        classes=classes,
     )
 
 
@@ -89,14 +92,54 @@ def generate(
     negative_prompt: str | None = None,
     timestep_spacing: str = "trailing",
     batch_size: int = 16,
+    class_names: list[str] | None = None,
 ) -> np.ndarray:
-    """uint8 images [len(prompts), len(seeds), H, W, 3]."""
+    """uint8 images [rows, len(seeds), H, W, 3]: one row per prompt, or for a class-conditional
+    checkpoint per class (conditioning 'class') or per (prompt, class) pair (see `condition_rows`)."""
     uncond = checkpoint.empty_embedding if negative_prompt is None else checkpoint.embed([negative_prompt])[0]
+    rows, labels = condition_rows(checkpoint, prompts, class_names or [])
+    embedded = _embed_rows(checkpoint, rows)
+    embeddings = torch.stack([checkpoint.empty_embedding if row is None else embedding for row, embedding in zip(rows, embedded)])
+    null_class = None if labels is None else checkpoint.classes["null_class"]
     return sample_images(
         checkpoint.unet, checkpoint.vae, make_scheduler(scheduler, checkpoint.scheduler_config, timestep_spacing),
-        checkpoint.embed(prompts), uncond, guidance_scale, seeds, steps, checkpoint.latent_shape,
-        checkpoint.scaling_factor, batch_size,
+        embeddings, uncond, guidance_scale, seeds, steps, checkpoint.latent_shape,
+        checkpoint.scaling_factor, batch_size, labels, null_class,
     )  # fmt: skip
+
+
+def condition_rows(
+    checkpoint: Checkpoint, prompts: list[str], class_names: list[str]
+) -> tuple[list[str | None], list[int] | None]:
+    """(prompt per row, None for the empty caption; class index per row, or None for a text-only checkpoint)."""
+    if checkpoint.classes is None:
+        if class_names:
+            raise ValueError(f"checkpoint {checkpoint.step} is not class-conditional: --class does not apply")
+        return list(prompts), None
+    known = checkpoint.classes["classes"]
+    if not class_names or any(name not in known for name in class_names):
+        raise ValueError(f"checkpoint {checkpoint.step} is class-conditional: name classes with --class, from {known}")
+    if checkpoint.classes["conditioning"] == "class":
+        if prompts:
+            raise ValueError(f"checkpoint {checkpoint.step} is conditioned on classes only: drop --prompt")
+        return [None] * len(class_names), [known.index(name) for name in class_names]
+    pairs = [(prompt, name) for prompt in prompts for name in class_names]
+    return [p for p, _ in pairs], [known.index(n) for _, n in pairs]
+
+
+def row_names(prompts: list[str], class_names: list[str]) -> list[str]:
+    """What names each row's PNGs, in `condition_rows`' order."""
+    if not class_names:
+        return list(prompts)
+    if not prompts:
+        return list(class_names)
+    return [f"{prompt} {name}" for prompt in prompts for name in class_names]
+
+
+def _embed_rows(checkpoint: Checkpoint, rows: list[str | None]) -> list[torch.Tensor | None]:
+    prompts = [row for row in rows if row is not None]
+    encoded = iter(checkpoint.embed(prompts) if prompts else [])
+    return [None if row is None else next(encoded) for row in rows]
 
 
 def png_name(index: int, prompt: str, seed: int) -> str:
@@ -144,15 +187,17 @@ def sample_command(
     scheduler: str,
     negative_prompt: str | None,
     step: int | None,
+    class_names: list[str] | None = None,
 ) -> list[Path]:
-    """What `pipeline sample RUN --prompt ...` does: sample one checkpoint, write PNGs (progress on stderr)."""
+    """What `pipeline sample RUN --prompt/--class ...` does: sample one checkpoint, write PNGs (progress on stderr)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
         checkpoint = load_checkpoint(run, config, step, scratch, device)
-        print(f"[sample] step {checkpoint.step}: {len(prompts)} prompt(s) x {len(seeds)} seed(s), guidance "
+        print(f"[sample] step {checkpoint.step}: {len(prompts)} prompt(s), {len(class_names or [])} class(es), "
+              f"{len(seeds)} seed(s), guidance "
               f"{guidance_scale:g}, {scheduler} {steps} steps, {device}", file=sys.stderr, flush=True)  # fmt: skip
         images = generate(
             checkpoint, prompts, seeds, guidance_scale, steps, scheduler, negative_prompt,
-            config.sample.timestep_spacing, config.sample.batch_size,
+            config.sample.timestep_spacing, config.sample.batch_size, class_names,
         )  # fmt: skip
-    return write_pngs(images, prompts, seeds, out_dir)
+    return write_pngs(images, row_names(prompts, class_names or []), seeds, out_dir)

@@ -7,7 +7,9 @@ Guidance follows Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022):
     prediction = uncond + s * (cond - uncond)
 
 where `uncond` is the UNet's prediction given the empty-caption embedding (what caption
-dropout trained it on) and `cond` its prediction given the prompt. s = 0 samples the
+dropout trained it on) and `cond` its prediction given the prompt. A class-conditional UNet
+also gets class labels: the image's class in `cond`, the null class (which dropout put in
+place of the label, in the same draw as the empty caption) in `uncond`. s = 0 samples the
 unconditional model, s = 1 the conditional one, s > 1 pushes further towards the prompt.
 
 Every image draws its noise (initial and, for stochastic schedulers, per step) from its own
@@ -74,17 +76,25 @@ def predict_with_guidance(
     cond_embeddings: torch.Tensor,
     uncond_embeddings: torch.Tensor,
     guidance_scale: float,
+    cond_labels: torch.Tensor | None = None,
+    uncond_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`uncond + s * (cond - uncond)`, both halves in one batched UNet call; at s = 0 only the
-    unconditional half is computed and at s = 1 only the conditional one (same result, half the work)."""
+    unconditional half is computed and at s = 1 only the conditional one (same result, half the work).
+    The labels ([B] class indices) go with their half when the UNet is class-conditional."""
+
+    def labels(*halves):
+        return {} if cond_labels is None else {"class_labels": torch.cat(halves)}
+
     if guidance_scale == 0:
-        return unet(model_input, timestep, encoder_hidden_states=uncond_embeddings).sample
+        return unet(model_input, timestep, encoder_hidden_states=uncond_embeddings, **labels(uncond_labels)).sample
     if guidance_scale == 1:
-        return unet(model_input, timestep, encoder_hidden_states=cond_embeddings).sample
+        return unet(model_input, timestep, encoder_hidden_states=cond_embeddings, **labels(cond_labels)).sample
     both = unet(
         torch.cat([model_input, model_input]),
         timestep,
         encoder_hidden_states=torch.cat([uncond_embeddings, cond_embeddings]),
+        **labels(uncond_labels, cond_labels),
     ).sample
     uncond, cond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
@@ -100,24 +110,33 @@ def sample_latents(
     seeds: Sequence[int],
     steps: int,
     latent_shape: Sequence[int],
+    class_labels: Sequence[int] | None = None,
+    null_class: int | None = None,
 ) -> torch.Tensor:
     """Denoise one batch: image i is conditioned on cond_embeddings[i] ([B, 77, D]) and seeded by
-    seeds[i]; uncond_embedding is the empty caption's ([77, D], or [B, 77, D]). Returns latents
-    [B, *latent_shape] in the UNet's scaled latent space (see `decode`)."""
+    seeds[i]; uncond_embedding is the empty caption's ([77, D], or [B, 77, D]). With `class_labels`
+    image i is also conditioned on class class_labels[i], against `null_class` unconditionally.
+    Returns latents [B, *latent_shape] in the UNet's scaled latent space (see `decode`)."""
     if len(seeds) != len(cond_embeddings):
         raise ValueError(f"{len(seeds)} seeds for {len(cond_embeddings)} prompt embeddings")
+    if (class_labels is None) != (null_class is None) or (class_labels is not None and len(class_labels) != len(seeds)):
+        raise ValueError("class_labels needs null_class and one label per seed")
     device, dtype = unet.device, unet.dtype
     cond = cond_embeddings.to(device, dtype)
     uncond = uncond_embedding.to(device, dtype)
     if uncond.ndim == 2:
         uncond = uncond.expand(len(cond), *uncond.shape)
+    labels = {}
+    if class_labels is not None:
+        cond_labels = torch.as_tensor(list(class_labels), dtype=torch.long, device=device)
+        labels = {"cond_labels": cond_labels, "uncond_labels": torch.full_like(cond_labels, null_class)}
 
     noise, generators = initial_noise(seeds, latent_shape)
     scheduler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
     latents = noise.to(device, dtype) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, timestep)
-        prediction = predict_with_guidance(unet, model_input, timestep, cond, uncond, guidance_scale)
+        prediction = predict_with_guidance(unet, model_input, timestep, cond, uncond, guidance_scale, **labels)
         latents = scheduler.step(prediction, timestep, latents, generator=generators).prev_sample
     return latents
 
@@ -143,17 +162,22 @@ def sample_images(
     latent_shape: Sequence[int],
     scaling_factor: float,
     batch_size: int,
+    class_labels: Sequence[int] | None = None,
+    null_class: int | None = None,
 ) -> np.ndarray:
     """One image per (prompt, seed), denoised `batch_size` images at a time (the UNet sees twice
-    that when both guidance halves are needed). Returns uint8 [P, S, H, W, 3]."""
+    that when both guidance halves are needed); prompt p also has class class_labels[p] when given.
+    Returns uint8 [P, S, H, W, 3]."""
     pairs = [(p, seed) for p in range(len(prompt_embeddings)) for seed in seeds]
     images = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         cond = prompt_embeddings[[p for p, _ in batch]]
+        labels = None if class_labels is None else [class_labels[p] for p, _ in batch]
         latents = sample_latents(
-            unet, scheduler, cond, uncond_embedding, guidance_scale, [s for _, s in batch], steps, latent_shape
-        )
+            unet, scheduler, cond, uncond_embedding, guidance_scale, [s for _, s in batch], steps, latent_shape,
+            labels, null_class,
+        )  # fmt: skip
         images.append(decode(vae, latents, scaling_factor))
     flat = np.concatenate(images)
     return flat.reshape(len(prompt_embeddings), len(seeds), *flat.shape[1:])

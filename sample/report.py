@@ -199,20 +199,41 @@ def loss_section(metrics: list[dict[str, Any]]) -> str:
     return f'<div class="plots">{"".join(plots)}</div><p>Last record: {esc(summary)}.</p>'
 
 
-def accuracy_section(validation: dict[str, Any] | None) -> str:
+# judge metric -> (label, what it measures)
+ACCURACY_METRICS = {
+    "prompt_accuracy": (
+        "prompt accuracy",
+        (
+            "Prompt accuracy: share of images (prompts x seeds) whose background and shape colours, snapped to the toy "
+            "palette, are the prompt's."
+        ),
+    ),
+    "shape_accuracy": (
+        "shape accuracy",
+        (
+            "Shape accuracy: share of images (conditions x seeds) whose shape, read from which corners of its bounding box "
+            "it fills, is the one asked for: the class's when the classes are toy shapes (class-conditional runs), "
+            "else the prompt's."
+        ),
+    ),
+}
+
+
+def accuracy_section(validation: dict[str, Any] | None, metric: str = "prompt_accuracy") -> str:
+    label, explanation = ACCURACY_METRICS[metric]
     checkpoints = (validation or {}).get("checkpoints", [])
-    judged = [(c["step"], c["metrics"]["prompt_accuracy"]) for c in checkpoints if c.get("metrics", {}).get("prompt_accuracy")]
+    judged = [(c["step"], c["metrics"][metric]) for c in checkpoints if c.get("metrics", {}).get(metric)]
     labels = step_labels(checkpoints)
     if not judged:
-        return note("No prompt-accuracy metrics (no validated checkpoints yet, or sample.judge = 'none').")
+        return note(f"No {label} metrics (no validated checkpoints yet, sample.judge = 'none', or nothing to judge).")
     keys = sorted({key for _, accuracy in judged for key in accuracy}, key=float)
 
     per_scale = []
     for key in keys:
         points = [(step, accuracy[key]) for step, accuracy in judged if key in accuracy]
         per_scale.append((f"guidance {key}", [p[0] for p in points], [p[1] for p in points]))
-    plots = [img(line_plot(per_scale, "step", "prompt accuracy", accuracy_axis=True, marker="o"),
-                 "prompt accuracy vs step per guidance scale")]  # fmt: skip
+    plots = [img(line_plot(per_scale, "step", label, accuracy_axis=True, marker="o"),
+                 f"{label} vs step per guidance scale")]  # fmt: skip
 
     best = (validation or {}).get("best")
     last_step, _ = judged[-1]
@@ -224,19 +245,18 @@ def accuracy_section(validation: dict[str, Any] | None) -> str:
         if step in shown:
             scales = sorted(accuracy, key=float)
             per_checkpoint.append((f"{shown[step]}: step {step}", [float(s) for s in scales], [accuracy[s] for s in scales]))
-    plots.append(img(line_plot(per_checkpoint, "guidance scale", "prompt accuracy", size=(4.6, 3.4), accuracy_axis=True,
-                               marker="o"), "prompt accuracy vs guidance scale"))  # fmt: skip
+    plots.append(img(line_plot(per_checkpoint, "guidance scale", label, size=(4.6, 3.4), accuracy_axis=True,
+                               marker="o"), f"{label} vs guidance scale"))  # fmt: skip
 
     rows = [[labels[step], *[f"{accuracy[k]:.3f}" if k in accuracy else "" for k in keys]] for step, accuracy in judged]
     best_line = ""
-    if best and "prompt_accuracy" in best:
-        scale, accuracy = best["guidance_scale"], best["prompt_accuracy"]
-        best_line = f"<p>Best: step {esc(best['step'])} at guidance {scale:g}, prompt accuracy {accuracy:.3f}.</p>"
+    if best and metric in best:
+        scale, accuracy = best["guidance_scale"], best[metric]
+        best_line = f"<p>Best: step {esc(best['step'])} at guidance {scale:g}, {label} {accuracy:.3f}.</p>"
     return (
         f'<div class="plots">{"".join(plots)}</div>{best_line}'
         + table(["step", *[f"guidance {k}" for k in keys]], rows)
-        + note("Prompt accuracy: share of images (prompts x seeds) whose background and shape colours, "
-               "snapped to the toy palette, are the prompt's.")  # fmt: skip
+        + note(explanation)
     )
 
 
@@ -297,18 +317,19 @@ def grids_section(run: RunDir, validation: dict[str, Any] | None) -> str:
         return note(f"No validated checkpoints yet ({layout.SAMPLE_VALIDATION}).")
     parts, labels = [], step_labels(checkpoints)
     for entry in reversed(checkpoints):  # newest first
-        accuracy = entry.get("metrics", {}).get("prompt_accuracy", {})
+        rows = f"{len(entry['conditions'])} conditions" if "conditions" in entry else f"{len(entry.get('prompts', []))} prompts"
         parts.append(
             f"<h3>Step {esc(labels[entry['step']])}</h3><p>{esc(entry.get('scheduler'))}, {esc(entry.get('steps'))} steps, "
-            f"{len(entry.get('prompts', []))} prompts x seeds {esc(entry.get('seeds'))}, "
+            f"{rows} x seeds {esc(entry.get('seeds'))}, "
             f"validated in {esc(entry.get('seconds', '?'))} s{' while training ran' if entry.get('during_training') else ''}. "
-            "Each block: the prompt above its images, one per seed.</p>"
+            "Each block: the prompt (or class) above its images, one per seed.</p>"
         )
         figures = []
         for key, path in sorted(entry.get("images", {}).items(), key=lambda item: float(item[0])):
             caption = f"step {labels[entry['step']]}, guidance {key}"
-            if key in accuracy:
-                caption += f": prompt accuracy {accuracy[key]:.3f}"
+            judged = [(label, entry.get("metrics", {}).get(metric, {})) for metric, (label, _) in ACCURACY_METRICS.items()]
+            shown = ", ".join(f"{label} {values[key]:.3f}" for label, values in judged if key in values)
+            caption += f": {shown}" if shown else ""
             for metric, (label, _) in OTHER_METRICS.items():
                 if key in entry.get("metrics", {}).get(metric, {}):
                     caption += f", {label} {entry['metrics'][metric][key]:.2f}"
@@ -353,6 +374,7 @@ def render(config: PipelineConfig | None, run: RunDir) -> str:
         ("Stages", stages_section(run_manifest)),
         ("Training loss", loss_section(metrics)),
         ("Prompt accuracy", accuracy_section(validation)),
+        ("Shape accuracy", accuracy_section(validation, "shape_accuracy")),
         ("CLIP score and FID", metrics_section(validation)),
         ("Validation images", grids_section(run, validation)),
         ("Models", models_section(encode_manifest)),

@@ -3,8 +3,11 @@
 For each committed `train/export/step-NNNNNNN/` not yet in `sample/validation.json` (or validated
 with other sampling settings), it samples every prompt x seed at every guidance scale, writes
 one image grid per (step, guidance scale) and, with the toy judge, the share of images whose
-shape and background colours are the prompt's. `validation.json` is rewritten (atomically)
-after each checkpoint, so an interrupted stage resumes where it stopped. While `pipeline run`
+shape and background colours are the prompt's (prompt accuracy) and whose shape is the one asked
+for (shape accuracy). A class-conditional UNet (train.conditioning) is validated per class
+(`sample.conditions`): guidance then pushes from the null class towards the image's class.
+`validation.json` is rewritten (atomically) after each checkpoint, so an interrupted stage
+resumes where it stopped. While `pipeline run`
 trains, `sample.watch` validates exports through the same `Validator` (sample.watch).
 
 The VAE, text encoder and tokenizer are the ones the config names (`encode.*`), and their
@@ -15,6 +18,7 @@ the exact tensor caption dropout trained on.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,13 +35,14 @@ from pipeline import layout
 from pipeline.arrays import from_base64_npy
 from pipeline.config import PipelineConfig, SampleConfig
 from pipeline.rundir import RunDir, now
+from sample.conditions import Conditions, validation_conditions
 from sample.grid import image_grid, png_bytes
 from sample.guidance import make_scheduler, sample_images
-from sample.judge import is_correct
+from sample.judge import is_correct, shape_of
 from sample.metrics import Metrics
 
 # What an entry of validation.json must agree on with the config to count as done.
-SETTINGS = ("prompts", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing",
+SETTINGS = ("prompts", "class_labels", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing",
             "clip_model", "fid_inception", "fid_reference", "fid_reference_count")
 
 
@@ -54,17 +59,22 @@ def settings_of(sample: SampleConfig) -> dict[str, Any]:
     return {key: sample.model_dump(mode="json")[key] for key in SETTINGS}
 
 
-def is_current(entry: dict[str, Any], settings: dict[str, Any], judged: bool) -> bool:
-    """Was this checkpoint validated with these settings (and the judge, if one is asked for)?"""
+def judged_metric(conditioning: str) -> str:
+    """The toy judge's headline metric: prompt accuracy, or shape accuracy when there is no prompt to read colours from."""
+    return "shape_accuracy" if conditioning == "class" else "prompt_accuracy"
+
+
+def is_current(entry: dict[str, Any], settings: dict[str, Any], judged: str | None) -> bool:
+    """Was this checkpoint validated with these settings (and measured `judged`, the judge's metric, if one is asked for)?"""
     if any(entry.get(key) != settings[key] for key in SETTINGS):
         return False
-    return not judged or "prompt_accuracy" in entry.get("metrics", {})
+    return not judged or judged in entry.get("metrics", {})
 
 
 def best_of(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The (step, guidance scale) with the highest prompt accuracy (without the toy judge: CLIP
-    score); ties go to the later step."""
-    for metric in ("prompt_accuracy", "clip_score"):
+    """The (step, guidance scale) with the highest prompt accuracy (class-conditional: shape accuracy;
+    without the toy judge: CLIP score); ties go to the later step."""
+    for metric in ("prompt_accuracy", "shape_accuracy", "clip_score"):
         candidates = [
             (value, entry["step"], float(key))
             for entry in checkpoints
@@ -91,20 +101,42 @@ def read_validation(run: RunDir) -> dict[str, Any]:
     return run.read_json(layout.SAMPLE_VALIDATION, default={"checkpoints": [], "best": None})
 
 
-def pending_steps(sample: SampleConfig, run: RunDir, validation: dict[str, Any]) -> tuple[list[int], list[int]]:
+def pending_steps(
+    sample: SampleConfig, run: RunDir, validation: dict[str, Any], conditioning: str = "text"
+) -> tuple[list[int], list[int]]:
     """(committed exports, those not validated with the current settings)."""
     settings = settings_of(sample)
-    done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, sample.judge == "toy")}
+    judged = judged_metric(conditioning) if sample.judge == "toy" else None
+    done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, judged)}
     exported = run.committed_steps(layout.TRAIN_EXPORT)
     return exported, [step for step in exported if step not in done]
 
 
-def load_export(run: RunDir, step: int, scratch: str, device: torch.device):
-    """(UNet, training scheduler config) of a committed export; copied locally first if remote."""
+def load_export(run: RunDir, step: int, scratch: str, device: torch.device, with_classes: bool = False):
+    """(UNet, training scheduler config) of a committed export; copied locally first if remote. `with_classes`
+    adds its classes.json (None for a text-conditional export)."""
     folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
     unet.eval().requires_grad_(False)
-    return unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
+    loaded = unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
+    if not with_classes:
+        return loaded
+    classes = folder / layout.EXPORT_CLASSES
+    return (*loaded, json.loads(classes.read_text()) if classes.is_file() else None)
+
+
+def check_export_classes(step: int, unet, classes: dict[str, Any] | None, conditions: Conditions) -> None:
+    """The export's class embedding (and classes.json) fits the classes validation asks for; raises ValueError."""
+    wanted = None if conditions.null_class is None else conditions.null_class + 1
+    if unet.config.num_class_embeds != wanted:
+        raise ValueError(
+            f"UNet of step {step} has num_class_embeds = {unet.config.num_class_embeds}, but validation needs "
+            f"{wanted or 'none'} (train.conditioning and the encode manifest's classes)"
+        )
+    if wanted is not None and classes is not None and classes.get("null_class") != conditions.null_class:
+        raise ValueError(
+            f"{layout.EXPORT_CLASSES} of step {step} lists {classes.get('classes')}, not the encode manifest's classes"
+        )
 
 
 def export_latents(unet, manifest: dict[str, Any]) -> tuple[list[int], int | None]:
@@ -119,7 +151,7 @@ def export_latents(unet, manifest: dict[str, Any]) -> tuple[list[int], int | Non
 
 def check_inputs(config: PipelineConfig, manifest: dict[str, Any]) -> None:
     """Fail before any work on prompts the judge cannot read or a manifest missing what we need."""
-    if config.sample.judge == "toy":
+    if config.sample.judge == "toy" and config.train.conditioning != "class":
         for index, prompt in enumerate(config.sample.prompts):
             try:
                 parse_caption(prompt)
@@ -139,25 +171,31 @@ class Validator:
     sample: SampleConfig
     manifest: dict[str, Any]
     vae: torch.nn.Module
-    prompt_embeddings: torch.Tensor
+    conditions: Conditions
+    prompt_embeddings: torch.Tensor  # one per condition row (the empty caption's where a row has no prompt)
     empty_embedding: torch.Tensor
     metrics: Metrics
     device: torch.device
+    conditioning: str = "text"
 
     @classmethod
     def load(cls, config: PipelineConfig, run: RunDir) -> Validator:
         sample = config.sample
         manifest = run.read_json(layout.ENCODE_MANIFEST)
         check_inputs(config, manifest)
+        conditions = validation_conditions(config, manifest)
         encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         vae, text_encoder = encoders.vae.to(device), encoders.text_encoder.to(device)
         tokenizer = encoders.tokenizer
-        prompt_embeddings = models.encode_prompts(tokenizer, text_encoder, sample.prompts).float().cpu()
         if "empty_caption_embedding" in manifest:
             empty_embedding = torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float()
         else:  # older manifests: the same text encoder on "" gives the same tensor
             empty_embedding = models.encode_prompts(tokenizer, text_encoder, [""]).float().cpu()[0]
+        prompts = [prompt for prompt in conditions.prompts if prompt is not None]
+        encoded = iter(models.encode_prompts(tokenizer, text_encoder, prompts).float().cpu() if prompts else [])
+        rows = [empty_embedding if prompt is None else next(encoded) for prompt in conditions.prompts]
+        prompt_embeddings = torch.stack(rows) if rows else empty_embedding[None][:0]
         if empty_embedding.shape != prompt_embeddings.shape[1:]:
             raise ValueError(
                 f"empty-caption embedding {tuple(empty_embedding.shape)} does not match the prompt embeddings "
@@ -165,12 +203,14 @@ class Validator:
             )
         del text_encoder, encoders
         metrics = Metrics.load(config, run, device)
-        return cls(run, sample, manifest, vae, prompt_embeddings, empty_embedding, metrics, device)
+        return cls(run, sample, manifest, vae, conditions, prompt_embeddings, empty_embedding, metrics, device,
+                   config.train.conditioning)  # fmt: skip
 
     def validate(self, step: int) -> dict[str, Any]:
         """Sample every prompt x seed at every guidance scale of one export; write the grids; return its entry."""
         with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
-            unet, scheduler_config = load_export(self.run, step, scratch, self.device)
+            unet, scheduler_config, classes = load_export(self.run, step, scratch, self.device, with_classes=True)
+        check_export_classes(step, unet, classes, self.conditions)
         if unet.config.cross_attention_dim != self.prompt_embeddings.shape[-1]:
             raise ValueError(
                 f"UNet of step {step} expects {unet.config.cross_attention_dim}-d text embeddings, "
@@ -179,19 +219,29 @@ class Validator:
         sample, run = self.sample, self.run
         started = time.monotonic()
         scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
-        specs = [parse_caption(prompt) for prompt in sample.prompts] if sample.judge == "toy" else None
+        conditions, judged = self.conditions, sample.judge == "toy"
+        specs = [parse_caption(p) for p in conditions.prompts] if judged and self.conditioning != "class" else None
+        shapes = conditions.shape_targets() if judged else []
         latent_shape, resolution = export_latents(unet, self.manifest)
-        entry: dict[str, Any] = {"step": step, "resolution": resolution, **settings_of(sample), "metrics": {}, "images": {}}
+        entry: dict[str, Any] = {"step": step, "resolution": resolution, **settings_of(sample), "conditioning": self.conditioning}
+        entry.update(metrics={}, images={})
+        if conditions.labels is not None:
+            entry["conditions"] = conditions.texts
         for guidance_scale in sample.guidance_scales:
             scale_started = time.monotonic()
             key = scale_key(guidance_scale)
             images = sample_images(
                 unet, self.vae, scheduler, self.prompt_embeddings, self.empty_embedding, guidance_scale, sample.seeds,
                 sample.steps, latent_shape, self.manifest["vae"]["scaling_factor"], sample.batch_size,
+                conditions.labels, conditions.null_class,
             )  # fmt: skip
-            run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, sample.prompts)))
+            run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, conditions.texts)))
             entry["images"][key] = grid_path(step, guidance_scale)
-            measured = self.metrics.measure(images, sample.prompts)
+            measured = self.metrics.measure(images, conditions.texts)
+            judged_shapes = [(shape, row) for shape, row in zip(shapes, images) if shape is not None]
+            if judged_shapes:
+                correct = sum(shape_of(image) == shape for shape, row in judged_shapes for image in row)
+                measured = {"shape_accuracy": correct / (len(judged_shapes) * images.shape[1]), **measured}
             if specs is not None:
                 correct = sum(is_correct(image, spec) for spec, row in zip(specs, images) for image in row)
                 measured = {"prompt_accuracy": correct / (images.shape[0] * images.shape[1]), **measured}
@@ -205,16 +255,21 @@ class Validator:
         return entry
 
 
+def has_conditions(config: PipelineConfig) -> bool:
+    """Is there anything to validate? Prompts, or (class conditioning) the classes, which always exist."""
+    return bool(config.sample.prompts) or config.train.conditioning == "class"
+
+
 def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     sample = config.sample
     validation = read_validation(run)
-    exported, todo = pending_steps(sample, run, validation)
+    exported, todo = pending_steps(sample, run, validation, config.train.conditioning)
     watched = sum(bool(entry.get("during_training")) for entry in validation["checkpoints"])
     # run.json keeps this summary in the stage's entry (the runner prints its "counts").
     summary = {"validated": [], "best": validation.get("best"),
                "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0,
                           "validated_during_training": watched}}  # fmt: skip
-    if not sample.prompts:
+    if not has_conditions(config):
         print("[sample] no sample.prompts configured: nothing to validate", flush=True)
         return summary
     if not todo:
@@ -222,7 +277,9 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         return summary
 
     validator = Validator.load(config, run)
-    print(f"[sample] validating steps {todo} ({len(sample.prompts)} prompts x {len(sample.seeds)} seeds, "
+    rows = len(validator.conditions)
+    print(f"[sample] validating steps {todo} ({rows} {'prompts' if validator.conditions.labels is None else 'conditions'} "
+          f"x {len(sample.seeds)} seeds, "
           f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, "
           f"{validator.device})", flush=True)  # fmt: skip
     for step in todo:
@@ -230,7 +287,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         validation = record(run, validation, entry)
         summary["validated"].append(step)
         summary["counts"]["newly_validated"] += 1
-        summary["counts"]["images"] += len(sample.prompts) * len(sample.seeds) * len(sample.guidance_scales)
+        summary["counts"]["images"] += rows * len(sample.seeds) * len(sample.guidance_scales)
         print(f"[sample] step {step} done in {entry['seconds']:.1f}s", flush=True)
     summary["best"] = validation["best"]
     return summary

@@ -115,12 +115,12 @@ class Watcher:
 
     def poll(self) -> int | None:
         """Validate the newest committed export not yet validated (or failed); its step, or None."""
-        from sample.validate import pending_steps, read_validation, record
+        from sample.validate import has_conditions, pending_steps, read_validation, record
 
         validation = read_validation(self.run)
-        _, todo = pending_steps(self.config.sample, self.run, validation)
+        _, todo = pending_steps(self.config.sample, self.run, validation, self.config.train.conditioning)
         todo = [step for step in todo if step not in self.errors]
-        if not todo or not self.config.sample.prompts or self._stop.is_set():
+        if not todo or not has_conditions(self.config) or self._stop.is_set():
             return None
         step = todo[-1]
         started = time.monotonic()

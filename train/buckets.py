@@ -25,35 +25,36 @@ import numpy as np
 from pipeline import layout
 from pipeline.arrays import from_npy_bytes
 from pipeline.rundir import RunDir
-from train.data import BatchPosition, DataOrder, LatentData, LatentShard, _decode, parts_by_raw_shard, read_tar_members
+from train.data import BatchPosition, DataOrder, LatentData, LatentShard, decode_sample, parts_by_raw_shard, read_tar_members
 
 
 def read_bucketed_shards(
-    run: RunDir, names: list[str], manifest: dict, text_shape: tuple, members: tuple[str, ...]
+    run: RunDir, names: list[str], manifest: dict, text_shape: tuple, members: tuple[str, ...], class_count: int | None = None
 ) -> list[LatentShard]:
     """One shard per (raw shard, bucket), samples sorted by key; a sample whose latent has no
-    bucket's shape counts as incomplete (on the raw shard's first bucket shard)."""
+    bucket's shape (or, with `class_count`, no valid class label) counts as incomplete (on the raw
+    shard's first bucket shard)."""
+    wanted = {*members, layout.TEXT_EMBEDDING_KEY, *([layout.CLASS_KEY] if class_count is not None else [])}
     bucket_of_shape = {tuple(shape): name for name, shape in manifest["bucket_latent_shapes"].items()}
     shards = []
     for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
         by_bucket: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {}
         incomplete, truncated = 0, False
         for name in parts:
-            samples, cut = read_tar_members(
-                io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), {*members, layout.TEXT_EMBEDDING_KEY}
-            )
+            samples, cut = read_tar_members(io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), wanted)
             truncated |= cut
             for key, sample_parts in samples.items():
                 shape = _latent_shape(sample_parts)
-                arrays = _decode(sample_parts, members, shape, text_shape) if shape in bucket_of_shape else None
+                arrays = decode_sample(sample_parts, members, shape, text_shape, class_count) if shape in bucket_of_shape else None
                 if arrays is None:
                     incomplete += 1
                     continue
                 by_bucket.setdefault(bucket_of_shape[shape], []).append((key, arrays))
-        found = [_shard(f"{raw_shard}:{bucket}", bucket, rows, members) for bucket, rows in sorted(by_bucket.items())]
+        found = [_shard(f"{raw_shard}:{bucket}", bucket, rows, members, class_count) for bucket, rows in sorted(by_bucket.items())]
         if not found:  # keeps the counts of a shard with nothing usable
             empty = {member: np.zeros((0, *manifest["latent_shape"]), np.float16) for member in members}
-            found = [LatentShard(raw_shard, empty, np.zeros((0, *text_shape), np.float16))]
+            labels = None if class_count is None else np.zeros(0, np.int64)
+            found = [LatentShard(raw_shard, empty, np.zeros((0, *text_shape), np.float16), class_labels=labels)]
         found[0].incomplete_samples, found[0].truncated = incomplete, truncated
         shards.extend(found)
     return shards
@@ -66,14 +67,18 @@ def _latent_shape(parts: dict[str, bytes]) -> tuple | None:
         return None
 
 
-def _shard(name: str, bucket: str, rows: list[tuple[str, dict[str, np.ndarray]]], members: tuple[str, ...]) -> LatentShard:
+def _shard(
+    name: str, bucket: str, rows: list[tuple[str, dict[str, np.ndarray]]], members: tuple[str, ...], class_count: int | None
+) -> LatentShard:
     rows = sorted(rows, key=lambda row: row[0])
+    labels = None if class_count is None else np.array([arrays[layout.CLASS_KEY] for _, arrays in rows], dtype=np.int64)
     return LatentShard(
         name=name,
         latents={member: np.stack([arrays[member] for _, arrays in rows]) for member in members},
         text_embeddings=np.stack([arrays[layout.TEXT_EMBEDDING_KEY] for _, arrays in rows]),
         keys=tuple(key for key, _ in rows),
         bucket=bucket,
+        class_labels=labels,
     )
 
 

@@ -8,8 +8,9 @@ keeps the newest `keep_checkpoints`; a run (rerun, or restarted by Ray Train) re
 the newest folder with the marker.
 
 An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
-(safetensors), plus `unet_online` when there is a moving average (then `unet` holds it),
-published with `RunDir.put_dir` (marker last). Exports are for others to load;
+(safetensors), plus `unet_online` when there is a moving average (then `unet` holds it) and,
+for class-conditional training, `classes.json` (the mode and the class names; the UNet config's
+num_class_embeds counts them plus the null class), published with `RunDir.put_dir` (marker last). Exports are for others to load;
 DeepSpeed's own files are unpickled with `weights_only=False`, so only this run reads them.
 """
 
@@ -126,13 +127,23 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
     return state
 
 
+def classes_record(config: TrainConfig, classes: list[str] | None, class_field: str | None) -> dict | None:
+    """What classes.json holds: how the UNet is conditioned and its class names (label order); the
+    null class is index len(classes). None for text conditioning."""
+    if "class" not in config.conditioning:
+        return None
+    classes = list(classes or [])
+    return {"conditioning": config.conditioning, "class_field": class_field, "classes": classes, "null_class": len(classes)}
+
+
 def export_model(
-    engine, run: RunDir, config: TrainConfig, step: int, ema: ExponentialMovingAverage | None = None
+    engine, run: RunDir, config: TrainConfig, step: int, ema: ExponentialMovingAverage | None = None,
+    classes: dict | None = None,
 ) -> None:
     """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3.
 
     With `ema`, `unet/` holds the averaged weights (what sampling and StableDiffusionPipeline load)
-    and `unet_online/` the raw ones.
+    and `unet_online/` the raw ones. `classes` (`classes_record`) is written as classes.json.
     """
     averaged = ema.full_weights() if ema is not None else None  # collective under ZeRO-3
     with distributed.full_parameters(engine, config.zero_stage):
@@ -146,4 +157,6 @@ def export_model(
                     with weights_replaced(unet, averaged):
                         unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
                 make_noise_scheduler(config).save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
+                if classes is not None:
+                    Path(local, layout.EXPORT_CLASSES).write_text(json.dumps(classes, indent=1))
                 run.put_dir(local, f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}")

@@ -1,8 +1,8 @@
 """Latent shards in memory, and the data order that makes resume exact.
 
 The encode stage writes `RUN/encode/shards/*.tar` (webdataset: KEY.latent.npy, KEY.text.npy,
-KEY.json, and with the encode options the posterior's std and a mirrored copy: see
-`pipeline.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
+KEY.json, and with the encode options the posterior's std, a mirrored copy and the class label
+KEY.cls: see `pipeline.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
 samples take ~30 MB) as one shard per raw shard, samples sorted by key; the order in which a
 rank visits them is a pure function of (seed, epoch, rank, world size), so a checkpoint needs
 only (epoch, next batch index):
@@ -53,6 +53,7 @@ class LatentShard:
     truncated: bool = False  # the tar ended early; the samples before the damage are kept
     keys: tuple[str, ...] = ()  # one per sample, in order
     bucket: str | None = None  # with encode.buckets: the bucket (WxH) all its samples belong to
+    class_labels: np.ndarray | None = None  # [n] int64 class indices, when the manifest lists classes
 
     def __len__(self) -> int:
         return len(self.text_embeddings)
@@ -68,6 +69,8 @@ class LatentData:
     text_embedding_shape: tuple[int, ...]  # [77, D]
     latent_members: tuple[str, ...] = (layout.LATENT_KEY,)
     bucketed: bool = False  # encode.buckets: batch one bucket at a time (train.buckets.BucketOrder)
+    classes: list[str] | None = None  # class names in label order (encode.class_field); None: no labels
+    class_field: str | None = None
 
     @property
     def shard_sizes(self) -> tuple[int, ...]:
@@ -103,7 +106,10 @@ class LatentData:
             std = self._stack(samples, flipped, layout.LATENT_STD_KEY, layout.LATENT_FLIP_STD_KEY)
             latents = latents + std * torch.randn(latents.shape, generator=generator)
         text = np.stack([self.shards[shard].text_embeddings[index] for shard, index in samples])
-        return {"latents": latents, "text_embeddings": torch.from_numpy(text.astype(np.float32))}
+        batch = {"latents": latents, "text_embeddings": torch.from_numpy(text.astype(np.float32))}
+        if self.classes is not None:
+            batch["class_labels"] = torch.tensor([int(self.shards[shard].class_labels[index]) for shard, index in samples])
+        return batch
 
     def _flip_choices(self, count: int, generator: torch.Generator | None) -> list[bool]:
         if not self.flip_copies:
@@ -164,22 +170,30 @@ def load_latent_data(run: RunDir) -> LatentData:
     empty = from_base64_npy(manifest["empty_caption_embedding"])
     if tuple(empty.shape) != text_shape:
         raise ValueError(f"empty_caption_embedding has shape {list(empty.shape)}, expected {list(text_shape)}")
+    classes = manifest.get("classes")
     names = latent_shard_names(run, manifest)
     if not names:
         raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
     if manifest.get("buckets"):  # encode.buckets: one shard per raw shard and bucket (train.buckets)
         from train.buckets import read_bucketed_shards
 
-        shards = read_bucketed_shards(run, names, manifest, text_shape, members)
-        return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape, members, bucketed=True)
+        shards = read_bucketed_shards(run, names, manifest, text_shape, members, None if classes is None else len(classes))
+        return LatentData(
+            shards, empty.astype(np.float16), latent_shape, text_shape, members, True, classes=classes, class_field=manifest.get("class_field")
+        )
     shards = []
     for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
+        class_count = None if classes is None else len(classes)
         read = [
-            read_latent_shard(io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), name, latent_shape, text_shape, members)
+            read_latent_shard(
+                io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), name, latent_shape, text_shape, members, class_count
+            )
             for name in parts
         ]
         shards.append(merge_by_key(raw_shard, read))
-    return LatentData(shards, empty.astype(np.float16), latent_shape, text_shape, members)
+    return LatentData(
+        shards, empty.astype(np.float16), latent_shape, text_shape, members, classes=classes, class_field=manifest.get("class_field")
+    )
 
 
 # Encode names a part `STEM-xxxxxxxx.tar` after the raw shard it came from.
@@ -210,17 +224,26 @@ def merge_by_key(name: str, parts: list[LatentShard]) -> LatentShard:
         incomplete_samples=sum(part.incomplete_samples for part in parts),
         truncated=any(part.truncated for part in parts),
         keys=tuple(keys[index] for index in order),
+        class_labels=None if parts[0].class_labels is None else np.concatenate([part.class_labels for part in parts])[order],
     )
 
 
 def read_latent_shard(
-    handle, name: str, latent_shape: tuple, text_shape: tuple, members: tuple[str, ...] = (layout.LATENT_KEY,)
+    handle,
+    name: str,
+    latent_shape: tuple,
+    text_shape: tuple,
+    members: tuple[str, ...] = (layout.LATENT_KEY,),
+    class_count: int | None = None,
 ) -> LatentShard:
     """Samples of one tar that hold every one of `members` (latent member names) and a text
-    embedding, well-shaped and finite, in the order they appear."""
-    parts_by_key, truncated = read_tar_members(handle, {*members, layout.TEXT_EMBEDDING_KEY})
-    samples = {key: _decode(parts, members, latent_shape, text_shape) for key, parts in parts_by_key.items()}
+    embedding, well-shaped and finite, in the order they appear; with `class_count`, also a
+    class label in [0, class_count)."""
+    wanted = {*members, layout.TEXT_EMBEDDING_KEY, *([layout.CLASS_KEY] if class_count is not None else [])}
+    parts_by_key, truncated = read_tar_members(handle, wanted)
+    samples = {key: decode_sample(parts, members, latent_shape, text_shape, class_count) for key, parts in parts_by_key.items()}
     complete = [sample for sample in samples.values() if sample is not None]
+    labels = None if class_count is None else np.array([s[layout.CLASS_KEY] for s in complete], dtype=np.int64)
     return LatentShard(
         name=name,
         latents={member: _stack_rows([s[member] for s in complete], latent_shape) for member in members},
@@ -228,6 +251,7 @@ def read_latent_shard(
         incomplete_samples=len(samples) - len(complete),
         truncated=truncated,
         keys=tuple(key for key, sample in samples.items() if sample is not None),
+        class_labels=labels,
     )
 
 
@@ -252,12 +276,21 @@ def _stack_rows(rows: list[np.ndarray], shape: tuple) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, *shape), np.float16)
 
 
-def _decode(
-    parts: dict[str, bytes], members: tuple[str, ...], latent_shape: tuple, text_shape: tuple
+def decode_sample(
+    parts: dict[str, bytes], members: tuple[str, ...], latent_shape: tuple, text_shape: tuple, class_count: int | None = None
 ) -> dict[str, np.ndarray] | None:
-    """Member name -> fp16 array of one sample; None if any member is missing or unusable."""
+    """Member name -> fp16 array of one sample (and its class index under CLASS_KEY, with
+    `class_count`); None if any member is missing or unusable."""
+    arrays: dict = {}
+    if class_count is not None:
+        try:
+            label = int(parts[layout.CLASS_KEY].decode("ascii"))
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return None
+        if not 0 <= label < class_count:
+            return None
+        arrays[layout.CLASS_KEY] = label
     shapes = {**{member: latent_shape for member in members}, layout.TEXT_EMBEDDING_KEY: text_shape}
-    arrays = {}
     for member, shape in shapes.items():
         try:
             array = from_npy_bytes(parts[member])

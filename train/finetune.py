@@ -143,10 +143,19 @@ def load_unet(folder: Path, sample_size: int):
     return unet
 
 
-def check_init(init: InitModel, train: TrainConfig, latent_shape: list[int], text_shape: list[int]) -> None:
-    """Raise `InitModelError` unless the init UNet fits the latents, the text embeddings and the noise schedule."""
+def check_init(
+    init: InitModel, train: TrainConfig, latent_shape: list[int], text_shape: list[int], class_embeds: int | None = None
+) -> None:
+    """Raise `InitModelError` unless the init UNet fits the latents, the text embeddings, the noise schedule
+    and the class count (`class_embeds`: classes plus the null class; None: no class embedding)."""
     config, where = init.unet_config(), f"the init model {init.folder}"
     problems = []
+    if config.get("num_class_embeds") != class_embeds or config.get("class_embed_type"):
+        wanted = f"{class_embeds} ({class_embeds - 1} classes + the null class)" if class_embeds else "none (text conditioning)"
+        problems.append(
+            f"num_class_embeds = {config.get('num_class_embeds')} (class_embed_type {config.get('class_embed_type')!r}) "
+            f"in {where}, but train.conditioning = {train.conditioning!r} with these latents needs {wanted}"
+        )
     channels = latent_shape[0]
     for key in ("in_channels", "out_channels"):
         if config.get(key) != channels:
@@ -220,7 +229,9 @@ def freeze(module, patterns: list[str]) -> dict[str, int]:
     return counts
 
 
-def meta_unet(train: TrainConfig, init: InitModel | None, cross_attention_dim: int, sample_size: int):
+def meta_unet(
+    train: TrainConfig, init: InitModel | None, cross_attention_dim: int, sample_size: int, class_embeds: int | None = None
+):
     """The UNet training will build, on the meta device (names and shapes, no memory)."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -228,6 +239,6 @@ def meta_unet(train: TrainConfig, init: InitModel | None, cross_attention_dim: i
     from train.unet import build_unet
 
     if init is None:
-        return build_unet(train.unet, cross_attention_dim, sample_size, on_meta=True)
+        return build_unet(train.unet, cross_attention_dim, sample_size, on_meta=True, num_class_embeds=class_embeds)
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(init.unet_config())

@@ -13,7 +13,7 @@ from pipeline.config import PipelineConfig
 from pipeline.rundir import RunDir
 from train import distributed
 from train.buckets import BucketOrder, make_order
-from train.checkpoint import TrainState, export_model, is_due, resume, save_checkpoint
+from train.checkpoint import TrainState, classes_record, export_model, is_due, resume, save_checkpoint
 from train.data import DataOrder, load_latent_data
 from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
@@ -21,7 +21,7 @@ from train.finetune import freeze, load_unet, worker_folder
 from train.metrics import LogWindow, MetricsLog
 from train.phases import begin_phase, latent_resolution
 from train.step import loss_options, make_noise_scheduler, train_step
-from train.unet import build_unet, parameter_count
+from train.unet import build_unet, class_embedding_count, parameter_count
 
 
 def setup_worker(loop_config: dict):
@@ -35,7 +35,8 @@ def setup_worker(loop_config: dict):
     if train.init_from:  # fine-tuning; the driver checked that it fits (train.stage.check_inputs)
         unet = load_unet(worker_folder(train, loop_config.get("init_folder")), data.sample_size)
     else:
-        unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size)
+        class_embeds = class_embedding_count(train.conditioning, data.classes)
+        unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size, num_class_embeds=class_embeds)
     counts = freeze(unet, train.freeze)
     parameters = parameter_count(unet)  # before ZeRO-3 would shard them
     distributed.log(
@@ -54,13 +55,14 @@ def train_worker(loop_config: dict) -> None:
         distributed.log(f"phase {len(state.phases)}: {state.phases[-1]['resolution']} px from step {state.step}")
     restart_schedule(engine, train)
     noise_scheduler = make_noise_scheduler(train)
-    options = loss_options(train)  # min-SNR weighting, offset noise
+    options = loss_options(train, None if data.classes is None else len(data.classes))  # min-SNR, offset noise, classes
+    classes = classes_record(train, data.classes, data.class_field)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
     _log_start(data, order, state, parameters)
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
-        export_model(engine, run, train, 0, ema)  # the starting point, validated like the exports after it
+        export_model(engine, run, train, 0, ema, classes)  # the starting point, validated like the exports after it
 
     batches = order.batches(rank, state.epoch, state.batch_index)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
@@ -86,17 +88,18 @@ def train_worker(loop_config: dict) -> None:
             if not distributed.all_ranks_finite_parameters(engine.module):  # a finite loss, then a bad update
                 stopped = f"the weights are not finite after step {state.step}: training diverged; not saving them"
                 break
-            _save(engine, run, config, state, metrics, ema)
+            _save(engine, run, config, state, metrics, ema, classes)
             window.restart()
 
     _finish(state, metrics, run, stopped)
 
 
 def _save(
-    engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog, ema: ExponentialMovingAverage | None
+    engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog, ema: ExponentialMovingAverage | None,
+    classes: dict | None,
 ) -> None:
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
-    export_model(engine, run, config.train, state.step, ema)
+    export_model(engine, run, config.train, state.step, ema, classes)
     metrics.publish()
     save_checkpoint(engine, run, state, _summary(state, metrics), ema)
 

@@ -19,6 +19,7 @@ from pipeline.rundir import RunDir
 from train import finetune, phases
 from train.data import latent_shard_names, parts_by_raw_shard
 from train.loop import train_worker
+from train.unet import class_embedding_count
 
 if TYPE_CHECKING:
     from ray.train import RunConfig
@@ -128,10 +129,14 @@ def check_model(config: PipelineConfig, manifest: dict) -> dict:
     parameters (checked on the meta device: no weights loaded); their counts, and where the model came from."""
     train, latent_shape, text_shape = config.train, manifest["latent_shape"], manifest["text_embedding_shape"]
     try:
+        class_embeds = class_embedding_count(train.conditioning, manifest.get("classes"))
+    except ValueError as error:
+        raise TrainStageError(f"{error}: rerun encode with encode.class_field set") from error
+    try:
         init = finetune.resolve(train)
         if init is not None:
-            finetune.check_init(init, train, latent_shape, text_shape)
-        counts = finetune.freeze(finetune.meta_unet(train, init, text_shape[-1], latent_shape[-1]), train.freeze)
+            finetune.check_init(init, train, latent_shape, text_shape, class_embeds)
+        counts = finetune.freeze(finetune.meta_unet(train, init, text_shape[-1], latent_shape[-1], class_embeds), train.freeze)
     except finetune.InitModelError as error:
         raise TrainStageError(str(error)) from error
     summary = {"parameters": {**counts, "total": counts["trainable"] + counts["frozen"]}}

@@ -1,4 +1,4 @@
-"""One training step of text-conditional latent diffusion, free of Ray and process groups.
+"""One training step of text- (or class-) conditional latent diffusion, free of Ray and process groups.
 
 `train_step` takes an engine: a DeepSpeed engine in the Ray workers, or `PlainEngine` (a
 module plus a torch optimizer behind the same four methods) in tests and notebooks.
@@ -54,9 +54,25 @@ def drop_captions(
     This is what lets one UNet give both the conditional and the unconditional prediction
     that classifier-free guidance combines at sampling time.
     """
+    return drop_conditioning(text_embeddings, None, empty_caption_embedding, None, probability, generator)[0]
+
+
+def drop_conditioning(
+    text_embeddings: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    empty_caption_embedding: torch.Tensor,
+    null_class: int | None,
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`drop_captions`, and with class labels the same draw replaces a dropped sample's label by
+    `null_class`: the unconditional branch is (empty caption, null class), as guidance asks for it."""
     dropped = torch.rand(text_embeddings.shape[0], generator=generator) < probability
     empty = empty_caption_embedding.to(text_embeddings.dtype).expand_as(text_embeddings)
-    return torch.where(dropped[:, None, None], empty, text_embeddings)
+    text = torch.where(dropped[:, None, None], empty, text_embeddings)
+    if class_labels is None:
+        return text, None
+    return text, torch.where(dropped, torch.full_like(class_labels, null_class), class_labels)
 
 
 def sample_noise(shape: torch.Size, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -91,9 +107,14 @@ def min_snr_weights(
     return weights.float()
 
 
-def loss_options(config: TrainConfig) -> dict:
-    """`train_step`'s keyword options, from the train config."""
-    return {"min_snr_gamma": config.min_snr_gamma, "noise_offset": config.noise_offset}
+def loss_options(config: TrainConfig, class_count: int | None = None) -> dict:
+    """`train_step`'s keyword options, from the train config (and the encode manifest's class count)."""
+    options = {"min_snr_gamma": config.min_snr_gamma, "noise_offset": config.noise_offset}
+    if "class" in config.conditioning:
+        if class_count is None:
+            raise ValueError(f"train.conditioning = {config.conditioning!r} but the latents carry no class labels")
+        options.update(null_class=class_count, text_conditioned=config.conditioning == "text+class")
+    return options
 
 
 def train_step(
@@ -106,6 +127,8 @@ def train_step(
     *,
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    null_class: int | None = None,
+    text_conditioned: bool = True,
 ) -> dict:
     """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch.
 
@@ -114,9 +137,16 @@ def train_step(
     `min_snr_gamma` the mean of each sample's MSE times its `min_snr_weights`. A loss that
     is not finite on any rank skips the backward and the step on every rank (ranks must
     agree, or ZeRO's gradient collectives would wait forever); the caller counts `skipped`.
+
+    With `null_class` (class conditioning) the UNet also gets the batch's `class_labels`, dropped to
+    `null_class` with the captions; without `text_conditioned` every caption is the empty one.
     """
     latents, text = batch["latents"], batch["text_embeddings"]
-    text = drop_captions(text, empty_caption_embedding, caption_dropout, generator)
+    if not text_conditioned:
+        text = empty_caption_embedding.to(text.dtype).expand_as(text)
+    labels = batch["class_labels"] if null_class is not None else None
+    text, labels = drop_conditioning(text, labels, empty_caption_embedding, null_class, caption_dropout, generator)
+    extra = {} if labels is None else {"class_labels": labels.to(engine.device)}
     noise = sample_noise(latents.shape, noise_offset, generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -129,7 +159,7 @@ def train_step(
     dtype = next(engine.module.parameters()).dtype
     device = engine.device
     prediction = engine(
-        noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=text.to(device, dtype)
+        noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=text.to(device, dtype), **extra
     ).sample
     if min_snr_gamma is None:
         loss = F.mse_loss(prediction.float(), target.to(device).float())

@@ -2,7 +2,9 @@
 
 `tiny` is the offline demo's ~4M-parameter UNet (two levels, cross-attention in both);
 `sd15` is Stable Diffusion 1.5's UNet shape (~860M parameters). Both cross-attend to the
-text encoder's last hidden state, whose width is `cross_attention_dim`.
+text encoder's last hidden state, whose width is `cross_attention_dim`. Class-conditional
+training adds diffusers' class embedding (`num_class_embeds`: the classes plus the null class),
+added to the timestep embedding.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(preset: str, cross_attention_dim: int, sample_size: int, on_meta: bool = False) -> UNet2DConditionModel:
+def build_unet(
+    preset: str, cross_attention_dim: int, sample_size: int, on_meta: bool = False, num_class_embeds: int | None = None
+) -> UNet2DConditionModel:
     """A freshly initialised UNet for 4-channel latents of side `sample_size`.
 
     `on_meta` builds it on the meta device (shapes only, no memory), to count parameters of
-    models too large to allocate.
+    models too large to allocate. `num_class_embeds` adds a learned class embedding.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown UNet preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -51,8 +55,18 @@ def build_unet(preset: str, cross_attention_dim: int, sample_size: int, on_meta:
             in_channels=4,
             out_channels=4,
             cross_attention_dim=cross_attention_dim,
+            num_class_embeds=num_class_embeds,
             **PRESETS[preset],
         )
+
+
+def class_embedding_count(conditioning: str, classes: list[str] | None) -> int | None:
+    """num_class_embeds for a conditioning mode: every class plus the null class (index len(classes)); None without classes."""
+    if "class" not in conditioning:
+        return None
+    if not classes:
+        raise ValueError(f"train.conditioning = {conditioning!r} but the encode manifest lists no classes (encode.class_field)")
+    return len(classes) + 1
 
 
 def parameter_count(model: torch.nn.Module) -> int:

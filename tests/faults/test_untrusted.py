@@ -103,7 +103,7 @@ def test_encode_never_unpickles_raw_shard_members(tmp_path, marker):
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", shard_bytes(members))
     batches = list(encode_io.decode_shard(run, "00000.tar", resolution=32, batch_size=8))
     assert [list(batch["__key__"]) for batch in batches] == [["a"]]
-    assert set(batches[0]) == {"__key__", "shard", "txt", "json", "pixels"}  # nothing else travels on
+    assert set(batches[0]) == {"__key__", "shard", "txt", "json", "pixels", "cls"}  # nothing else travels on (cls: -1, no labels)
     record = run.read_json(encode_progress.shard_record_path("00000"))
     assert (record["samples"], record["valid"], record["undecodable"]) == (3, 1, 2)
 

@@ -138,6 +138,7 @@ def test_an_encoder_batch_of_mixed_shapes_encodes_each_row_as_alone():
         "shard": np.zeros(4),
         "json": np.zeros(4),
         "txt": np.array(["a", "b", "c", "d"], dtype=object),
+        "cls": np.full(4, -1),  # decode always adds the class column (-1: no class labels)
     }
     out = encoder({**batch, "pixels": pixels})
     assert out["latent.npy"].dtype == object  # ragged: one array per row, as Ray Data takes them

@@ -49,8 +49,9 @@ def test_report_is_self_contained_with_one_image_per_grid(synthetic_run, model_d
     assert page.count('<img class="grid"') == len(grids)
     for step, key in grids:
         assert f"step {step}, guidance {key}" in page
-    # Loss curve, learning rate, accuracy vs step, accuracy vs guidance: four plots.
-    assert page.count("<img ") == len(grids) + 4
+    # Loss curve, learning rate, then prompt and shape accuracy each vs step and vs guidance: six plots.
+    assert page.count("<img ") == len(grids) + 6
+    assert "shape accuracy vs guidance scale" in page
     assert "&lt;script&gt;alert(&quot;not escaped&quot;)&lt;/script&gt;" in page
     assert "<script>" not in page
     assert "Best: step" in page
@@ -82,5 +83,6 @@ def test_sample_and_report_run_through_the_pipeline_runner(synthetic_run, model_
     runner.run_stages(config, synthetic_run, ["sample", "report"])
     stages = synthetic_run.manifest()["stages"]
     assert stages["sample"]["status"] == "done" and stages["sample"]["validated"] == [10, 20]
-    assert stages["report"]["status"] == "done" and stages["report"]["counts"]["images"] == 6 + 2
+    # The grids, then prompt and shape accuracy each vs step and vs guidance (no training metrics here).
+    assert stages["report"]["status"] == "done" and stages["report"]["counts"]["images"] == 6 + 4
     assert synthetic_run.exists(layout.REPORT_INDEX)

@@ -35,7 +35,7 @@ def test_clip_score_and_fid_per_guidance_scale(synthetic_run, model_dirs, clip_d
     validation = synthetic_run.read_json(layout.SAMPLE_VALIDATION)
     for entry in validation["checkpoints"]:
         assert entry["skipped_metrics"] == {}
-        assert set(entry["metrics"]) == {"prompt_accuracy", "clip_score", "fid"}
+        assert set(entry["metrics"]) == {"prompt_accuracy", "shape_accuracy", "clip_score", "fid"}
         for key in ("0", "7.5"):
             assert 0 <= entry["metrics"]["clip_score"][key] <= 100
             assert np.isfinite(entry["metrics"]["fid"][key]) and entry["metrics"]["fid"][key] > 0
@@ -45,7 +45,8 @@ def test_clip_score_and_fid_per_guidance_scale(synthetic_run, model_dirs, clip_d
 
     validate.run_stage(sample_config(model_dirs, guidance_scales=[0.0, 7.5]), synthetic_run)  # metrics unset: stale
     entries = synthetic_run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"]
-    assert all(set(e["metrics"]) == {"prompt_accuracy"} and set(e["skipped_metrics"]) == {"clip_score", "fid"} for e in entries)
+    judged = {"prompt_accuracy", "shape_accuracy"}
+    assert all(set(e["metrics"]) == judged and set(e["skipped_metrics"]) == {"clip_score", "fid"} for e in entries)
 
     page = report.render(config, synthetic_run)
     assert "CLIP score skipped" in page and "FID skipped" in page
