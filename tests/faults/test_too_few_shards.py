@@ -76,6 +76,6 @@ def test_workers_given_too_few_shards_fail_together_instead_of_hanging(tmp_path,
     """Past the driver's check (bypassed here), every rank raises the same error in setup,
     before its first collective: the stage fails, it does not wait forever."""
     run = write_latent_run(tmp_path / "run", shards=1, per_shard=8)
-    monkeypatch.setattr(stage, "check_inputs", lambda config, run: None)
+    monkeypatch.setattr(stage, "check_inputs", lambda config, run: {})  # check_inputs returns the UNet summary
     with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) for 2 training workers"):
         run_stage(config(2), run)
