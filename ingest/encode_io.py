@@ -108,21 +108,12 @@ def safe_key(key: str) -> bool:
     return bool(key) and not key.startswith("/") and ".." not in key.split("/")
 
 
-def decode_shards(
-    batch: dict[str, np.ndarray],
-    run_url: str,
-    resolution: int,
-    batch_size: int,
-    max_pixels: int = MAX_PIXELS,
-    buckets: list | None = None,
-    previous: dict[str, Any] | None = None,
-    class_field: str | None = None,
-    classes: list[str] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
+def decode_shards(batch: dict[str, np.ndarray], run_url: str, **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """One task per raw shard: stream it, yield decoded batches, then write its progress record.
+    `options` are `decode_shard`'s (resolution, batch size, buckets, ...)."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), resolution, batch_size, max_pixels, buckets, previous, class_field, classes)
+        yield from decode_shard(run, str(name), **options)
 
 
 def decode_shard(

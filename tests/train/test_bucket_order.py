@@ -98,3 +98,33 @@ def test_latents_of_several_shapes_load_as_one_shard_per_raw_shard_and_bucket(tm
     for position in islice(order.batches(rank=1), 6):
         bucket = data.shards[position.samples[0][0]].bucket
         assert data.batch(position.samples)["latents"].shape == (2, *shapes[bucket])
+
+
+def test_class_labels_travel_with_bucketed_latents_into_batches(tmp_path):
+    """encode.class_field with encode.buckets: each sample's KEY.cls reaches its batch; a bad label is incomplete."""
+    shapes = {"64x64": (4, 8, 8), "96x48": (4, 6, 12)}
+    text = np.zeros(TEXT_SHAPE, np.float16)
+    members, labels = [], {}
+    for index, bucket in enumerate(["96x48", "64x64"] * 4):
+        key, label = f"0{index:03d}", index % 3
+        latent = np.full(shapes[bucket], index, np.float16)  # the latent says which sample it is
+        members += sample_members(key, latent, text, "c") + [(f"{key}.{layout.CLASS_KEY}", str(label).encode())]
+        labels[index] = label
+    members += sample_members("0bad", np.zeros(shapes["64x64"], np.float16), text, "c") + [(f"0bad.{layout.CLASS_KEY}", b"7")]
+    run = write_encode_output(tmp_path, [members, []])
+    manifest = run.read_json(layout.ENCODE_MANIFEST)
+    run.write_json(layout.ENCODE_MANIFEST, {
+        **manifest, "buckets": [[64, 64], [96, 48]], "bucket_latent_shapes": shapes,
+        "class_field": "shape", "classes": ["circle", "square", "triangle"],
+    })  # fmt: skip
+
+    data = load_latent_data(run)
+
+    assert data.classes == ["circle", "square", "triangle"] and data.counts()["incomplete_samples"] == 1  # label 7 of 3
+    for shard in data.shards:
+        assert shard.class_labels is not None and len(shard.class_labels) == len(shard)
+    order = make_order(data, world_size=1, batch_size=2, seed=0)
+    for position in islice(order.batches(rank=0), 4):
+        batch = data.batch(position.samples)
+        sample_ids = batch["latents"][:, 0, 0, 0].int().tolist()
+        assert batch["class_labels"].tolist() == [labels[i] for i in sample_ids]
