@@ -119,9 +119,7 @@ def continuation(entry: dict, base: str, phase: str, force: bool = False) -> str
 
 def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, str]:
     """Stage -> the chained hash of the config sections it reads, without the `ignored` keys of each section."""
-    data = _without_unset(config.model_dump(mode="json"))
-    for section, defaults in NEUTRAL_DEFAULTS.items():
-        data[section] = {k: v for k, v in data[section].items() if defaults.get(k, _NO_DEFAULT) != v}
+    data = _fingerprinted(config)
     chain: dict[str, str] = {}
     previous = ""
     for name, (_, sections, _, _) in STAGE_SPECS.items():
@@ -139,7 +137,12 @@ def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, st
     return chain
 
 
-_NO_DEFAULT = object()
+def _fingerprinted(config: PipelineConfig) -> dict[str, Any]:
+    """The config as fingerprints see it: without keys left unset or at a NEUTRAL_DEFAULTS value."""
+    data = _without_unset(config.model_dump(mode="json"))
+    for section, defaults in NEUTRAL_DEFAULTS.items():
+        data[section] = {k: v for k, v in data[section].items() if k not in defaults or defaults[k] != v}
+    return data
 
 
 def _without_unset(value: Any) -> Any:
