@@ -12,9 +12,9 @@ import sys
 
 import typer
 
-from pipeline import layout
-from pipeline.config import ConfigError, load_config, to_toml
-from pipeline.ray_runtime import WORKER_ENV
+from pipeline.core import layout
+from pipeline.core.config import ConfigError, load_config, to_toml
+from pipeline.core.ray_runtime import WORKER_ENV
 
 for _key, _value in WORKER_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -48,7 +48,7 @@ def run(
     force: bool = ForceOption,
 ) -> None:
     """Run every stage; a finished run is skipped and a half-finished one resumed."""
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
     from pipeline.runner import StageError, load_run_config, run_stages
 
     run_dir = RunDir(out)
@@ -67,7 +67,7 @@ def _stage_command(name: str):
         run_url: str = typer.Argument(..., metavar="RUN", help="An existing run directory."),
         force: bool = ForceOption,
     ) -> None:
-        from pipeline.rundir import RunDir
+        from pipeline.core.rundir import RunDir
         from pipeline.runner import StageError, load_run_config, run_stages
 
         run_dir = RunDir(run_url)
@@ -104,7 +104,7 @@ def sample(
         if out or negative_prompt is not None or steps or scheduler or seeds or checkpoint is not None:
             _fail("--out, --negative-prompt, --steps, --scheduler, --seed and --checkpoint go with --prompt or --class")
         return _stage_command("sample")(run_url, force)
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
     from pipeline.runner import load_run_config
     from sample.generate import sample_command
     from sample.guidance import SCHEDULERS
@@ -131,10 +131,10 @@ def sample(
 
 
 BENCHES = {
-    "ingest": "ingest.bench:run_bench",
-    "encode": "ingest.encode_bench:run_bench",
-    "train": "train.bench:run_bench",
-    "sample": "sample.bench:run_bench",
+    "ingest": "pipeline.bench.ingest:run_bench",
+    "encode": "pipeline.bench.encode:run_bench",
+    "train": "pipeline.bench.train:run_bench",
+    "sample": "pipeline.bench.sample:run_bench",
 }
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.core.buckets import VAE_DOWNSAMPLE
+
 
 class PlanError(ValueError):
     """Bad input; `option` names the CLI option to blame."""
@@ -50,7 +52,7 @@ UNET_TRAIN_FLOPS = {  # forward + backward per sample, the backward counted too 
 VAE_ENCODE_FLOPS = {"sd15": (0, 264_233_088, 2_048), "tiny": (0, 6_042_752, 256)}  # encoder + quant_conv
 TEXT_ENCODE_FLOPS = {"sd15": 13_298_503_680, "tiny": 13_128_192}  # 77 tokens, once per caption
 TEXT_SHAPE = {"sd15": (77, 768), "tiny": (77, 64)}
-LATENT_CHANNELS, VAE_DOWNSAMPLE = 4, 8
+LATENT_CHANNELS = 4
 PARAMS = {"sd15": 859_520_964, "tiny": 4_192_900}  # UNet parameters, counted the same way
 
 
@@ -131,7 +133,7 @@ class PresetFacts:
 
 
 def preset_facts(preset: str) -> PresetFacts:
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
 
     name = {"sd15": "sd15-256"}.get(preset, preset)
     try:
@@ -146,7 +148,7 @@ def preset_facts(preset: str) -> PresetFacts:
         resolution=encode.resolution,
         steps=train.max_steps,
         global_batch=train.batch_size_per_worker * train.num_workers * train.gradient_accumulation,
-        # As ingest/encode.py stores them: mean (+ std), each also mirrored with flip_copies.
+        # As ingest/encode/stage.py stores them: mean (+ std), each also mirrored with flip_copies.
         latent_members=(2 if encode.store_distribution else 1) * (2 if encode.flip_copies else 1),
         vae_passes=2 if encode.flip_copies else 1,
         workers=train.num_workers,
@@ -255,7 +257,7 @@ def plan(
         "text_elements", math.prod(TEXT_SHAPE[model]), "fp16 values",
         "77 x 768: CLIP ViT-L/14 max_position_embeddings x hidden_size, https://huggingface.co/openai/clip-vit-large-patch14"
         if model == "sd15"
-        else "77 x 64: builtin tiny text encoder, ingest/assets/tiny/text_encoder/config.json",
+        else "77 x 64: builtin tiny text encoder, pipeline/core/assets/tiny/text_encoder/config.json",
     )
     sample_bytes = 2 * (latent_elements + text_elements)
 

@@ -9,7 +9,7 @@ through the base fingerprints upstream; so raising max_steps continues training 
 checkpoint and validates only the new exports. A third, *phase* fingerprint also leaves out
 PHASE_KEYS (encode.resolution, encode.buckets): when only they differ, the stage keeps its output and starts a new
 phase of the same run (a multi-resolution schedule): encode re-encodes the images but reuses the
-text embeddings (`ingest.reuse`), train continues from its last checkpoint at the new resolution
+text embeddings (`ingest.encode.reuse`), train continues from its last checkpoint at the new resolution
 (`train.phases`), sample keeps what it validated. Any other change starts the stage over from an
 empty output folder.
 """
@@ -25,15 +25,16 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import layout
-from pipeline.config import PipelineConfig, to_toml
-from pipeline.ray_runtime import ensure_ray
-from pipeline.rundir import RunDir, now
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig, to_toml
+from pipeline.core.ray_runtime import ensure_ray
+from pipeline.core.rundir import RunDir, now
 
 console = Console(stderr=True)
 
@@ -72,20 +73,28 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
 # which "auto" derives from it): anything else that changes what the latents hold makes a new run.
 PHASE_KEYS: dict[str, set[str]] = {"encode": {"resolution", "buckets"}}
 
-# name -> (entry point, config sections it reads, output folder, needs Ray)
-STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
-    "ingest": ("ingest.stage:run_stage", ("seed", "ingest"), "ingest", True),
-    "encode": ("ingest.encode:run_stage", ("encode",), "encode", True),
-    "train": ("train.stage:run_stage", ("seed", "train"), "train", True),
-    "sample": ("sample.validate:run_stage", ("sample",), "sample", False),
-    "report": ("sample.report:run_stage", (), "report", False),
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage lives and what it reads and writes."""
+
+    package: str  # holds stage.py with run_stage(config, run) -> summary
+    sections: tuple[str, ...]  # config sections its fingerprint hashes
+    output: str  # its folder in the run directory
+    needs_ray: bool
+
+
+STAGE_SPECS: dict[str, StageSpec] = {
+    "ingest": StageSpec("ingest.download", ("seed", "ingest"), "ingest", needs_ray=True),
+    "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True),
+    "train": StageSpec("train", ("seed", "train"), "train", needs_ray=True),
+    "sample": StageSpec("sample.validate", ("sample",), "sample", needs_ray=False),
+    "report": StageSpec("sample.report", (), "report", needs_ray=False),
 }
 assert tuple(STAGE_SPECS) == layout.STAGES
 
 
 def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, Any]]:
-    module, function = STAGE_SPECS[name][0].split(":")
-    return getattr(importlib.import_module(module), function)
+    return importlib.import_module(f"{STAGE_SPECS[name].package}.stage").run_stage
 
 
 # Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
@@ -122,11 +131,11 @@ def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, st
     data = _fingerprinted(config)
     chain: dict[str, str] = {}
     previous = ""
-    for name, (_, sections, _, _) in STAGE_SPECS.items():
+    for name, spec in STAGE_SPECS.items():
         payload = {
             section: {k: v for k, v in data[section].items() if k not in ignored.get(section, ())}
             if isinstance(data[section], dict) else data[section]
-            for section in sections
+            for section in spec.sections
         }  # fmt: skip
         if name == "train" and config.train.init_from:  # the init model's weights, not only its name
             from train.finetune import init_fingerprint
@@ -157,7 +166,7 @@ def _digest(payload: dict, previous: str) -> str:
 
 
 def load_run_config(run: RunDir) -> PipelineConfig:
-    from pipeline.config import ConfigError, validate
+    from pipeline.core.config import ConfigError, validate
 
     if not run.exists(layout.CONFIG):
         raise ConfigError(f"{run.path(layout.CONFIG)} not found: is {run.url} a run directory? Start one with `pipeline run --out`.")
@@ -203,7 +212,7 @@ def _run_one(
     beside: Callable[[bool], contextlib.AbstractContextManager] | None = None,
 ) -> None:
     """`beside(keeps_output)`, if given, is a context the stage function runs inside (the sample watcher)."""
-    _, _, output, needs_ray = STAGE_SPECS[name]
+    output, needs_ray = STAGE_SPECS[name].output, STAGE_SPECS[name].needs_ray
     fingerprint, base, phase = stage_fingerprints
     mode = continuation(entry, base, phase, force)
     if mode == "start":
@@ -247,7 +256,7 @@ def _sample_watcher(
 
     fingerprint, base, phase = sample_fingerprints
     if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
-        run.remove(STAGE_SPECS["sample"][2])
+        run.remove(STAGE_SPECS["sample"].output)
     run.update_stage("sample", status="running", started=now(), finished=None, fingerprint=fingerprint,
                      base_fingerprint=base, phase_fingerprint=phase, error=None)  # fmt: skip
     watcher = Watcher(config, run).start()

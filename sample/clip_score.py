@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, CLIPModel, CLIPTokenizer
 
-from ingest.models import resolve_model_path
+from pipeline.core.models import resolve_model_path
 
 try:  # transformers >= 5: the default CLIPImageProcessor needs torchvision; this one does not
     from transformers.models.clip import CLIPImageProcessorPil as ImageProcessor

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ingest.toy import SHAPES, parse_caption
-from pipeline.config import PipelineConfig
+from pipeline.core.config import PipelineConfig
+from pipeline.core.toy import SHAPES, parse_caption
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 checkpoint assembled into a diffusers `StableDiffusionPipeline`.
 
 Both use the VAE, tokenizer and text encoder the run's config names, refused unless their
-weights made the training latents (`ingest.identity`). Without a negative prompt the
+weights made the training latents (`pipeline.core.identity`). Without a negative prompt the
 unconditional branch uses the manifest's empty-caption embedding, the tensor caption dropout
 trained on; a negative prompt (even "") is encoded by the text encoder, as diffusers does. A
 class-conditional export (its classes.json) samples named classes (`--class`), against the null class.
@@ -13,73 +13,16 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ingest import models
-from ingest.identity import check_run_encoders
-from pipeline import layout
-from pipeline.arrays import from_base64_npy
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
+from sample.export import Checkpoint, load_checkpoint
 from sample.guidance import make_scheduler, sample_images
-
-
-@dataclass
-class Checkpoint:
-    """An exported UNet with everything sampling it needs."""
-
-    step: int
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    scheduler_config: dict[str, Any]
-    empty_embedding: torch.Tensor  # [77, D], float32
-    latent_shape: list[int]
-    scaling_factor: float
-    classes: dict[str, Any] | None = None  # the export's classes.json (class-conditional exports only)
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        return models.encode_prompts(self.tokenizer, self.text_encoder, prompts).float().cpu()
-
-
-def pick_step(run: RunDir, step: int | None) -> int:
-    """`step` if it is a committed export, else the latest one when `step` is None."""
-    exported = run.committed_steps(layout.TRAIN_EXPORT)
-    if not exported:
-        raise FileNotFoundError(f"no committed export under {run.path(layout.TRAIN_EXPORT)}: train first")
-    if step is None:
-        return exported[-1]
-    if step not in exported:
-        raise ValueError(f"checkpoint {step} is not a committed export; committed: {exported}")
-    return step
-
-
-def load_checkpoint(run: RunDir, config: PipelineConfig, step: int | None, scratch: str, device: torch.device) -> Checkpoint:
-    from sample.validate import load_export
-
-    step = pick_step(run, step)
-    manifest = run.read_json(layout.ENCODE_MANIFEST)
-    encoders = check_run_encoders(config.encode, manifest, where=run.path(layout.ENCODE_MANIFEST))
-    unet, scheduler_config, classes = load_export(run, step, scratch, device, with_classes=True)
-    return Checkpoint(
-        step=step,
-        unet=unet,
-        vae=encoders.vae.to(device),
-        tokenizer=encoders.tokenizer,
-        text_encoder=encoders.text_encoder.to(device),
-        scheduler_config=dict(scheduler_config),
-        empty_embedding=torch.from_numpy(from_base64_npy(manifest["empty_caption_embedding"])).float(),
-        latent_shape=list(manifest["latent_shape"]),
-        scaling_factor=float(manifest["vae"]["scaling_factor"]),
-        classes=classes,
-    )
 
 
 def generate(

@@ -5,7 +5,7 @@ on the border; the shape is the commonest other colour, which must cover a minim
 the image. An image is correct when both colours are the caption's.
 
 The shape (`shape_of`) is read from the corners of its bounding box: a square fills all four, a
-triangle (apex up, as `ingest.toy.draw` draws it) the bottom two, a circle none.
+triangle (apex up, as `pipeline.core.toy.draw` draws it) the bottom two, a circle none.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ingest.toy import PALETTE, ToySpec
+from pipeline.core.toy import PALETTE, ToySpec
 
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[name] for name in _NAMES], dtype=np.float32)
@@ -62,7 +62,7 @@ CIRCLE_MIN_FILL = 0.6  # a drawn circle fills pi/4 = 0.785 of its bounding box; 
 
 
 def shape_of(image: np.ndarray, min_shape_share: float = 0.04) -> str | None:
-    """'circle', 'square' or 'triangle' (`ingest.toy.SHAPES`), or None when no shape stands out from the
+    """'circle', 'square' or 'triangle' (`pipeline.core.toy.SHAPES`), or None when no shape stands out from the
     background (too small, not roughly as tall as wide, as every toy shape is, or too ragged for a circle).
 
     The shape is the largest connected region of pixels that are not the background colour, holes filled

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
 
 FID_REFERENCE_CACHE = f"{layout.SAMPLE_VALIDATION.rsplit('/', 1)[0]}/fid_reference.npz"
 # Toy reference images are drawn with config.seed + this: the same distribution as the training set, other images.
@@ -44,7 +44,7 @@ class FidScorer:
             from sample.fid import read_reference_images
 
             return read_reference_images(sample.fid_reference, sample.fid_reference_count, size)
-        from ingest import toy
+        from pipeline.core import toy
         from sample.fid import square
 
         drawn = toy.generate(

@@ -24,9 +24,9 @@ import time
 import traceback
 from typing import Any
 
-from pipeline import layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
 
 
 class Validating:
@@ -41,7 +41,7 @@ class Validating:
             torch.set_num_threads(threads)
 
     def load(self) -> None:
-        from sample.validate import Validator
+        from sample.validate.stage import Validator
 
         if self.validator is None:
             self.validator = Validator.load(self.config, self.run)
@@ -74,7 +74,7 @@ class Watcher:
         # imports at once can fail ("cannot import name 'DDPMScheduler' from 'diffusers'").
         import sample.clip_score
         import sample.fid
-        import sample.validate  # noqa: F401
+        import sample.validate.stage  # noqa: F401
 
         print(f"[watch] validating exports beside training (every {self.config.sample.watch_interval_s:g} s)", flush=True)
         if self.run.exists(layout.ENCODE_MANIFEST):  # load the models while training starts up
@@ -115,7 +115,7 @@ class Watcher:
 
     def poll(self) -> int | None:
         """Validate the newest committed export not yet validated (or failed); its step, or None."""
-        from sample.validate import has_conditions, pending_steps, read_validation, record
+        from sample.validate.stage import has_conditions, pending_steps, read_validation, record
 
         validation = read_validation(self.run)
         _, todo = pending_steps(self.config.sample, self.run, validation, self.config.train.conditioning)

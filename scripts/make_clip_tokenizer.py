@@ -6,7 +6,7 @@ OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence) ships inside the open-clip
     unzip -o /tmp/oc/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' -d /tmp/oc
     python scripts/make_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
 
-The output (ingest/assets/tiny/tokenizer/) loads with `CLIPTokenizer.from_pretrained(dir)`
+The output (pipeline/core/assets/tiny/tokenizer/) loads with `CLIPTokenizer.from_pretrained(dir)`
 and is committed, so the runtime needs neither open-clip-torch nor a model hub.
 """
 
@@ -17,7 +17,7 @@ import gzip
 import json
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ingest" / "assets" / "tiny" / "tokenizer"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "pipeline" / "core" / "assets" / "tiny" / "tokenizer"
 NUM_MERGES = 49152 - 256 - 2  # as in OpenAI's simple_tokenizer.py
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -1,4 +1,4 @@
-"""Make the tiny offline models of the `tiny` preset, shipped under ingest/assets/tiny/.
+"""Make the tiny offline models of the `tiny` preset, shipped under pipeline/core/assets/tiny/.
 
 - text_encoder/: a randomly initialised (seeded) CLIPTextModel, hidden 64, 2 layers, float16.
 - vae/: a tiny AutoencoderKL (64x64x3 -> 8x8x4) trained on freshly generated toy images with
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ingest.toy import generate
+from pipeline.core.toy import generate
 from sample.judge import is_correct
 
-ASSETS = Path(__file__).resolve().parents[1] / "ingest" / "assets" / "tiny"
+ASSETS = Path(__file__).resolve().parents[1] / "pipeline" / "core" / "assets" / "tiny"
 SIZE = 64
 TEXT_SEED = 0
 VAE_INIT_SEED = 0

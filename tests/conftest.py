@@ -59,8 +59,8 @@ def ray_local():
     """A private Ray instance with 2 CPUs for the whole test session, shut down at the end."""
     import ray
 
-    from pipeline.config import RayConfig
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.core.config import RayConfig
+    from pipeline.core.ray_runtime import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2))
     yield ray

@@ -12,8 +12,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 SMALL = [
     "ingest.toy_count=240",

@@ -13,12 +13,12 @@ import tarfile
 
 import numpy as np
 
-from ingest.encode import latent_members
-from ingest.identity import Encoders
-from pipeline import layout
-from pipeline.arrays import to_base64_npy, to_npy_bytes
-from pipeline.config import EncodeConfig
-from pipeline.rundir import RunDir
+from ingest.encode.stage import latent_members
+from pipeline.core import layout
+from pipeline.core.arrays import to_base64_npy, to_npy_bytes
+from pipeline.core.config import EncodeConfig
+from pipeline.core.identity import Encoders
+from pipeline.core.rundir import RunDir
 
 LATENT_SHAPE = (4, 8, 8)
 TEXT_SHAPE = (77, 64)

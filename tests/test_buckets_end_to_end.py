@@ -10,14 +10,14 @@ import tarfile
 import pytest
 from webdataset import TarWriter
 
-from ingest import encode
-from ingest.buckets import bucket_name, nearest_bucket
-from ingest.toy import generate
-from pipeline import layout
-from pipeline.arrays import from_npy_bytes
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
-from train.buckets import BucketOrder, make_order
+from ingest.encode import stage as encode
+from pipeline.core import layout
+from pipeline.core.arrays import from_npy_bytes
+from pipeline.core.buckets import bucket_name, nearest_bucket
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import generate
+from train.bucket_order import BucketOrder, make_order
 from train.data import load_latent_data
 from train.stage import run_stage as train
 

@@ -8,7 +8,7 @@ import tarfile
 from run_contract import SMALL, pipeline, set_args
 from safetensors import safe_open
 
-from pipeline import layout
+from pipeline.core import layout
 
 CLASS_MODE = ["train.conditioning=class", "encode.class_field=shape"]
 SHAPES = ["circle", "square", "triangle"]

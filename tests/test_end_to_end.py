@@ -7,7 +7,7 @@ import json
 import pytest
 from run_contract import SMALL, check_run_contract, pipeline
 
-from pipeline import layout
+from pipeline.core import layout
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

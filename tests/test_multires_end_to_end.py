@@ -10,9 +10,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from run_contract import SMALL, pipeline, set_args
 
-from pipeline import layout
-from pipeline.arrays import from_npy_bytes
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.arrays import from_npy_bytes
+from pipeline.core.rundir import RunDir
 
 PROMPTS = "sample.prompts=['a red circle on a green background', 'a blue square on a yellow background']"
 COMMON = [

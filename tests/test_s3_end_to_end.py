@@ -5,8 +5,8 @@ read back from the bucket."""
 import boto3
 from run_contract import SMALL, check_run_contract, pipeline, set_args
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 BUCKET = "e2e-runs"
 

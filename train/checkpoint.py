@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import faults, layout
-from pipeline.config import TrainConfig
-from pipeline.rundir import RunDir, now
+from pipeline.core import faults, layout
+from pipeline.core.config import TrainConfig
+from pipeline.core.rundir import RunDir, now
 from train import distributed, phases
 from train.data import BatchPosition
 from train.ema import ExponentialMovingAverage, weights_replaced

@@ -2,7 +2,7 @@
 
 The encode stage writes `RUN/encode/shards/*.tar` (webdataset: KEY.latent.npy, KEY.text.npy,
 KEY.json, and with the encode options the posterior's std, a mirrored copy and the class label
-KEY.cls: see `pipeline.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
+KEY.cls: see `pipeline.core.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
 samples take ~30 MB) as one shard per raw shard, samples sorted by key; the order in which a
 rank visits them is a pure function of (seed, epoch, rank, world size), so a checkpoint needs
 only (epoch, next batch index):
@@ -16,7 +16,7 @@ only (epoch, next batch index):
 Flip choices and posterior draws come from the batch's own generator (`LatentData.batch`),
 so they too are recomputed, not stored, on resume.
 
-With encode.buckets, latents come in one shape per bucket: `train.buckets` reads them and
+With encode.buckets, latents come in one shape per bucket: `train.bucket_order` reads them and
 deals single-bucket batches instead (same position, same resume).
 
 Arrays are read with `allow_pickle=False` and metadata as JSON: no pickle ever runs.
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline import layout
-from pipeline.arrays import from_base64_npy, from_npy_bytes
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.arrays import from_base64_npy, from_npy_bytes
+from pipeline.core.rundir import RunDir
 
 # webdataset's rule: the key is the path up to the first dot of the file name.
 _MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
@@ -175,7 +175,7 @@ def load_latent_data(run: RunDir) -> LatentData:
     if not names:
         raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
     if manifest.get("buckets"):  # encode.buckets: one shard per raw shard and bucket (train.buckets)
-        from train.buckets import read_bucketed_shards
+        from train.bucket_order import read_bucketed_shards
 
         shards = read_bucketed_shards(run, names, manifest, text_shape, members, None if classes is None else len(classes))
         return LatentData(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import TrainConfig
+from pipeline.core.config import TrainConfig
 
 
 def is_distributed() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.core.config import TrainConfig
 from train import distributed
 
 EMA_DIR = "ema"  # in a checkpoint folder: rank-R.pt per rank under ZeRO-3, whole.pt (rank 0's) otherwise

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.config import TrainConfig, deep_merge
+from pipeline.core.config import TrainConfig, deep_merge
 from train.step import learning_rate_factor
 
 
@@ -18,7 +18,7 @@ def deepspeed_config(config: TrainConfig, hidden_size: int | None = None) -> dic
     (what Hugging Face's integration sets for "auto"); DeepSpeed's own default, 1e5 elements, is
     sized for billion-parameter models and would keep 44% of the tiny UNet unpartitioned.
     `train.deepspeed` is merged over it, table by table (the config refuses the keys set here
-    from other train keys, see `pipeline.config.DEEPSPEED_OWNED_KEYS`); it can set that threshold.
+    from other train keys, see `pipeline.core.config.DEEPSPEED_OWNED_KEYS`); it can set that threshold.
     """
     zero = {"stage": config.zero_stage}
     if config.zero_stage == 3 and hidden_size:

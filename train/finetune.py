@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import layout
-from pipeline.config import TrainConfig
+from pipeline.core import layout
+from pipeline.core.config import TrainConfig
 
 CONFIG_FILE = "config.json"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
@@ -135,9 +135,9 @@ def load_unet(folder: Path, sample_size: int):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ingest.models import _DIFFUSERS_EXTRA
+    from pipeline.core.models import DIFFUSERS_LOAD_OPTIONS
 
-    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **_DIFFUSERS_EXTRA)
+    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **DIFFUSERS_LOAD_OPTIONS)
     if unet.config.sample_size != sample_size:
         unet.register_to_config(sample_size=sample_size)
     return unet

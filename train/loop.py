@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import faults, layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core import faults, layout
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
 from train import distributed
-from train.buckets import BucketOrder, make_order
+from train.bucket_order import BucketOrder, make_order
 from train.checkpoint import TrainState, classes_record, export_model, is_due, resume, save_checkpoint
 from train.data import DataOrder, load_latent_data
 from train.ema import ExponentialMovingAverage

@@ -15,8 +15,8 @@ import shutil
 import tempfile
 import time
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 from train import distributed
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 STATE_FILE = "train_state.json"  # as train.checkpoint writes it (kept free of its torch imports)
 

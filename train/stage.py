@@ -5,17 +5,17 @@ Checkpoints land in `RUN/train/checkpoints/step-NNNNNNN` because the trainer's s
 directory resumes from the latest committed checkpoint (see `train.checkpoint.resume`). Within
 one run, `train.max_failures` lets Ray Train restart failed workers, which resume the same way.
 
-Assumes Ray is initialised (`pipeline.ray_runtime.ensure_ray`).
+Assumes Ray is initialised (`pipeline.core.ray_runtime.ensure_ray`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ingest.identity import EncoderMismatchError, check_run_encoders
-from pipeline import layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig
+from pipeline.core.identity import EncoderMismatchError, check_run_encoders
+from pipeline.core.rundir import RunDir
 from train import finetune, phases
 from train.data import latent_shard_names, parts_by_raw_shard
 from train.loop import train_worker

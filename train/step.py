@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from pipeline.config import TrainConfig
+from pipeline.core.config import TrainConfig
 from train import distributed
 
 

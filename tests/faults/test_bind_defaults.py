@@ -1,7 +1,7 @@
 """Servers the pipeline starts listen on loopback only, unless configured otherwise.
 
-- the toy data server (`ingest.toy_server.serve_directory`): 127.0.0.1 by default;
-- the private local Ray instance (`pipeline.ray_runtime.ensure_ray` without ray.address or
+- the toy data server (`ingest.download.toy_server.serve_directory`): 127.0.0.1 by default;
+- the private local Ray instance (`pipeline.core.ray_runtime.ensure_ray` without ray.address or
   RAY_ADDRESS): no dashboard frontend and no job API (the minimal dashboard head Ray
   still starts loads only its usage-stats module), and every listening socket of every process it
   started (GCS, raylet, workers, dashboard and runtime-env agents) on loopback. Joining a
@@ -17,7 +17,7 @@ import urllib.request
 
 import psutil
 
-from ingest.toy_server import serve_directory
+from ingest.download.toy_server import serve_directory
 
 
 def listening(pids: set[int]) -> list[tuple[str, int, str]]:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from train import distributed
 from train.step import PlainEngine, make_noise_scheduler, train_step
 

@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import encode_io, encode_progress
-from ingest.toy import generate
-from pipeline import layout
-from pipeline.arrays import to_npy_bytes
-from pipeline.config import IngestConfig
-from pipeline.rundir import RunDir
+from ingest.encode import progress as encode_progress
+from ingest.encode import shard_io as encode_io
+from pipeline.core import layout
+from pipeline.core.arrays import to_npy_bytes
+from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import generate
 from train.data import read_latent_shard
 
 IMAGE = generate(1, 64, seed=3)[0][1]  # 64 x 64

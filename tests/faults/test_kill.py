@@ -1,6 +1,6 @@
 """Processes killed mid-work: the whole `pipeline run`, one Ray Train worker, a rank in the middle
 of a checkpoint, an encode actor. Each run goes through the real CLI (its own Ray instance, so
-the fault in PIPELINE_FAULT reaches every worker; see pipeline/faults.py) and ends compared with
+the fault in PIPELINE_FAULT reaches every worker; see pipeline/core/faults.py) and ends compared with
 one clean run of the same config: the same latents per key, the same loss at every logged step
 (the same samples, in the same order), the same weights.
 
@@ -23,8 +23,8 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from pipeline import faults, layout
-from pipeline.rundir import RunDir
+from pipeline.core import faults, layout
+from pipeline.core.rundir import RunDir
 
 pytestmark = pytest.mark.kill
 
@@ -145,7 +145,7 @@ def clean_run(tmp_path_factory) -> Path:
 
 def copy_up_to_train(clean: Path, out: Path, max_failures: int) -> Path:
     """A copy of the clean run without its train, sample and report outputs (run with --force)."""
-    from pipeline.config import to_toml
+    from pipeline.core.config import to_toml
     from pipeline.runner import load_run_config
 
     shutil.copytree(clean, out, ignore=shutil.ignore_patterns("train", "sample", "report"))

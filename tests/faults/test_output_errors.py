@@ -17,9 +17,10 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import cli, layout, runner
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from pipeline import cli, runner
+from pipeline.core import layout
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_other_errors_still_propagate_as_they_are(tmp_path, fake_stages):
 def test_the_encode_stage_on_a_full_disk_fails_with_one_line(mount_tmpfs, ray_local):
     from webdataset import TarWriter
 
-    from ingest.toy import generate
+    from pipeline.core.toy import generate
 
     folder = mount_tmpfs("encode", "2M")
     config = load_config("tiny", overrides=["encode.batch_size=8", "encode.num_actors=1"])

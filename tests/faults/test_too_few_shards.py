@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from synthetic_latents import write_latent_run
 
-from pipeline import layout
-from pipeline.config import load_config
+from pipeline.core import layout
+from pipeline.core.config import load_config
 from train import stage
 from train.stage import TrainStageError, run_stage
 

@@ -4,20 +4,20 @@ The payload is a pickle whose `__reduce__` calls `os.system("touch MARKER")`; ev
 asserts MARKER was never created, and that the sample is counted or the load refused.
 
 Shard readers (neither uses webdataset's decoders, which would unpickle `.pyd`/`.pkl`/`.pth`):
-- encode's raw-shard reader `ingest.encode_io.read_raw_samples`/`decode_shard`: tarfile, members
+- encode's raw-shard reader `ingest.encode.shard_io.read_raw_samples`/`decode_shard`: tarfile, members
   kept as bytes; only the image (PIL), the caption (UTF-8) and the metadata (JSON) are decoded.
 - train's latent-shard reader `train.data.read_latent_shard`: tarfile, only the `.npy` members
   it expects, through `np.load(allow_pickle=False)`.
 
 Weight loaders checked (grep: torch.load, from_pretrained, load_state_dict, safetensors):
-- `ingest.models.load_vae` (diffusers `AutoencoderKL.from_pretrained`) and `load_text_encoder`
+- `pipeline.core.models.load_vae` (diffusers `AutoencoderKL.from_pretrained`) and `load_text_encoder`
   (transformers `CLIPTextModel.from_pretrained`): `use_safetensors=True`, so a pickle-based
   `.bin` is refused by name; tested here. (Without it both libraries fall back to
   `torch.load(weights_only=True)`, which also refuses the payload, with a less clear error.)
 - `load_tokenizer`: reads vocab.json/merges.txt, no weights.
 - the UNet: training builds it from its config (`train.unet.build_unet`), or, when fine-tuning
   (`train.init_from`), loads it with `train.finetune.load_unet`, safetensors only (tested here);
-  sampling loads our own exports (`sample.validate.load_export`) with diffusers'
+  sampling loads our own exports (`sample.export.load_export`) with diffusers'
   `UNet2DConditionModel.from_pretrained(use_safetensors=True)`, tested here with a malicious
   `diffusion_pytorch_model.bin` (diffusers 0.42's own default, `weights_only=True`, refuses it too).
 - `train.ema.ExponentialMovingAverage.load`: `torch.load(weights_only=True)`; tested here.
@@ -39,11 +39,12 @@ import pytest
 import torch
 from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, shard_bytes
 
-from ingest import encode_io, encode_progress, models
-from ingest.toy import generate
-from pipeline import layout
-from pipeline.arrays import to_npy_bytes
-from pipeline.rundir import RunDir
+from ingest.encode import progress as encode_progress
+from ingest.encode import shard_io as encode_io
+from pipeline.core import layout, models
+from pipeline.core.arrays import to_npy_bytes
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import generate
 from train.data import read_latent_shard
 from train.ema import ExponentialMovingAverage
 
@@ -153,9 +154,9 @@ def test_the_builtin_models_still_load_from_safetensors():
 def test_an_exported_unet_folder_with_pickle_weights_is_refused(tmp_path, marker):
     from diffusers import UNet2DConditionModel
 
-    from pipeline import layout
-    from pipeline.rundir import RunDir
-    from sample.validate import load_export
+    from pipeline.core import layout
+    from pipeline.core.rundir import RunDir
+    from sample.export import load_export
     from train.unet import build_unet
 
     run = RunDir(str(tmp_path / "run"))

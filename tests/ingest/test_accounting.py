@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.accounting import REASONS, aggregate, classify
-from pipeline import layout
-from pipeline.rundir import RunDir
+from ingest.download.accounting import REASONS, aggregate, classify
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 # Messages as img2dataset 1.47 records them (urllib/http.client, cv2 4.14, Pillow), collected by
 # running its download_image and Resizer against a loopback server and crafted bytes.
@@ -54,7 +54,7 @@ MESSAGES = [
 ]
 
 
-# The egress guard's refusals, as ingest/egress.py words them (URLError-wrapped by urllib).
+# The egress guard's refusals, as ingest/download/egress.py words them (URLError-wrapped by urllib).
 MESSAGES += [
     ("failed_to_download", "<urlopen error refused non-public address 10.1.2.3 for host '10.1.2.3'>", "refused_address"),
     ("failed_to_download", "<urlopen error refused URL scheme 'file': file:///etc/passwd>", "refused_address"),
@@ -66,7 +66,7 @@ MESSAGES += [
 
 
 def test_egress_phrases_are_classified():
-    egress = pytest.importorskip("ingest.egress")
+    egress = pytest.importorskip("ingest.download.egress")
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_ADDRESS} 10.0.0.1>") == "refused_address"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_SCHEME} 'gopher'>") == "refused_address"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_REDIRECT} 'file:///x'>") == "refused_address"

@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 from test_encode import jpeg, write_raw_shard
 
-from ingest import buckets, encode, encode_io, encode_progress
-from ingest.toy import generate
-from pipeline.config import ConfigError, load_config, to_toml
-from pipeline.rundir import RunDir
+from ingest.encode import progress as encode_progress
+from ingest.encode import shard_io as encode_io
+from ingest.encode import stage as encode
+from pipeline.core import buckets
+from pipeline.core.config import ConfigError, load_config, to_toml
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import generate
 from sample.judge import is_correct
 from train.unet import PRESETS
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from synthetic_latents import sample_members, shard_bytes
 
-from ingest.class_labels import class_value, label_of, sorted_classes
-from pipeline import layout
-from pipeline.config import ConfigError, load_config
+from ingest.encode.class_labels import class_value, label_of, sorted_classes
+from pipeline.core import layout
+from pipeline.core.config import ConfigError, load_config
 from pipeline.runner import fingerprints
 from train.data import read_latent_shard
 

@@ -1,4 +1,4 @@
-"""The egress guard (ingest/egress.py) against real loopback servers: SSRF and decompression bombs."""
+"""The egress guard (ingest/download/egress.py) against real loopback servers: SSRF and decompression bombs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from ingest import egress
+from ingest.download import egress
 
 # ---------------------------------------------------------------------------------------
 # Helpers

@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 from webdataset import TarWriter
 
-from ingest import encode, encode_io, encode_progress
-from ingest.identity import Encoders
-from ingest.models import encode_prompts, vae_scaling_factor
-from ingest.toy import generate
-from pipeline import layout
-from pipeline.arrays import from_base64_npy, from_npy_bytes
-from pipeline.config import EncodeConfig, load_config
-from pipeline.rundir import RunDir
+from ingest.encode import progress as encode_progress
+from ingest.encode import shard_io as encode_io
+from ingest.encode import stage as encode
+from pipeline.core import layout
+from pipeline.core.arrays import from_base64_npy, from_npy_bytes
+from pipeline.core.config import EncodeConfig, load_config
+from pipeline.core.identity import Encoders
+from pipeline.core.models import encode_prompts, vae_scaling_factor
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import generate
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_captions_that_are_not_utf8_are_replaced_not_fatal(tmp_path):
 
 # -- the Ray Data stage -----------------------------------------------------------------------
 def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path, ray_local):
-    from ingest.stage import run_stage as ingest
+    from ingest.download.stage import run_stage as ingest
 
     config = load_config("tiny", overrides=["ingest.toy_count=150", "ingest.samples_per_shard=50", "encode.batch_size=32"])
     run = RunDir(tmp_path)

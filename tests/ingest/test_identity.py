@@ -1,13 +1,13 @@
-"""Which encoders made the latents, and refusing the ones that did not (ingest.identity)."""
+"""Which encoders made the latents, and refusing the ones that did not (pipeline.core.identity)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ingest import models
-from ingest.identity import EncoderMismatchError, Encoders, check_manifest, check_run_encoders
-from pipeline.config import EncodeConfig
+from pipeline.core import models
+from pipeline.core.config import EncodeConfig
+from pipeline.core.identity import EncoderMismatchError, Encoders, check_manifest, check_run_encoders
 
 VAE_HASH, OTHER_VAE_HASH, TEXT_HASH = "a" * 64, "b" * 64, "c" * 64
 WHERE = "s3://bucket/run/encode/manifest.json"

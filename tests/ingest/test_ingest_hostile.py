@@ -2,10 +2,10 @@
 every bad row ends as a count in ingest/stats.json, the good ones as samples, nothing crashes."""
 
 import io
+import struct
 import tarfile
 import threading
 import zlib
-import struct
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ingest.stage import run_stage
-from ingest import toy
-from pipeline import layout
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from ingest.download.stage import run_stage
+from pipeline.core import layout, toy
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
 
 GOOD = 12
 
@@ -117,7 +116,7 @@ def test_every_bad_row_is_counted_and_never_fatal(tmp_path, hostile_server, ray_
     url_list = tmp_path / "urls.parquet"
     pd.DataFrame(rows, columns=["URL", "TEXT", "punsafe"]).to_parquet(url_list, index=False)
     config = load_config("tiny", overrides=[
-        "ingest.source='urls'", f"ingest.url_list='{url_list}'", "ingest.url_column='URL'",
+        "ingest.source='urls'", f"ingest.download.url_list='{url_list}'", "ingest.url_column='URL'",
         "ingest.caption_column='TEXT'", "ingest.extra_columns=['punsafe']", "ingest.filters={punsafe={max=0.5}}",
         "ingest.allow_loopback=true", "ingest.min_image_size=16", "ingest.max_megapixels=50", "ingest.timeout_s=3",
         "ingest.samples_per_shard=10", "sample.judge='none'",

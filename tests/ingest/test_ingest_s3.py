@@ -5,11 +5,10 @@ import tarfile
 
 import boto3
 
-from ingest.distribute import complete_shards
-from ingest.stage import run_stage
-from pipeline import layout
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from ingest.download.stage import run_stage
+from pipeline.core import layout
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir, complete_shards
 
 
 def test_ingest_to_s3(s3_server, ray_local):

@@ -8,12 +8,12 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-from ingest.stage import run_stage
-from ingest.toy import parse_caption
-from ingest.toy_server import serve_directory
-from pipeline import layout
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from ingest.download.stage import run_stage
+from ingest.download.toy_server import serve_directory
+from pipeline.core import layout
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import parse_caption
 from sample.judge import is_correct
 
 
@@ -52,7 +52,7 @@ def test_ingest_writes_webdataset_shards_and_stats(tmp_path, ray_local):
 
 
 def test_rerun_redoes_only_missing_or_partial_shards(tmp_path, ray_local):
-    from ingest.distribute import complete_shards
+    from pipeline.core.rundir import complete_shards
 
     config = load_config("tiny", overrides=["ingest.toy_count=90", "ingest.samples_per_shard=30"])
     run = RunDir(tmp_path)

@@ -1,4 +1,4 @@
-"""The shipped tiny models and their loaders (ingest.models); all offline and fast."""
+"""The shipped tiny models and their loaders (pipeline.core.models); all offline and fast."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ingest import models
-from ingest.toy import generate
+from pipeline.core import models
+from pipeline.core.toy import generate
 from sample.judge import is_correct
 
 PUPPY_IDS = [49406, 320, 8853, 539, 320, 6829, 49407] + [49407] * 70

@@ -1,4 +1,4 @@
-"""Reusing the text embeddings of a run's previous resolution (ingest.reuse): the record's lifecycle on
+"""Reusing the text embeddings of a run's previous resolution (ingest.encode.reuse): the record's lifecycle on
 real files, the decode tasks attaching embeddings by key, and the actors encoding only what is missing."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from PIL import Image
 from synthetic_latents import sample_members, shard_bytes
 from webdataset import TarWriter
 
-from ingest import encode_io, encode_progress, reuse
-from pipeline import layout
-from pipeline.arrays import to_base64_npy
-from pipeline.rundir import RunDir
+from ingest.encode import progress as encode_progress
+from ingest.encode import reuse
+from ingest.encode import shard_io as encode_io
+from pipeline.core import layout
+from pipeline.core.arrays import to_base64_npy
+from pipeline.core.rundir import RunDir
 
 TEXT_SHAPE = [4, 8]
 IDENTITY = {"text_encoder": {"id": "te", "subfolder": None, "weights_sha256": "aa"},

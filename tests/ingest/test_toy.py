@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ingest import toy
+from pipeline.core import toy
 
 
 def test_every_spec_is_distinct_and_captions_parse_back():

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest import url_list as ul
-from ingest.url_list import clean_caption, clean_url, prepare_url_list
-from pipeline.config import IngestConfig
+from ingest.download import url_list as ul
+from ingest.download.url_list import clean_caption, clean_url, prepare_url_list
+from pipeline.core.config import IngestConfig
 
 HUGE = "x" * 1_000_000
 

@@ -1,7 +1,7 @@
 import pytest
 import tomllib
 
-from pipeline.config import PRESETS, ConfigError, load_config, to_toml, validate
+from pipeline.core.config import PRESETS, ConfigError, load_config, to_toml, validate
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -172,7 +172,7 @@ def test_flop_constants_match_a_fresh_count():
         return counter.get_total_flops()
 
     meta, resolution, side = torch.device("meta"), 192, 24
-    tiny_vae = json_module.loads(Path(__file__).parents[2].joinpath("ingest/assets/tiny/vae/config.json").read_text())
+    tiny_vae = json_module.loads(Path(__file__).parents[2].joinpath("pipeline/core/assets/tiny/vae/config.json").read_text())
     with meta:
         vaes = {
             "sd15": AutoencoderKL(

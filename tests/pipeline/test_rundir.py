@@ -1,7 +1,7 @@
 import os
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 
 def test_local_paths_and_file_urls_are_the_same_run(tmp_path):

@@ -2,9 +2,10 @@
 
 import pytest
 
-from pipeline import layout, runner
-from pipeline.config import load_config
-from pipeline.rundir import RunDir
+from pipeline import runner
+from pipeline.core import layout
+from pipeline.core.config import load_config
+from pipeline.core.rundir import RunDir
 
 
 @pytest.fixture

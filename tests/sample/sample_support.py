@@ -1,6 +1,6 @@
 """Tiny randomly initialised models and a synthetic run directory for the sample-stage tests.
 
-The models are saved with `save_pretrained` and loaded back through `ingest.models` by local
+The models are saved with `save_pretrained` and loaded back through `pipeline.core.models` by local
 path, the same code path real models and the shipped `builtin:` ones take.
 """
 
@@ -14,11 +14,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
-from ingest import models
-from pipeline import layout
-from pipeline.arrays import to_base64_npy
-from pipeline.config import EncodeConfig, PipelineConfig, SampleConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout, models
+from pipeline.core.arrays import to_base64_npy
+from pipeline.core.config import EncodeConfig, PipelineConfig, SampleConfig
+from pipeline.core.rundir import RunDir
 
 RESOLUTION = 16  # pixels; the tiny VAE halves it once -> 8x8 latents
 LATENT_SHAPE = [4, 8, 8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, training_scheduler
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from sample.conditions import validation_conditions
 from sample.guidance import make_scheduler, predict_with_guidance, sample_latents
 

@@ -10,8 +10,8 @@ from sample_support import CLIP_IMAGE_SIZE as SIDE
 from sample_support import PROMPTS, sample_config
 from transformers import CLIPModel
 
-from pipeline.config import IngestConfig
-from pipeline.rundir import RunDir
+from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir
 from sample.clip_score import ClipScorer, has_image_tower
 from sample.metrics import Metrics
 

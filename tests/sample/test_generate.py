@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from sample_support import PROMPTS, RESOLUTION, sample_config
 
-from pipeline import layout
-from pipeline.config import to_toml
-from sample import generate
+from pipeline.core import layout
+from pipeline.core.config import to_toml
+from sample import export, generate
 
 
 @pytest.mark.parametrize(("scheduler", "guidance_scale"), [("ddim", 7.5), ("dpmsolver++", 3.0), ("euler", 1.0), ("ddpm", 7.5)])
 def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_dirs, tmp_path, scheduler, guidance_scale):
     config = sample_config(model_dirs)
-    checkpoint = generate.load_checkpoint(synthetic_run, config, 20, str(tmp_path), torch.device("cpu"))
+    checkpoint = export.load_checkpoint(synthetic_run, config, 20, str(tmp_path), torch.device("cpu"))
     seeds = [3, 11]
     ours = generate.generate(checkpoint, PROMPTS, seeds, guidance_scale, 4, scheduler, negative_prompt="")
 
@@ -44,7 +44,7 @@ def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_di
 
 def test_default_negative_prompt_is_the_manifests_empty_caption(synthetic_run, model_dirs, tmp_path):
     config = sample_config(model_dirs)
-    checkpoint = generate.load_checkpoint(synthetic_run, config, None, str(tmp_path), torch.device("cpu"))
+    checkpoint = export.load_checkpoint(synthetic_run, config, None, str(tmp_path), torch.device("cpu"))
     assert checkpoint.step == 20  # the latest export
     default = generate.generate(checkpoint, PROMPTS[:1], [0], 7.5, 3, "ddim")
     explicit_other = generate.generate(checkpoint, PROMPTS[:1], [0], 7.5, 3, "ddim", negative_prompt="a black background")
@@ -53,7 +53,7 @@ def test_default_negative_prompt_is_the_manifests_empty_caption(synthetic_run, m
 
 def test_unknown_checkpoint_names_the_committed_ones(synthetic_run):
     with pytest.raises(ValueError, match=r"checkpoint 15 is not a committed export; committed: \[10, 20\]"):
-        generate.pick_step(synthetic_run, 15)
+        export.pick_step(synthetic_run, 15)
 
 
 def test_png_names_are_sortable_and_safe():
@@ -77,7 +77,7 @@ def test_cli_writes_one_png_per_prompt_and_seed(synthetic_run, model_dirs, tmp_p
     assert names == [generate.png_name(p, prompt, seed) for p, prompt in enumerate(PROMPTS) for seed in (5, 6)]
     assert result.stdout.split() == [str(out / name) for name in names]
 
-    checkpoint = generate.load_checkpoint(synthetic_run, config, 10, str(tmp_path), torch.device("cpu"))
+    checkpoint = export.load_checkpoint(synthetic_run, config, 10, str(tmp_path), torch.device("cpu"))
     expected = generate.generate(checkpoint, PROMPTS, [5, 6], 3.0, 3, "euler")
     written = np.stack([np.asarray(Image.open(out / name)) for name in names]).reshape(expected.shape)
     np.testing.assert_array_equal(written, expected)

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, tiny_vae, training_scheduler
 
 from sample.guidance import SCHEDULERS, decode, make_scheduler, predict_with_guidance, sample_images, sample_latents
-from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, tiny_vae, training_scheduler
 
 
 class StubUNet(torch.nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.toy import PALETTE, ToySpec, generate
+from pipeline.core.toy import PALETTE, ToySpec, generate
 from sample.judge import is_correct, judge
 
 

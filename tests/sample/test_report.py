@@ -7,10 +7,11 @@ import re
 
 from sample_support import sample_config
 
-from pipeline import layout
-from pipeline.config import to_toml
-from pipeline.rundir import RunDir
-from sample import report, validate
+from pipeline.core import layout
+from pipeline.core.config import to_toml
+from pipeline.core.rundir import RunDir
+from sample.report import stage as report
+from sample.validate import stage as validate
 
 REMOTE_REFERENCE = re.compile(
     r"""(?:src|href|srcset)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//""", re.IGNORECASE

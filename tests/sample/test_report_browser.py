@@ -14,8 +14,9 @@ import pytest
 from sample_support import sample_config
 from test_report import fill_other_stages
 
-from pipeline import layout
-from sample import report, validate
+from pipeline.core import layout
+from sample.report import stage as report
+from sample.validate import stage as validate
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))

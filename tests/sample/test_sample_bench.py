@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sample_support import PROMPTS, sample_config
 
-from pipeline import layout
-from pipeline.config import to_toml
-from sample.bench import SCHEDULERS, first_hit, run_bench
+from pipeline.bench.sample import SCHEDULERS, first_hit, run_bench
+from pipeline.core import layout
+from pipeline.core.config import to_toml
 
 LADDER = (4, 1, 2, 40)  # unsorted, and 40 is past the reference: the bench sorts and drops it
 DDPM_STEPS = 20

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 from sample_support import PROMPTS, encode_manifest, export_step, sample_config
 
-from ingest import models
-from ingest.identity import EncoderMismatchError
-from pipeline import layout
-from pipeline.rundir import RunDir
-from sample import validate
+from pipeline.core import layout, models
+from pipeline.core.identity import EncoderMismatchError
+from pipeline.core.rundir import RunDir
+from sample.validate import stage as validate
 
 
 def test_validates_every_committed_export_and_writes_grids(synthetic_run, model_dirs, tmp_path):
@@ -130,7 +129,7 @@ def test_best_prefers_accuracy_then_the_later_step():
 BUILTIN = models.ASSETS_DIR
 needs_builtin = pytest.mark.skipif(
     not all((BUILTIN / name).is_dir() for name in ("vae", "text_encoder", "tokenizer")),
-    reason="shipped tiny models (ingest/assets/tiny/{vae,text_encoder}) not made yet: run scripts/make_tiny_models.py",
+    reason="shipped tiny models (pipeline/core/assets/tiny/{vae,text_encoder}) not made yet: run scripts/make_tiny_models.py",
 )
 
 

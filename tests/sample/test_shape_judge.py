@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ingest.encode import to_model_input
-from ingest.models import load_vae
-from ingest.toy import PALETTE, generate
+from ingest.encode.stage import to_model_input
+from pipeline.core.models import load_vae
+from pipeline.core.toy import PALETTE, generate
 from sample.judge import shape_of
 
 

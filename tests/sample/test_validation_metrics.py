@@ -9,9 +9,11 @@ import torch
 from safetensors.torch import save_file
 from sample_support import sample_config
 
-from pipeline import layout
-from sample import fid, report, validate
+from pipeline.core import layout
+from sample import fid
 from sample.metrics import FID_REFERENCE_CACHE
+from sample.report import stage as report
+from sample.validate import stage as validate
 
 
 @pytest.fixture(scope="module")

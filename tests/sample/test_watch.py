@@ -8,9 +8,10 @@ import time
 from sample_support import sample_config
 from synthetic_latents import write_latent_run
 
-from pipeline import layout, runner
-from pipeline.config import load_config
-from sample import validate
+from pipeline import runner
+from pipeline.core import layout
+from pipeline.core.config import load_config
+from sample.validate import stage as validate
 from sample.watch import Watcher
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from synthetic_latents import write_latent_run
 
-from pipeline.rundir import RunDir
+from pipeline.core.rundir import RunDir
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Training on aspect-ratio buckets (train.buckets): reading latents of several shapes, and the
+"""Training on aspect-ratio buckets (train.bucket_order): reading latents of several shapes, and the
 batch order: one bucket per batch, every rank in step, deterministic, resumable at a position."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from synthetic_latents import TEXT_SHAPE, sample_members, write_encode_output
 
-from pipeline import layout
-from train.buckets import BucketOrder, make_order
+from pipeline.core import layout
+from train.bucket_order import BucketOrder, make_order
 from train.data import load_latent_data
 
 # shard sizes and buckets: two raw shards, each split by bucket, plus a bucket with a single sample.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 from train.checkpoint import STATE_FILE, TrainState, is_due, resume
 from train.data import BatchPosition
 

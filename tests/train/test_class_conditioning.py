@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from train import distributed, finetune
 from train.step import PlainEngine, loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, class_embedding_count

@@ -10,8 +10,8 @@ import pytest
 import torch
 from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, sample_members, shard_bytes, write_encode_output, write_latent_run
 
-from pipeline import layout
-from pipeline.config import EncodeConfig
+from pipeline.core import layout
+from pipeline.core.config import EncodeConfig
 from train.data import DataOrder, load_latent_data, read_latent_shard
 
 BOTH_OPTIONS = EncodeConfig(store_distribution=True, flip_copies=True)
@@ -212,7 +212,7 @@ def test_bad_samples_and_truncated_shards_are_counted_not_fatal():
 
 
 def test_missing_encode_output_names_the_file(tmp_path):
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
 
     with pytest.raises(FileNotFoundError, match=layout.ENCODE_MANIFEST):
         load_latent_data(RunDir(tmp_path))

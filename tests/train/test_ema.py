@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from pipeline import layout
-from pipeline.config import ConfigError, load_config
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.rundir import RunDir
 from train.checkpoint import export_model
 from train.ema import ExponentialMovingAverage, warmed_up_decay, weights_replaced
 from train.unet import build_unet

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from train.engine import deepspeed_config, restart_schedule
 from train.step import learning_rate_factor
 

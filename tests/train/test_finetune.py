@@ -12,8 +12,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from synthetic_latents import TEXT_SHAPE, write_latent_run
 
-from pipeline import layout, runner
-from pipeline.config import load_config
+from pipeline import runner
+from pipeline.core import layout
+from pipeline.core.config import load_config
 from train import finetune
 from train.ema import ExponentialMovingAverage, weights_replaced
 from train.stage import TrainStageError, check_inputs, run_stage
@@ -212,8 +213,8 @@ def test_the_average_covers_only_trainable_parameters():
 
 def test_a_shifted_toy_set_keeps_only_the_chosen_colours():
     """ingest.toy_colours: the shifted toy set the README fine-tunes the demo's model on."""
-    from ingest.toy import PALETTE, all_specs, generate
-    from pipeline.config import ConfigError, IngestConfig
+    from pipeline.core.config import ConfigError, IngestConfig
+    from pipeline.core.toy import PALETTE, all_specs, generate
 
     listed = IngestConfig.model_fields["toy_colours"].annotation  # list[Literal[...]] | None
     assert set(get_args(get_args(get_args(listed)[0])[0])) == set(PALETTE)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 from train.checkpoint import STATE_FILE, TrainState
 from train.phases import begin_phase, check_new_phase
 

@@ -12,10 +12,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from synthetic_latents import write_latent_run
 
-from ingest import models
-from ingest.identity import Encoders
-from pipeline import layout
-from pipeline.config import EncodeConfig, load_config
+from pipeline.core import layout, models
+from pipeline.core.config import EncodeConfig, load_config
+from pipeline.core.identity import Encoders
 from train.checkpoint import STATE_FILE
 from train.stage import TrainStageError, check_inputs, run_config, run_stage, stage_summary
 
@@ -137,7 +136,7 @@ def test_too_few_shards_fails_before_any_worker_starts(tmp_path):
 
 
 def test_missing_encode_output_fails_before_any_worker_starts(tmp_path):
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
 
     with pytest.raises(TrainStageError, match="run the encode stage first"):
         check_inputs(config(6), RunDir(tmp_path / "empty"))
@@ -179,7 +178,7 @@ def test_the_same_vae_weights_under_another_path_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("max_failures", [0, 3, -1])
 def test_ray_train_restarts_failed_workers_train_max_failures_times(tmp_path, max_failures):
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     built = run_config(config(6, f"train.max_failures={max_failures}"), run)
@@ -189,7 +188,7 @@ def test_ray_train_restarts_failed_workers_train_max_failures_times(tmp_path, ma
 
 
 def test_a_diverged_run_fails_the_stage_naming_the_intact_checkpoint(tmp_path):
-    from pipeline.rundir import RunDir
+    from pipeline.core.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(3)}/{layout.COMMIT_MARKER}", "t\n")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from train import distributed
 from train.checkpoint import TrainState
 from train.data import BatchPosition

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.bench import held_bytes, steady_state
+from pipeline.bench.train import held_bytes, steady_state
 from train.step import PlainEngine
 
 POSITIVE = (

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingest import distribute
-from ingest.toy_server import serve_directory, write_toy_images
-from ingest.url_list import prepare_url_list
-from pipeline import layout
-from pipeline.config import IngestConfig
-from pipeline.rundir import RunDir
+from ingest.download import distribute
+from ingest.download.toy_server import serve_directory, write_toy_images
+from ingest.download.url_list import prepare_url_list
+from pipeline.core import layout
+from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir
 
 
 def _plain(url_list: str, output: str, settings: IngestConfig, distributor: str = "multiprocessing") -> float:
@@ -49,8 +49,8 @@ def _succeeded(output: str) -> int:
 
 
 def run_bench(images: int = 2000, cpus: int = 2, seed: int = 0) -> dict[str, Any]:
-    from pipeline.config import RayConfig
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.core.config import RayConfig
+    from pipeline.core.ray_runtime import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=cpus))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:

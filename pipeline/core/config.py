@@ -1,6 +1,6 @@
 """The one typed config schema: sections ingest, encode, train, sample (and ray), loaded from TOML.
 
-Presets are TOML files in `pipeline/presets/`; a user file or `--set section.key=value`
+Presets are TOML files in `pipeline/core/presets/`; a user file or `--set section.key=value`
 overrides are merged over the preset. Unknown keys and bad values fail before any work,
 naming the key (pydantic's error location, e.g. `train.lr`).
 """
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ingest.buckets import VAE_DOWNSAMPLE, auto_buckets, check_buckets, pixel_step
+from pipeline.core.buckets import VAE_DOWNSAMPLE, auto_buckets, check_buckets, pixel_step
 
 
 class ConfigError(ValueError):
@@ -317,7 +317,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _sources_consistent(self) -> PipelineConfig:
         if self.ingest.source == "urls" and not self.ingest.url_list:
-            raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
+            raise ValueError("ingest.download.url_list is required when ingest.source = 'urls'")
         if self.sample.judge == "toy" and self.ingest.source != "toy":
             raise ValueError("sample.judge = 'toy' needs ingest.source = 'toy'")
         if "class" in self.train.conditioning and not self.encode.class_field:
@@ -374,7 +374,7 @@ PRESETS = ("tiny", "sd15-256")
 def preset_data(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("pipeline.presets").joinpath(f"{name}.toml").read_text()
+    text = resources.files("pipeline.core.presets").joinpath(f"{name}.toml").read_text()
     return tomllib.loads(text)
 
 

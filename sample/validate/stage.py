@@ -12,30 +12,27 @@ trains, `sample.watch` validates exports through the same `Validator` (sample.wa
 
 The VAE, text encoder and tokenizer are the ones the config names (`encode.*`), and their
 weights must be the ones that made the training latents, as the encode manifest records them
-(`ingest.identity`); the unconditional branch uses the manifest's empty-caption embedding,
+(`pipeline.core.identity`); the unconditional branch uses the manifest's empty-caption embedding,
 the exact tensor caption dropout trained on.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ingest import models
-from ingest.identity import check_run_encoders
-from ingest.toy import parse_caption
-from pipeline import layout
-from pipeline.arrays import from_base64_npy
-from pipeline.config import PipelineConfig, SampleConfig
-from pipeline.rundir import RunDir, now
+from pipeline.core import layout, models
+from pipeline.core.arrays import from_base64_npy
+from pipeline.core.config import PipelineConfig, SampleConfig
+from pipeline.core.identity import check_run_encoders
+from pipeline.core.rundir import RunDir, now
+from pipeline.core.toy import parse_caption
 from sample.conditions import Conditions, validation_conditions
+from sample.export import load_export
 from sample.grid import image_grid, png_bytes
 from sample.guidance import make_scheduler, sample_images
 from sample.judge import is_correct, shape_of
@@ -110,19 +107,6 @@ def pending_steps(
     done = {entry["step"] for entry in validation["checkpoints"] if is_current(entry, settings, judged)}
     exported = run.committed_steps(layout.TRAIN_EXPORT)
     return exported, [step for step in exported if step not in done]
-
-
-def load_export(run: RunDir, step: int, scratch: str, device: torch.device, with_classes: bool = False):
-    """(UNet, training scheduler config) of a committed export; copied locally first if remote. `with_classes`
-    adds its classes.json (None for a text-conditional export)."""
-    folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
-    unet.eval().requires_grad_(False)
-    loaded = unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
-    if not with_classes:
-        return loaded
-    classes = folder / layout.EXPORT_CLASSES
-    return (*loaded, json.loads(classes.read_text()) if classes.is_file() else None)
 
 
 def check_export_classes(step: int, unet, classes: dict[str, Any] | None, conditions: Conditions) -> None:

@@ -15,12 +15,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ingest import accounting, distribute, toy
-from ingest.toy_server import serve_directory, write_toy_images
-from ingest.url_list import prepare_url_list
-from pipeline import layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from ingest.download import accounting, distribute
+from ingest.download.toy_server import serve_directory, write_toy_images
+from ingest.download.url_list import prepare_url_list
+from pipeline.core import layout, toy
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
 
 
 def _toy_url_list(config: PipelineConfig, workdir: Path, base_url: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ingest import toy
+from pipeline.core import toy
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

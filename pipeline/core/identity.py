@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pipeline import layout
-from pipeline.config import EncodeConfig
+from pipeline.core import layout
+from pipeline.core.config import EncodeConfig
 
 KINDS = ("vae", "text_encoder")
 
@@ -36,7 +36,7 @@ class Encoders:
 
     @classmethod
     def load(cls, config: EncodeConfig, dtype: torch.dtype = torch.float32) -> Encoders:
-        from ingest import models  # diffusers and transformers: seconds to import, only when loading
+        from pipeline.core import models  # diffusers and transformers: seconds to import, only when loading
 
         return cls(
             vae=models.load_vae(config.vae, dtype=dtype, subfolder=config.vae_subfolder),
@@ -50,7 +50,7 @@ class Encoders:
 
     def records(self, config: EncodeConfig) -> dict[str, dict[str, Any]]:
         """The manifest's identity records for these models, as `config` names them."""
-        from ingest import models
+        from pipeline.core import models
 
         return {
             "vae": {

@@ -20,7 +20,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import layout
+from pipeline.core import layout
 
 
 def now() -> str:
@@ -177,3 +177,15 @@ class RunDir:
         manifest["updated"] = now()
         self.write_json(layout.RUN_MANIFEST, manifest)
         return entry
+
+
+# Raw shards: the contract between the ingest stage, which writes them, and encode, which reads them.
+def complete_shard_ids(run: RunDir) -> set[int]:
+    """Shards whose stats file exists: img2dataset writes it after the tar is closed."""
+    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=layout.SHARD_STATS_SUFFIX)}
+
+
+def complete_shards(run: RunDir) -> list[str]:
+    """Names of the tars later stages may read (a killed download leaves a tar without stats)."""
+    done = complete_shard_ids(run)
+    return [name for name in run.list(layout.INGEST_SHARDS, suffix=".tar") if int(name.split(".")[0]) in done]

@@ -6,8 +6,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from pipeline import faults
-from pipeline.config import RayConfig
+from pipeline.core import faults
+from pipeline.core.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset imports albumentations, which otherwise
 # tries to reach the internet; tokenizers' thread pool deadlocks after fork.

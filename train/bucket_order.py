@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import layout
-from pipeline.arrays import from_npy_bytes
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.arrays import from_npy_bytes
+from pipeline.core.rundir import RunDir
 from train.data import BatchPosition, DataOrder, LatentData, LatentShard, decode_sample, parts_by_raw_shard, read_tar_members
 
 

@@ -14,26 +14,15 @@ import os
 import time
 from typing import Any
 
-from pipeline import layout
-from pipeline.config import IngestConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir, complete_shard_ids
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def complete_shard_ids(run: RunDir) -> set[int]:
-    """Shards whose stats file exists: img2dataset writes it after the tar is closed."""
-    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=layout.SHARD_STATS_SUFFIX)}
-
-
-def complete_shards(run: RunDir) -> list[str]:
-    """Names of the tars later stages may read (a killed download leaves a tar without stats)."""
-    done = complete_shard_ids(run)
-    return [name for name in run.list(layout.INGEST_SHARDS, suffix=".tar") if int(name.split(".")[0]) in done]
-
-
 def _download_shard(downloader, task: tuple[int, str], guard: dict[str, Any]) -> int:
-    from ingest import egress
+    from ingest.download import egress
 
     egress.install(**guard)
     ok, _ = downloader(task)
@@ -51,7 +40,7 @@ def download(settings: IngestConfig, url_list: str, run: RunDir, extra_columns: 
     from img2dataset.writer import WebDatasetSampleWriter
     from tqdm import tqdm
 
-    from ingest import egress
+    from ingest.download import egress
 
     output = run.path(layout.INGEST_SHARDS)
     run.makedirs(f"{layout.INGEST_SHARDS}/_tmp")  # img2dataset's Reader writes its shard lists there

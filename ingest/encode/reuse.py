@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ingest import encode_progress as progress
-from pipeline import layout
-from pipeline.arrays import from_npy_bytes
-from pipeline.rundir import RunDir
+from ingest.encode import progress
+from pipeline.core import layout
+from pipeline.core.arrays import from_npy_bytes
+from pipeline.core.rundir import RunDir
 
 PREVIOUS = layout.ENCODE_PREVIOUS
 # The members of a latent sample that depend on the caption alone.

@@ -13,8 +13,8 @@ import contextlib
 import json
 from typing import Any
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 
 def class_value(meta: Any, field: str) -> str | None:
@@ -57,7 +57,7 @@ def sorted_classes(values) -> list[str]:
 
 
 def shard_class_values(run: RunDir, name: str, field: str) -> set[str]:
-    from ingest.encode_io import read_raw_samples
+    from ingest.encode.shard_io import read_raw_samples
 
     values = set()
     # A damaged shard: the samples before the damage count (encode counts the damage).

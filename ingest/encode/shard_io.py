@@ -2,7 +2,7 @@
 
 Decode tasks and write tasks import only this module, so they start in a fraction of the
 time a process importing torch, diffusers and transformers takes, and leave the cores to
-the encoder actors (`ingest.encode`).
+the encoder actors (`ingest.encode.stage`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ingest import encode_progress as progress
-from ingest import reuse
-from ingest.buckets import crop_to_bucket, shard_summary
-from ingest.class_labels import label_of
-from pipeline import faults, layout
-from pipeline.arrays import to_npy_bytes
-from pipeline.rundir import RunDir
+from ingest.encode import progress, reuse
+from ingest.encode.class_labels import label_of
+from pipeline.core import faults, layout
+from pipeline.core.arrays import to_npy_bytes
+from pipeline.core.buckets import crop_to_bucket, shard_summary
+from pipeline.core.rundir import RunDir
 
 KEY = "__key__"
 SHARD = "shard"
@@ -86,7 +85,7 @@ def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = M
     """The centre crop of a sample's image, or None if it has none, it does not decode, or its
     header declares more than `max_pixels` pixels (then nothing is decoded).
 
-    With `buckets` (encode.buckets): (its crop to the nearest bucket, an `ingest.buckets.Crop`) instead."""
+    With `buckets` (encode.buckets): (its crop to the nearest bucket, an `pipeline.core.buckets.Crop`) instead."""
     data = sample.get(layout.IMAGE_KEY)
     if data is None:
         return None
@@ -129,7 +128,7 @@ def decode_shard(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of one image shape each (one bucket with encode.buckets, else the square).
 
-    `previous` (`ingest.reuse`): latents of another resolution whose text members the batches carry along.
+    `previous` (`ingest.encode.reuse`): latents of another resolution whose text members the batches carry along.
     With `class_field`, each row carries its index in `classes`; a sample without one is skipped (unlabelled)."""
     reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
 

@@ -1,6 +1,6 @@
 """The one place models are loaded: by Hugging Face id, local path, or `builtin:<name>`.
 
-`builtin:` names are the tiny offline models shipped under `ingest/assets/tiny/`
+`builtin:` names are the tiny offline models shipped under `pipeline/core/assets/tiny/`
 (made by `scripts/make_clip_tokenizer.py` and `scripts/make_tiny_models.py`); they load
 through the same `from_pretrained` path as real models.
 """
@@ -50,7 +50,7 @@ def _kwargs(subfolder: str | None) -> dict:
 _SAFE = {"use_safetensors": True}
 
 # Without accelerate diffusers warns on every load that it falls back to this; say it outright.
-_DIFFUSERS_EXTRA = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+DIFFUSERS_LOAD_OPTIONS = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,7 +62,7 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 def load_vae(name: str, dtype: torch.dtype = torch.float32, subfolder: str | None = None) -> AutoencoderKL:
     """An `AutoencoderKL` in eval mode with gradients off."""
     vae = AutoencoderKL.from_pretrained(
-        resolve_model_path(name), torch_dtype=dtype, **_SAFE, **_DIFFUSERS_EXTRA, **_kwargs(subfolder)
+        resolve_model_path(name), torch_dtype=dtype, **_SAFE, **DIFFUSERS_LOAD_OPTIONS, **_kwargs(subfolder)
     )
     return _frozen(vae)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from pipeline import layout
-from pipeline.config import PipelineConfig
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig
+from pipeline.core.rundir import RunDir
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;

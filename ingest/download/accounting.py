@@ -27,7 +27,7 @@ Python 3.11, OpenCV 4.14, Pillow 13):
                       "... could be decompression bomb DOS attack.", the egress guard's
                       "refused decompression bomb: ...", "refused oversized response: ..."
                       (and "refused: image of ...")
-    refused_address   the egress guard (ingest/egress.py): "refused non-public address ...",
+    refused_address   the egress guard (ingest/download/egress.py): "refused non-public address ...",
                       "refused URL scheme ...", "refused redirect to non-http(s) URL ..."
     other             everything else ("aspect ratio too large", "hash mismatch", "unknown url
                       type: ...", "URL can't contain control characters...", ...)
@@ -40,9 +40,8 @@ import re
 from collections import Counter
 from typing import Any
 
-from ingest.distribute import complete_shard_ids
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir, complete_shard_ids
 
 SUCCESS = "success"
 REASONS = (
@@ -51,7 +50,7 @@ REASONS = (
 )  # fmt: skip
 
 _HTTP_ERROR = re.compile(r"\bhttp error \d{3}\b")
-# Checked in this order. The egress guard's refusals (ingest/egress.py: REFUSED_* phrases)
+# Checked in this order. The egress guard's refusals (ingest/download/egress.py: REFUSED_* phrases)
 # come first: they may quote a URL, which could contain any later needle, and they may be
 # wrapped in urllib's "<urlopen error ...>". A timeout beats "connection error".
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (

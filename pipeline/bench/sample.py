@@ -2,7 +2,7 @@
 
 The reference is DDPM with `ddpm_steps` steps (1000: one per training timestep) on the run's
 latest export, over the config's prompts x `seeds` at one guidance scale; its prompt accuracy
-is the toy judge's share of correct images, as in the sample stage (`sample.validate`). Each
+is the toy judge's share of correct images, as in the sample stage (`sample.validate.stage`). Each
 scheduler (ddim, dpmsolver++, euler, and ddpm itself) then walks up `ladder` and stops at the
 first step count whose accuracy is within `tolerance` of the reference. Accuracy is not
 monotone in steps (a step count can be lucky on 96 images), so the first hit is reported, not
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest.toy import ToySpec, parse_caption
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
+from pipeline.core.toy import ToySpec, parse_caption
 from sample.judge import is_correct
 
 DEFAULT_RUN = "runs/demo"
@@ -87,7 +87,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """`cpus` is taken for the CLI's uniform call only: sampling runs here, on one thread."""
     from pipeline.runner import load_run_config
-    from sample.generate import generate, load_checkpoint
+    from sample.export import load_checkpoint
+    from sample.generate import generate
 
     run_dir = RunDir(run)
     missing = _missing_run_message(run_dir)

@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import layout
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
 
 SHARDS = f"{layout.ENCODE_PROGRESS}/shards"
 PARTS = f"{layout.ENCODE_PROGRESS}/parts"
@@ -100,9 +100,9 @@ def prepare(
 ) -> tuple[list[str], dict[str, int]]:
     """Clear what cannot be kept; return the stems still to encode and what was found.
 
-    `models` are identity records (`ingest.identity`), by name only or with weight hashes, and
+    `models` are identity records (`pipeline.core.identity`), by name only or with weight hashes, and
     the image resolution (kind "image"). Everything is dropped when they contradict the ones
-    recorded with the progress, but the latent tars named in `keep` (`ingest.reuse`).
+    recorded with the progress, but the latent tars named in `keep` (`ingest.encode.reuse`).
     """
     stored = run.read_json(MODELS) if run.exists(MODELS) else {}
     if not same_models(stored, models):
@@ -129,7 +129,7 @@ def prepare(
 
 
 def text_reused(progress: dict[str, ShardProgress]) -> int:
-    """Samples of complete shards whose text members came from the previous latents (`ingest.reuse`)."""
+    """Samples of complete shards whose text members came from the previous latents (`ingest.encode.reuse`)."""
     return sum(shard.record.get("text_reused", 0) for shard in progress.values() if shard.complete)
 
 

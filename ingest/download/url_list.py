@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import IngestConfig
+from pipeline.core.config import IngestConfig
 
 MAX_URL_CHARS = 2048
 BATCH_ROWS = 65_536
@@ -424,7 +424,7 @@ def prepare_url_list(settings: IngestConfig, output_path: str) -> dict[str, Any]
     and the columns it has), an extra column img2dataset reserves, or an unknown format.
     """
     if not settings.url_list:
-        raise ValueError("ingest.url_list is not set")
+        raise ValueError("ingest.download.url_list is not set")
     extras = list(dict.fromkeys(settings.extra_columns))
     reserved = [name for name in extras if name in RESERVED_COLUMNS]
     if reserved:

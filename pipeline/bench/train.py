@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import layout
-from pipeline.arrays import to_npy_bytes
-from pipeline.config import PipelineConfig, load_config
-from pipeline.rundir import RunDir
+from pipeline.core import layout
+from pipeline.core.arrays import to_npy_bytes
+from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.rundir import RunDir
 
 # 150 steps of the preset's batch of 32: about 40 s of training on one thread of a 2-core machine,
 # where the whole bench (two bare halves, the stage's start-up, two ZeRO runs) takes 2.5 minutes.
@@ -110,7 +110,7 @@ def write_synthetic_latents(config: PipelineConfig, run: RunDir, samples: int) -
     """Encode-stage output of `samples` random latents and text embeddings, in shards of at most
     SAMPLES_PER_SHARD (at least 2); the manifest is the one encode writes for `config.encode`'s
     encoders, so the train stage's identity check passes. Returns the number of shards."""
-    from ingest.encode import build_manifest
+    from ingest.encode.stage import build_manifest
 
     records, fixed = build_manifest(config.encode)
     latent_shape, text_shape = tuple(fixed["latent_shape"]), tuple(fixed["text_embedding_shape"])
@@ -273,7 +273,7 @@ def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> 
 def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
     import ray
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.core.ray_runtime import ensure_ray
     from train.stage import run_stage
 
     batch_size = load_config("tiny").train.batch_size_per_worker

@@ -1,7 +1,7 @@
 """`pipeline bench encode`: the encode stage against a bare loop of the same models' forward passes.
 
 Both sides encode the same decoded images of the same raw shards in the same process run. The
-stage is `ingest.encode.run_stage` as a run calls it (reading shards, decoding, the encoder
+stage is `ingest.encode.stage.run_stage` as a run calls it (reading shards, decoding, the encoder
 actor pool, writing latent shards, the manifest); the baseline decodes every image up front,
 untimed, and times only `encode_batch` over batches of `encode.batch_size` with the intra-op
 threads an encoder actor gets. That mirrors a GPU node, where one accelerator encodes while
@@ -28,11 +28,11 @@ import numpy as np
 import psutil
 import torch
 
-from ingest import encode, encode_io
-from ingest.distribute import complete_shards
-from pipeline import layout
-from pipeline.config import PipelineConfig, load_config
-from pipeline.rundir import RunDir
+from ingest.encode import shard_io as encode_io
+from ingest.encode import stage as encode
+from pipeline.core import layout
+from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.rundir import RunDir, complete_shards
 
 # The tiny preset's shard size; small benches cut smaller shards, so that every run has several
 # and the 2x run twice as many.
@@ -104,7 +104,7 @@ def _bench_config(images: int, samples_per_shard: int, cpus: int) -> PipelineCon
 
 def _ingested_run(config: PipelineConfig, directory: Path) -> RunDir:
     """A run directory holding the raw shards of `config`'s toy images (untimed)."""
-    from ingest.stage import run_stage as ingest
+    from ingest.download.stage import run_stage as ingest
 
     run = RunDir(directory)
     ingest(config, run)
@@ -155,8 +155,8 @@ def _decoded_batches(config: PipelineConfig, run: RunDir) -> list[tuple[torch.Te
 
 def _timed_bare_loop(config: PipelineConfig, batches: list[tuple[torch.Tensor, list[str]]]) -> tuple[float, int]:
     """(seconds, threads) of `encode_batch` over `batches` with an encoder actor's threads."""
-    from ingest.identity import Encoders
-    from ingest.models import vae_scaling_factor
+    from pipeline.core.identity import Encoders
+    from pipeline.core.models import vae_scaling_factor
 
     encoders = Encoders.load(config.encode)
     scaling_factor = vae_scaling_factor(encoders.vae)
@@ -174,7 +174,7 @@ def _timed_bare_loop(config: PipelineConfig, batches: list[tuple[torch.Tensor, l
 def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
     import ray
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.core.ray_runtime import ensure_ray
 
     samples_per_shard = max(1, min(SAMPLES_PER_SHARD, images // MIN_SHARDS))
     config, config_half = _bench_config(images, samples_per_shard, cpus), _bench_config(images // 2, samples_per_shard, cpus)

@@ -4,13 +4,13 @@ A Ray Data pipeline: one CPU task per raw shard streams it, decodes and centre-c
 images in batches; an actor pool whose actors each hold the VAE and text encoder once encodes
 the batches (one GPU per actor where there are GPUs); write tasks publish latent tars.
 With encode.buckets each image is cropped to the nearest aspect-ratio bucket instead
-(`ingest.buckets`), decode batches hold one bucket each, and the actors encode whatever
-shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode_progress`), so an interrupted stage
+(`pipeline.core.buckets`), decode batches hold one bucket each, and the actors encode whatever
+shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode.progress`), so an interrupted stage
 resumes where it stopped. Damaged shards and undecodable images are counted, never fatal.
 `encode/manifest.json` records which models made the latents, counts, sizes, and the
 empty-caption embedding that training uses for caption dropout. At a new encode.resolution of
 the same run (a multi-resolution schedule) only the VAE runs: the text embeddings come from the
-previous resolution's latents (`ingest.reuse`).
+previous resolution's latents (`ingest.encode.reuse`).
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest import encode_progress as progress
-from ingest import reuse
-from ingest.buckets import bucket_name, check_buckets, manifest_summary
-from ingest.class_labels import find_classes
-from ingest.distribute import complete_shards
-from ingest.encode_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
-from ingest.identity import configured_names
-from pipeline import faults, layout
-from pipeline.arrays import to_base64_npy
-from pipeline.config import EncodeConfig, PipelineConfig
-from pipeline.rundir import RunDir
+from ingest.encode import progress, reuse
+from ingest.encode.class_labels import find_classes
+from ingest.encode.shard_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
+from pipeline.core import faults, layout
+from pipeline.core.arrays import to_base64_npy
+from pipeline.core.buckets import bucket_name, check_buckets, manifest_summary
+from pipeline.core.config import EncodeConfig, PipelineConfig
+from pipeline.core.identity import configured_names
+from pipeline.core.rundir import RunDir, complete_shards
 
 # Write tasks serialise arrays and upload: mostly waiting on storage, so a quarter of a core.
 WRITE_TASK_CPUS = 0.25
@@ -78,11 +76,11 @@ def encode_batch(
     """One batch through the encoders: member name -> float16 array with one row per image.
 
     `pixels` are Bx3xHxW in [-1, 1]; `encoders` holds vae, tokenizer and text_encoder (see
-    `ingest.identity.Encoders`). The members are `latent_members(config)` plus the text embedding.
-    `reused` (the batch's columns, `ingest.reuse`) may carry rows' text members from latents of
+    `pipeline.core.identity.Encoders`). The members are `latent_members(config)` plus the text embedding.
+    `reused` (the batch's columns, `ingest.encode.reuse`) may carry rows' text members from latents of
     another resolution: only the other rows' captions go through the text encoder.
     """
-    from ingest.models import encode_prompts
+    from pipeline.core.models import encode_prompts
 
     def encode_text(texts: list[str]) -> dict[str, np.ndarray]:
         text = encode_prompts(encoders.tokenizer, encoders.text_encoder, texts)
@@ -98,8 +96,8 @@ class Encoder:
     """An actor holding the VAE and text encoder once; one call encodes one batch."""
 
     def __init__(self, settings: dict[str, Any]):
-        from ingest.identity import Encoders
-        from ingest.models import vae_scaling_factor
+        from pipeline.core.identity import Encoders
+        from pipeline.core.models import vae_scaling_factor
 
         self.config = EncodeConfig.model_validate(settings)
         torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
@@ -171,8 +169,8 @@ def bucket_counts(state: dict[str, progress.ShardProgress], buckets: list) -> di
 
 def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model identity records, the manifest's other fixed fields), computed once on the driver."""
-    from ingest.identity import Encoders
-    from ingest.models import encode_prompts
+    from pipeline.core.identity import Encoders
+    from pipeline.core.models import encode_prompts
 
     encoders = Encoders.load(config)
     records = encoders.records(config)
@@ -288,7 +286,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
 
 
 def stage_classes(settings: EncodeConfig, run: RunDir, raw_shards: list[str]) -> list[str] | None:
-    """The class names in label order (see `ingest.class_labels`); None without encode.class_field."""
+    """The class names in label order (see `ingest.encode.class_labels`); None without encode.class_field."""
     if not settings.class_field:
         return None
     if settings.classes is not None:
@@ -310,7 +308,7 @@ def encode_shards(
 ) -> None:
     """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink.
 
-    With `previous` (`ingest.reuse.stash`) the decode tasks attach each sample's earlier text members."""
+    With `previous` (`ingest.encode.reuse.stash`) the decode tasks attach each sample's earlier text members."""
     import ray
 
     settings = config.encode
