@@ -39,7 +39,7 @@ faults: install
 # (~10 min the first time; needs root; prints "skipped: no Docker engine (...)" where none can run).
 .PHONY: image-test
 image-test: install
-	PYTHON=$(BIN)/python bash infra/tests/build-image.sh
+	PYTHON=$(BIN)/python bash tests/infra/build-image.sh
 
 clean-demo:
 	rm -rf $(OUT)

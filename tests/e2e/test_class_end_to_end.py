@@ -5,10 +5,14 @@ export says which classes it knows, and validation measures shape accuracy per g
 import json
 import tarfile
 
+import pytest
 from run_contract import SMALL, pipeline, set_args
 from safetensors import safe_open
 
 from pipeline.core import layout
+
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+pytestmark = pytest.mark.e2e
 
 CLASS_MODE = ["train.conditioning=class", "encode.class_field=shape"]
 SHAPES = ["circle", "square", "triangle"]

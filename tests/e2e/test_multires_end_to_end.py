@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from run_contract import SMALL, pipeline, set_args
@@ -13,6 +14,9 @@ from run_contract import SMALL, pipeline, set_args
 from pipeline.core import layout
 from pipeline.core.arrays import from_npy_bytes
 from pipeline.core.rundir import RunDir
+
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+pytestmark = pytest.mark.e2e
 
 PROMPTS = "sample.prompts=['a red circle on a green background', 'a blue square on a yellow background']"
 COMMON = [

@@ -21,6 +21,9 @@ from train.bucket_order import BucketOrder, make_order
 from train.data import load_latent_data
 from train.stage import run_stage as train
 
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+pytestmark = pytest.mark.e2e
+
 RATIOS = [1.0, 1.6, 0.625, 2.0, 0.5]
 OVERRIDES = [
     "ingest.resize_mode='keep_ratio'",

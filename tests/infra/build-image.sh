@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds infra/Dockerfile for real with no network inside the build, then runs `pipeline --help`
 # in the image as its non-root user. Docker Hub is out of reach, so the Ray base image is replaced
-# by a local stand-in (infra/tests/ray-like-base.Dockerfile) on a Debian rootfs made with
+# by a local stand-in (tests/infra/ray-like-base.Dockerfile) on a Debian rootfs made with
 # debootstrap and `docker import`; the project's wheels (torch included, about 600 MB) are
 # built on the host first and handed to that base, since `docker build --network none` can't
 # download them.
 #
-#   sudo infra/tests/build-image.sh          (or: make image-test)
+#   sudo tests/infra/build-image.sh          (or: make image-test)
 #
 # Uses a running Docker engine if `docker info` answers; else, as root, installs Debian's
 # docker.io and debootstrap if missing and starts a private dockerd (no iptables, no bridge)
@@ -99,7 +99,7 @@ fi
 # --- the stand-in Ray image, then ours on it, both without network ---
 image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
 old_ids="$(image_id "$BASE_IMAGE") $(image_id "$IMAGE")"
-docker build -q --network none -f infra/tests/ray-like-base.Dockerfile \
+docker build -q --network none -f tests/infra/ray-like-base.Dockerfile \
     --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" -t "$BASE_IMAGE" "$wheels" >/dev/null
 docker build --network none --build-arg BASE_IMAGE="$BASE_IMAGE" -f infra/Dockerfile -t "$IMAGE" .
 # Drop what the previous run built, if this one replaced it (a few GB each).

@@ -3,10 +3,14 @@ the endpoint and credentials come from the environment conftest sets), then the 
 read back from the bucket."""
 
 import boto3
+import pytest
 from run_contract import SMALL, check_run_contract, pipeline, set_args
 
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
+
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+pytestmark = pytest.mark.e2e
 
 BUCKET = "e2e-runs"
 
