@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test faults install lint clean-demo
+.PHONY: demo test test-e2e faults install lint clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,20 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/pipeline run --preset tiny --out $(OUT)
 
+# Unit and component tests plus one tiny end-to-end run (tests/e2e/test_end_to_end.py): under 8 minutes on 2 cores.
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The other end-to-end runs, marked e2e: buckets, class-conditional, multi-resolution, S3 (tests/e2e/), fine-tuning,
+# `ray job submit` and the benches through the CLI. .ci/run runs them after `make test`.
+test-e2e: install
+	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
+# Lint, format and the layers (orchestrator > stages > core, stages independent: pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Killed processes and resumed runs (minutes): .ci/run runs it after `make test`.
 faults: install

@@ -1,14 +1,15 @@
 """`pipeline`: run the whole pipeline or one stage against a run directory (any fsspec URL).
 
-    pipeline run --preset tiny --out runs/demo       # every stage; rerun to resume or skip
-    pipeline encode runs/demo                        # one stage of an existing run
-    pipeline config show --preset sd15-256           # the resolved config
+pipeline run --preset tiny --out runs/demo       # every stage; rerun to resume or skip
+pipeline encode runs/demo                        # one stage of an existing run
+pipeline config show --preset sd15-256           # the resolved config
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -27,6 +28,7 @@ PresetOption = typer.Option(None, "--preset", "-p", help="Preset: tiny or sd15-2
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file merged over the preset.")
 SetOption = typer.Option([], "--set", "-s", help="Override KEY=VALUE, e.g. train.max_steps=200 (repeatable).")
 ForceOption = typer.Option(False, "--force", help="Rerun even if the run directory says it is done.")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Show Ray's and the libraries' own output on the console too.")
 PromptOption = typer.Option([], "--prompt", help="Sample these prompts into --out instead of validating (repeatable).")
 SeedOption = typer.Option([], "--seed", help="One image per seed (repeatable); default 0.")
 ClassOption = typer.Option(
@@ -39,6 +41,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _start_log(run_dir, verbose: bool) -> None:
+    """The console and the log file: RUN/logs/console.log for a local run, a local temporary file otherwise."""
+    from pipeline.core import log
+
+    log.setup_driver(Path(run_dir.root) / layout.LOGS / log.LOG_FILE if run_dir.is_local else None, verbose)
+
+
 @app.command()
 def run(
     out: str = typer.Option(..., "--out", "-o", help="Run directory: local path or fsspec URL (s3://...)."),
@@ -46,12 +55,14 @@ def run(
     config: str | None = ConfigOption,
     overrides: list[str] = SetOption,
     force: bool = ForceOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Run every stage; a finished run is skipped and a half-finished one resumed."""
     from pipeline.core.rundir import RunDir
     from pipeline.runner import StageError, load_run_config, run_stages
 
     run_dir = RunDir(out)
+    _start_log(run_dir, verbose)
     try:
         if preset or config or overrides or not run_dir.exists(layout.CONFIG):
             resolved = load_config(preset, config, overrides)
@@ -66,11 +77,13 @@ def _stage_command(name: str):
     def command(
         run_url: str = typer.Argument(..., metavar="RUN", help="An existing run directory."),
         force: bool = ForceOption,
+        verbose: bool = VerboseOption,
     ) -> None:
         from pipeline.core.rundir import RunDir
         from pipeline.runner import StageError, load_run_config, run_stages
 
         run_dir = RunDir(run_url)
+        _start_log(run_dir, verbose)
         try:
             run_stages(load_run_config(run_dir), run_dir, stages=[name], force=force)
         except (ConfigError, StageError) as error:
@@ -94,24 +107,28 @@ def sample(
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Default: the empty caption training dropped to."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Default: sample.steps of the run's config."),
-    scheduler: str | None = typer.Option(None, "--scheduler", help="ddpm, ddim, dpmsolver++ or euler; default: sample.scheduler."),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="ddpm, ddim, dpmsolver++ or euler; default: sample.scheduler."
+    ),
     seeds: list[int] = SeedOption,
     checkpoint: int | None = typer.Option(None, "--checkpoint", help="Exported step; default: the latest."),
     force: bool = ForceOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Validate every exported checkpoint (the sample stage), or with --prompt (or --class) write PNGs of one."""
     if not prompts and not class_names:
         if out or negative_prompt is not None or steps or scheduler or seeds or checkpoint is not None:
             _fail("--out, --negative-prompt, --steps, --scheduler, --seed and --checkpoint go with --prompt or --class")
-        return _stage_command("sample")(run_url, force)
+        return _stage_command("sample")(run_url, force, verbose)
     from pipeline.core.rundir import RunDir
     from pipeline.runner import load_run_config
     from sample.generate import sample_command
-    from sample.guidance import SCHEDULERS
+    from sample.guidance import SCHEDULERS, Sampling
 
     if not out:
         _fail("--prompt needs --out DIR for the PNGs (as --class does)")
     run_dir = RunDir(run_url)
+    _start_log(run_dir, verbose)
     try:
         config = load_run_config(run_dir)
     except ConfigError as error:
@@ -120,10 +137,15 @@ def sample(
     if scheduler not in SCHEDULERS:
         _fail(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     try:
-        paths = sample_command(
-            run_dir, config, prompts, out, seeds or [0], guidance, steps or config.sample.steps, scheduler,
-            negative_prompt, checkpoint, class_names,
-        )  # fmt: skip
+        sampling = Sampling(
+            guidance_scale=guidance,
+            seeds=seeds or [0],
+            steps=steps or config.sample.steps,
+            scheduler=scheduler,
+            timestep_spacing=config.sample.timestep_spacing,
+            batch_size=config.sample.batch_size,
+        )
+        paths = sample_command(run_dir, config, prompts, out, sampling, negative_prompt, checkpoint, class_names)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     for path in paths:
@@ -143,7 +165,9 @@ def bench(
     name: str = typer.Argument(..., help=f"Which bench: {', '.join(BENCHES)}."),
     images: int | None = typer.Option(None, help="Images the bench downloads or encodes (default: the bench's own)."),
     cpus: int = typer.Option(2, help="CPUs of the private Ray instance."),
-    run_url: str | None = typer.Option(None, "--run", metavar="RUN", help="Run directory the bench reads (sample: default runs/demo)."),
+    run_url: str | None = typer.Option(
+        None, "--run", metavar="RUN", help="Run directory the bench reads (sample: default runs/demo)."
+    ),
 ) -> None:
     """Measure a stage against a bare baseline in the same run; the last line is one JSON object."""
     import importlib
@@ -152,6 +176,9 @@ def bench(
 
     if name not in BENCHES:
         _fail(f"unknown bench {name!r}; choose one of {', '.join(BENCHES)}")
+    from pipeline.core import log
+
+    log.setup_driver()
     module, function_name = BENCHES[name].split(":")
     function = getattr(importlib.import_module(module), function_name)
     options = {key: value for key, value in {"images": images, "run": run_url}.items() if value is not None}
@@ -189,10 +216,23 @@ def plan(
     from pipeline import plan as planning
 
     try:
-        result = planning.plan(
-            images, planning.preset_facts(preset), gpu, gpus, resolution, nodes, network_gbps, price, epochs, steps,
-            batch_size, mfu, download_rate, raw_bytes,
-        )  # fmt: skip
+        inputs = planning.PlanInputs(
+            images=images,
+            preset=planning.preset_facts(preset),
+            gpu=gpu,
+            gpus=gpus,
+            resolution=resolution,
+            nodes=nodes,
+            network_gbps=network_gbps,
+            price_per_gpu_hour=price,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            mfu=mfu,
+            download_rate=download_rate,
+            raw_bytes_per_image=raw_bytes,
+        )
+        result = planning.plan(inputs)
     except planning.PlanError as error:
         _fail(str(error))
     typer.echo(json.dumps(result) if as_json else planning.render(result))

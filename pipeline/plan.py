@@ -62,7 +62,7 @@ def quadratic_flops(coefficients: tuple[float, float, float], resolution: int) -
     return c + a * side**2 + b * side**4
 
 
-# Measured here on 2 shared CPU cores (README, "Seen on 2 cores").
+# Measured here on 2 shared CPU cores (docs/development.md, benchmarks).
 BENCH_INGEST_IMAGES_PER_S = 421.0
 BENCH_ENCODE_SAMPLES_PER_S = 188.6
 BENCH_TRAIN_SAMPLES_PER_S = 111.7
@@ -85,26 +85,47 @@ AWS = "AWS EC2 on-demand list price, us-east-1 (https://aws.amazon.com/ec2/prici
 ASSUMED_MFU = "assumed, not measured here; see the SD v1 cross-check"
 DEVICES = {
     "A100-40GB": Device(
-        312e12, "NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity), "
+        312e12,
+        "NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity), "
         "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-        0.4, 32.77 / 8, f"p4d.24xlarge $32.77/h / 8 GPUs; {AWS}", 8,
+        0.4,
+        32.77 / 8,
+        f"p4d.24xlarge $32.77/h / 8 GPUs; {AWS}",
+        8,
     ),
     "A100-80GB": Device(
-        312e12, "NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity), "
+        312e12,
+        "NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity), "
         "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-        0.4, 40.96 / 8, f"p4de.24xlarge $40.96/h / 8 GPUs; {AWS}", 8,
+        0.4,
+        40.96 / 8,
+        f"p4de.24xlarge $40.96/h / 8 GPUs; {AWS}",
+        8,
     ),
     "H100": Device(
-        989e12, "NVIDIA H100 SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity, half dense, "
+        989e12,
+        "NVIDIA H100 SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity, half dense, "
         "https://www.nvidia.com/en-us/data-center/h100/",
-        0.4, 98.32 / 8, f"p5.48xlarge $98.32/h / 8 GPUs; {AWS}", 8,
+        0.4,
+        98.32 / 8,
+        f"p5.48xlarge $98.32/h / 8 GPUs; {AWS}",
+        8,
     ),
     "L4": Device(
-        121e12, "NVIDIA L4: BF16 Tensor Core 242 TFLOPS with sparsity, half dense, https://www.nvidia.com/en-us/data-center/l4/",
-        0.4, 0.805, f"g6.xlarge (1 L4, 4 vCPUs) $0.805/h; {AWS}", 1,
+        121e12,
+        "NVIDIA L4: BF16 Tensor Core 242 TFLOPS with sparsity, half dense, https://www.nvidia.com/en-us/data-center/l4/",
+        0.4,
+        0.805,
+        f"g6.xlarge (1 L4, 4 vCPUs) $0.805/h; {AWS}",
+        1,
     ),
     "CPU": Device(
-        None, "", 1.0, None, "no default: pass --price-per-gpu-hour", 1,
+        None,
+        "",
+        1.0,
+        None,
+        "no default: pass --price-per-gpu-hour",
+        1,
     ),  # one 2-core node like the one the benches ran on
 }
 
@@ -163,223 +184,386 @@ def find_device(name: str) -> tuple[str, Device]:
     raise PlanError("--gpu", f"unknown GPU {name!r}; choose one of {', '.join(DEVICES)}")
 
 
-def plan(
-    images: int,
-    preset: PresetFacts,
-    gpu: str | None = None,
-    gpus: int | None = None,
-    resolution: int | None = None,
-    nodes: int | None = None,
-    network_gbps: float = 10.0,
-    price_per_gpu_hour: float | None = None,
-    epochs: float | None = None,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    mfu: float | None = None,
-    download_rate: float | None = None,
-    raw_bytes_per_image: float | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class PlanInputs:
+    """What `pipeline plan` is asked; None takes the preset's (or the GPU's) default."""
+
+    images: int
+    """Images (URLs) in the run."""
+    preset: PresetFacts
+    """Model shapes, steps and batch of the preset (see `preset_facts`)."""
+    gpu: str | None = None
+    """A key of DEVICES (A100-40GB, A100-80GB, H100, L4, CPU); None: A100-80GB if the preset trains on GPUs, else CPU."""
+    gpus: int | None = None
+    """GPUs (CPU: nodes) in all; None: the preset's train.num_workers."""
+    resolution: int | None = None
+    """Image side in px; None: the preset's encode.resolution."""
+    nodes: int | None = None
+    """Nodes that download; None: GPUs / GPUs per node."""
+    network_gbps: float = 10.0
+    """Network per node, Gbit/s (caps the download rate of URL sources)."""
+    price_per_gpu_hour: float | None = None
+    """USD; None: the GPU's AWS on-demand price."""
+    epochs: float | None = None
+    """Train this many passes over the images; excludes `steps`."""
+    steps: int | None = None
+    """Optimizer steps; None (and no epochs): the preset's train.max_steps."""
+    batch_size: int | None = None
+    """Global batch; None: the preset's."""
+    mfu: float | None = None
+    """Achieved fraction of peak FLOP/s, encode and train; None: the device's assumed one."""
+    download_rate: float | None = None
+    """Images/s per node; None: the bench (toy source) or img2dataset's published rate."""
+    raw_bytes_per_image: float | None = None
+    """Raw shard bytes per image; None: measured or published bytes, scaled with pixel count."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The inputs' device, counts and resolution with their defaults filled in, checked."""
+
+    gpu: str
+    device: Device
+    gpus: int
+    resolution: int
+    nodes: int
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achieved FLOP/s of one device for encode and train, and the assumptions they rest on."""
+
+    encode: float
+    train: float
+    mfu: float
+    encode_name: str  # the assumption giving `encode`
+    train_name: str
+
+
+@dataclass
+class Ledger:
+    """What `plan` writes down as it goes: the assumptions, then the estimates resting on them."""
+
+    assumptions: list[Assumption] = field(default_factory=list)
+    estimates: list[Estimate] = field(default_factory=list)
+
+    def assume(self, name: str, value: Any, unit: str, source: str) -> Any:
+        self.assumptions.append(Assumption(name, value, unit, source))
+        return value
+
+    def estimate(self, name: str, value: float | None, unit: str, formula: str, uses: list[str]) -> None:
+        self.estimates.append(Estimate(name, value, unit, formula, uses))
+
+
+GIVEN = "given (option)"
+HOUR = 3600.0
+
+
+def plan(inputs: PlanInputs) -> dict[str, Any]:
     """The assumptions and estimates of one run, as plain data (see `render`)."""
-    gpu_given, gpus_given = gpu is not None, gpus is not None
-    gpu, device = find_device(gpu or ("A100-80GB" if preset.use_gpu else "CPU"))
-    gpus = preset.workers if gpus is None else gpus
-    resolution = preset.resolution if resolution is None else resolution
+    setup = resolve(inputs)
+    ledger = Ledger()
+    assume_inputs(ledger, inputs, setup)
+    download_s = estimate_download(ledger, inputs, setup)
+    estimate_storage(ledger, inputs, setup)
+    rates = assume_rates(ledger, inputs, setup)
+    encode_gpu_s = estimate_encode(ledger, inputs, setup, rates)
+    train_gpu_s = estimate_train(ledger, inputs, setup, rates)
+    estimate_total_and_cost(ledger, inputs, setup, download_s + (encode_gpu_s + train_gpu_s) / setup.gpus)
+    if inputs.preset.unet == "sd15":
+        check_against_sd_v1(ledger, rates.mfu)
+    return {
+        "inputs": {
+            "images": inputs.images,
+            "resolution": setup.resolution,
+            "preset": inputs.preset.name,
+            "gpu": setup.gpu,
+            "gpus": setup.gpus,
+            "nodes": setup.nodes,
+        },
+        "assumptions": {a.name: {"value": a.value, "unit": a.unit, "source": a.source} for a in ledger.assumptions},
+        "estimates": {e.name: {k: v for k, v in asdict(e).items() if k != "name"} for e in ledger.estimates},
+    }
+
+
+def resolve(inputs: PlanInputs) -> Setup:
+    """Fill in the defaults and check every option, raising PlanError for the first bad one."""
+    preset = inputs.preset
+    gpu, device = find_device(inputs.gpu or ("A100-80GB" if preset.use_gpu else "CPU"))
+    gpus = preset.workers if inputs.gpus is None else inputs.gpus
+    resolution = preset.resolution if inputs.resolution is None else inputs.resolution
     checks = [
-        ("--images", images >= 1, "must be at least 1"),
+        ("--images", inputs.images >= 1, "must be at least 1"),
         ("--gpus", gpus >= 1, "must be at least 1"),
         ("--resolution", resolution >= 64 and resolution % VAE_DOWNSAMPLE == 0, "must be a multiple of 8, at least 64"),
-        ("--nodes", nodes is None or nodes >= 1, "must be at least 1"),
-        ("--network-gbps", network_gbps > 0, "must be positive"),
-        ("--price-per-gpu-hour", price_per_gpu_hour is None or price_per_gpu_hour >= 0, "must not be negative"),
-        ("--epochs", epochs is None or epochs > 0, "must be positive"),
-        ("--steps", steps is None or steps >= 1, "must be at least 1"),
-        ("--epochs", epochs is None or steps is None, "give --epochs or --steps, not both"),
-        ("--batch-size", batch_size is None or batch_size >= 1, "must be at least 1"),
-        ("--mfu", mfu is None or 0 < mfu <= 1, "must be in (0, 1]"),
-        ("--download-rate", download_rate is None or download_rate > 0, "must be positive"),
-        ("--raw-bytes-per-image", raw_bytes_per_image is None or raw_bytes_per_image > 0, "must be positive"),
+        ("--nodes", inputs.nodes is None or inputs.nodes >= 1, "must be at least 1"),
+        ("--network-gbps", inputs.network_gbps > 0, "must be positive"),
+        ("--price-per-gpu-hour", inputs.price_per_gpu_hour is None or inputs.price_per_gpu_hour >= 0, "must not be negative"),
+        ("--epochs", inputs.epochs is None or inputs.epochs > 0, "must be positive"),
+        ("--steps", inputs.steps is None or inputs.steps >= 1, "must be at least 1"),
+        ("--epochs", inputs.epochs is None or inputs.steps is None, "give --epochs or --steps, not both"),
+        ("--batch-size", inputs.batch_size is None or inputs.batch_size >= 1, "must be at least 1"),
+        ("--mfu", inputs.mfu is None or 0 < inputs.mfu <= 1, "must be in (0, 1]"),
+        ("--download-rate", inputs.download_rate is None or inputs.download_rate > 0, "must be positive"),
+        ("--raw-bytes-per-image", inputs.raw_bytes_per_image is None or inputs.raw_bytes_per_image > 0, "must be positive"),
     ]
     for option, ok, message in checks:
         if not ok:
             raise PlanError(option, message)
+    return Setup(gpu, device, gpus, resolution, nodes=inputs.nodes or math.ceil(gpus / device.per_node))
 
-    model = preset.unet
-    nodes = nodes or math.ceil(gpus / device.per_node)
-    assumptions: list[Assumption] = []
 
-    def assume(name: str, value: Any, unit: str, source: str) -> Any:
-        assumptions.append(Assumption(name, value, unit, source))
-        return value
+def assume_inputs(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> None:
+    """The run's size and hardware, each saying whether it was given or taken from the preset."""
+    preset, gpu = inputs.preset, setup.gpu
+    resolution_source = GIVEN if setup.resolution != preset.resolution else f"preset {preset.name} encode.resolution"
+    gpu_source = (
+        GIVEN if inputs.gpu is not None else f"assumed: preset {preset.name} train.use_gpu = {str(preset.use_gpu).lower()}"
+    )
+    nodes_default = setup.nodes == math.ceil(setup.gpus / setup.device.per_node)
+    ledger.assume("images", inputs.images, "images", "given (--images); every URL assumed to yield an image")
+    ledger.assume("resolution", setup.resolution, "px", resolution_source)
+    ledger.assume("gpu", gpu, "", gpu_source)
+    ledger.assume("gpus", setup.gpus, gpu, GIVEN if inputs.gpus is not None else f"preset {preset.name} train.num_workers")
+    ledger.assume("nodes", setup.nodes, "nodes", f"{setup.device.per_node} {gpu} per node" if nodes_default else GIVEN)
 
-    given = "given (option)"
-    assume("images", images, "images", "given (--images); every URL assumed to yield an image")
-    assume("resolution", resolution, "px", given if resolution != preset.resolution else f"preset {preset.name} encode.resolution")
-    assume("gpu", gpu, "", given if gpu_given else f"assumed: preset {preset.name} train.use_gpu = {str(preset.use_gpu).lower()}")
-    assume("gpus", gpus, gpu, given if gpus_given else f"preset {preset.name} train.num_workers")
-    assume("nodes", nodes, "nodes", f"{device.per_node} {gpu} per node" if nodes == math.ceil(gpus / device.per_node) else given)
 
-    # Download -----------------------------------------------------------------------------
-    if preset.source == "toy":
-        rate = assume(
-            "download_rate_per_node", download_rate or BENCH_INGEST_IMAGES_PER_S, "images/s",
-            given if download_rate else "measured here: pipeline bench ingest on 2 CPU cores (toy images on loopback, no network)",
+def estimate_download(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> float:
+    """Seconds to download every image: the bench's rate for toy images, else img2dataset's capped by the network."""
+    given_rate = inputs.download_rate
+    if inputs.preset.source == "toy":
+        rate = ledger.assume(
+            "download_rate_per_node",
+            given_rate or BENCH_INGEST_IMAGES_PER_S,
+            "images/s",
+            GIVEN if given_rate else "measured here: pipeline bench ingest on 2 CPU cores (toy images on loopback, no network)",
         )
-        uses_download = ["images", "nodes", "download_rate_per_node"]
+        uses = ["images", "nodes", "download_rate_per_node"]
     else:
-        published = assume(
-            "download_rate_per_node", download_rate or 9500 / 10, "images/s",
-            given if download_rate else f"{IMG2DATASET}, 5B benchmark: 5.8B images in 7 days on 10 machines, average 9500 sample/s",
+        published = ledger.assume(
+            "download_rate_per_node",
+            given_rate or 9500 / 10,
+            "images/s",
+            GIVEN if given_rate else f"{IMG2DATASET}, 5B benchmark: 5.8B images in 7 days on 10 machines, average 9500 sample/s",
         )
-        wire = assume("wire_bytes_per_image", 130e3, "B", f"{IMG2DATASET}, architecture notes: 1000 average images/s need about 130 MB/s")
-        assume("network_gbps", network_gbps, "Gbit/s per node", given if network_gbps != 10.0 else "assumed")
+        wire = ledger.assume(
+            "wire_bytes_per_image", 130e3, "B", f"{IMG2DATASET}, architecture notes: 1000 average images/s need about 130 MB/s"
+        )
+        network_gbps = inputs.network_gbps
+        ledger.assume("network_gbps", network_gbps, "Gbit/s per node", GIVEN if network_gbps != 10.0 else "assumed")
         rate = min(published, network_gbps * 1e9 / 8 / wire)
-        uses_download = ["images", "nodes", "download_rate_per_node", "wire_bytes_per_image", "network_gbps"]
-    download_s = images / (rate * nodes)
+        uses = ["images", "nodes", "download_rate_per_node", "wire_bytes_per_image", "network_gbps"]
+    download_s = inputs.images / (rate * setup.nodes)
+    ledger.estimate("download_hours", download_s / HOUR, "h", "images / (nodes x min(rate, network / wire bytes))", uses)
+    return download_s
 
-    # Storage ------------------------------------------------------------------------------
+
+def estimate_storage(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> None:
+    """Raw shard bytes (given, or measured/published and scaled with pixels) and fp16 latent + text bytes."""
+    images, preset, model, resolution = inputs.images, inputs.preset, inputs.preset.unet, setup.resolution
+    raw_bytes_per_image = inputs.raw_bytes_per_image
     if raw_bytes_per_image is None:
         if preset.source == "toy":
             raw_bytes, raw_images, raw_px = DEMO_RAW_BYTES
-            base_source = f"measured here: make demo (tiny) ingest/stats.json, {raw_bytes:,} B for {raw_images:,} images at {raw_px} px"
+            base_source = (
+                f"measured here: make demo (tiny) ingest/stats.json, {raw_bytes:,} B for {raw_images:,} images at {raw_px} px"
+            )
         else:
             raw_bytes, raw_images, raw_px = 5e12, 190e6, 256
             base_source = f"{IMG2DATASET}, 190M benchmark: 190M images, 5 TB (resize settings not stated; default image_size 256)"
         raw_bytes_per_image = raw_bytes / raw_images * (resolution / raw_px) ** 2
-        assume("raw_bytes_per_image", raw_bytes_per_image, "B", f"{base_source}; scaled with pixel count (assumed)")
+        ledger.assume("raw_bytes_per_image", raw_bytes_per_image, "B", f"{base_source}; scaled with pixel count (assumed)")
     else:
-        assume("raw_bytes_per_image", raw_bytes_per_image, "B", given)
+        ledger.assume("raw_bytes_per_image", raw_bytes_per_image, "B", GIVEN)
     side = resolution // VAE_DOWNSAMPLE
-    latent_elements = assume(
-        "latent_elements", preset.latent_members * LATENT_CHANNELS * side * side, "fp16 values",
+    latent_elements = ledger.assume(
+        "latent_elements",
+        preset.latent_members * LATENT_CHANNELS * side * side,
+        "fp16 values",
         f"{preset.latent_members} x {LATENT_CHANNELS} x {side} x {side}: SD VAE, 4 channels at 1/8 side (preset {preset.name} encode)",
     )
-    text_elements = assume(
-        "text_elements", math.prod(TEXT_SHAPE[model]), "fp16 values",
+    text_elements = ledger.assume(
+        "text_elements",
+        math.prod(TEXT_SHAPE[model]),
+        "fp16 values",
         "77 x 768: CLIP ViT-L/14 max_position_embeddings x hidden_size, https://huggingface.co/openai/clip-vit-large-patch14"
         if model == "sd15"
         else "77 x 64: builtin tiny text encoder, pipeline/core/assets/tiny/text_encoder/config.json",
     )
     sample_bytes = 2 * (latent_elements + text_elements)
+    ledger.estimate(
+        "raw_shard_bytes", images * raw_bytes_per_image, "B", "images x raw_bytes_per_image", ["images", "raw_bytes_per_image"]
+    )
+    ledger.estimate(
+        "bytes_per_sample",
+        sample_bytes,
+        "B",
+        "2 x (latent_elements + text_elements) (fp16)",
+        ["latent_elements", "text_elements"],
+    )
+    ledger.estimate(
+        "latent_bytes", images * sample_bytes, "B", "images x bytes_per_sample", ["images", "latent_elements", "text_elements"]
+    )
+    ledger.estimate(
+        "storage_bytes",
+        images * (raw_bytes_per_image + sample_bytes),
+        "B",
+        "raw_shard_bytes + latent_bytes",
+        ["images", "raw_bytes_per_image", "latent_elements", "text_elements"],
+    )
 
-    # Encode and train ---------------------------------------------------------------------
+
+def assume_rates(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> Rates:
+    """FLOP/s per device: a GPU's datasheet peak, or on CPU the bench rates of the tiny models."""
+    device, mfu = setup.device, inputs.mfu
     if device.peak_flops is None:
         tiny_encode = quadratic_flops(VAE_ENCODE_FLOPS["tiny"], 64) + TEXT_ENCODE_FLOPS["tiny"]
         tiny_train = quadratic_flops(UNET_TRAIN_FLOPS["tiny"], 64)
-        encode_rate = assume(
-            "encode_flops_per_device", BENCH_ENCODE_SAMPLES_PER_S * tiny_encode, "FLOP/s",
+        encode_rate = ledger.assume(
+            "encode_flops_per_device",
+            BENCH_ENCODE_SAMPLES_PER_S * tiny_encode,
+            "FLOP/s",
             f"measured here: pipeline bench encode on 2 CPU cores, {BENCH_ENCODE_SAMPLES_PER_S} samples/s x the tiny encoders' FLOPs at 64 px",
         )
-        train_rate = assume(
-            "train_flops_per_device", BENCH_TRAIN_SAMPLES_PER_S * tiny_train, "FLOP/s",
+        train_rate = ledger.assume(
+            "train_flops_per_device",
+            BENCH_TRAIN_SAMPLES_PER_S * tiny_train,
+            "FLOP/s",
             f"measured here: pipeline bench train on 2 CPU cores, {BENCH_TRAIN_SAMPLES_PER_S} samples/s x the tiny UNet's FLOPs at 64 px",
         )
-        mfu = assume("mfu", mfu or device.mfu, "", given if mfu else "assumed 1: the CPU rates above are achieved rates, not peaks")
+        mfu = ledger.assume(
+            "mfu", mfu or device.mfu, "", GIVEN if mfu else "assumed 1: the CPU rates above are achieved rates, not peaks"
+        )
     else:
-        peak = assume("gpu_peak_flops", device.peak_flops, "FLOP/s", device.peak_source)
-        mfu = assume("mfu", mfu or device.mfu, "of peak, encode and train", given if mfu else ASSUMED_MFU)
+        peak = ledger.assume("gpu_peak_flops", device.peak_flops, "FLOP/s", device.peak_source)
+        mfu = ledger.assume("mfu", mfu or device.mfu, "of peak, encode and train", GIVEN if mfu else ASSUMED_MFU)
         encode_rate = train_rate = peak
-    rate_name = "gpu_peak_flops" if device.peak_flops else "encode_flops_per_device"
-    train_rate_name = "gpu_peak_flops" if device.peak_flops else "train_flops_per_device"
+    return Rates(
+        encode_rate,
+        train_rate,
+        mfu,
+        encode_name="gpu_peak_flops" if device.peak_flops else "encode_flops_per_device",
+        train_name="gpu_peak_flops" if device.peak_flops else "train_flops_per_device",
+    )
 
-    vae_flops = assume(
-        "vae_encode_flops", preset.vae_passes * quadratic_flops(VAE_ENCODE_FLOPS[model], resolution), "FLOP/image",
+
+def estimate_encode(ledger: Ledger, inputs: PlanInputs, setup: Setup, rates: Rates) -> float:
+    """GPU-seconds to encode every image (VAE, once per flip copy) and caption (text encoder)."""
+    preset, model, resolution = inputs.preset, inputs.preset.unet, setup.resolution
+    vae_flops = ledger.assume(
+        "vae_encode_flops",
+        preset.vae_passes * quadratic_flops(VAE_ENCODE_FLOPS[model], resolution),
+        "FLOP/image",
         f"{FLOP_COUNT_SOURCE}; {'SD-1.5 VAE' if model == 'sd15' else 'builtin tiny VAE'} encoder at {resolution} px"
         + (", twice (flip_copies)" if preset.vae_passes == 2 else ""),
     )
-    text_flops = assume(
-        "text_encode_flops", TEXT_ENCODE_FLOPS[model], "FLOP/caption",
+    text_flops = ledger.assume(
+        "text_encode_flops",
+        TEXT_ENCODE_FLOPS[model],
+        "FLOP/caption",
         f"{FLOP_COUNT_SOURCE}; {'CLIP ViT-L/14 text encoder (123M parameters)' if model == 'sd15' else 'builtin tiny text encoder'}, 77 tokens",
     )
-    encode_gpu_s = images * (vae_flops + text_flops) / (encode_rate * mfu)
+    encode_gpu_s = inputs.images * (vae_flops + text_flops) / (rates.encode * rates.mfu)
+    uses = ["vae_encode_flops", "text_encode_flops", rates.encode_name, "mfu"]
+    ledger.estimate(
+        "encode_gpu_hours", encode_gpu_s / HOUR, "GPU-h", "images x (vae + text FLOPs) / (peak x mfu)", ["images", *uses]
+    )
+    ledger.estimate("encode_hours", encode_gpu_s / setup.gpus / HOUR, "h", "encode_gpu_hours / gpus", ["gpus", *uses])
+    return encode_gpu_s
 
-    if epochs is not None:
-        assume("epochs", epochs, "passes over the images", given)
-        samples = images * epochs
+
+def estimate_train(ledger: Ledger, inputs: PlanInputs, setup: Setup, rates: Rates) -> float:
+    """GPU-seconds to train: samples (epochs x images, or steps x global batch) x the UNet's FLOPs."""
+    images, preset, model, resolution = inputs.images, inputs.preset, inputs.preset.unet, setup.resolution
+    if inputs.epochs is not None:
+        ledger.assume("epochs", inputs.epochs, "passes over the images", GIVEN)
+        samples = images * inputs.epochs
+        run, formula, uses = "epochs", "images x epochs", ["images", "epochs"]
     else:
-        steps = assume("steps", steps or preset.steps, "optimizer steps", given if steps else f"preset {preset.name} train.max_steps")
-        batch = assume(
-            "global_batch", batch_size or preset.global_batch, "samples/step",
-            given if batch_size else f"preset {preset.name} train: batch_size_per_worker x num_workers x gradient_accumulation",
+        steps = ledger.assume(
+            "steps",
+            inputs.steps or preset.steps,
+            "optimizer steps",
+            GIVEN if inputs.steps else f"preset {preset.name} train.max_steps",
+        )
+        batch = ledger.assume(
+            "global_batch",
+            inputs.batch_size or preset.global_batch,
+            "samples/step",
+            GIVEN
+            if inputs.batch_size
+            else f"preset {preset.name} train: batch_size_per_worker x num_workers x gradient_accumulation",
         )
         samples = steps * batch
-    unet_flops = assume(
-        "unet_train_flops", quadratic_flops(UNET_TRAIN_FLOPS[model], resolution), "FLOP/sample",
+        run, formula, uses = "steps", "steps x global_batch", ["steps", "global_batch"]
+    unet_flops = ledger.assume(
+        "unet_train_flops",
+        quadratic_flops(UNET_TRAIN_FLOPS[model], resolution),
+        "FLOP/sample",
         f"{FLOP_COUNT_SOURCE}; UNet {model} ({PARAMS[model] / 1e6:.1f}M parameters) forward + backward at {resolution} px",
     )
-    train_gpu_s = samples * unet_flops / (train_rate * mfu)
-
-    if price_per_gpu_hour is not None:
-        price = assume("price_per_gpu_hour", price_per_gpu_hour, "USD", given)
-    else:
-        price = assume("price_per_gpu_hour", device.price, "USD", device.price_source)
-    assume("billing", "whole run", "", "assumed: the run holds its GPUs from download to the last step, as `pipeline run` does")
-
-    hour = 3600.0
-    run = "steps" if epochs is None else "epochs"
-    estimates = [
-        Estimate("download_hours", download_s / hour, "h", "images / (nodes x min(rate, network / wire bytes))", uses_download),
-        Estimate("raw_shard_bytes", images * raw_bytes_per_image, "B", "images x raw_bytes_per_image", ["images", "raw_bytes_per_image"]),
-        Estimate("bytes_per_sample", sample_bytes, "B", "2 x (latent_elements + text_elements) (fp16)", ["latent_elements", "text_elements"]),
-        Estimate("latent_bytes", images * sample_bytes, "B", "images x bytes_per_sample", ["images", "latent_elements", "text_elements"]),
-        Estimate(
-            "storage_bytes", images * (raw_bytes_per_image + sample_bytes), "B", "raw_shard_bytes + latent_bytes",
-            ["images", "raw_bytes_per_image", "latent_elements", "text_elements"],
-        ),
-        Estimate(
-            "encode_gpu_hours", encode_gpu_s / hour, "GPU-h", "images x (vae + text FLOPs) / (peak x mfu)",
-            ["images", "vae_encode_flops", "text_encode_flops", rate_name, "mfu"],
-        ),
-        Estimate(
-            "encode_hours", encode_gpu_s / gpus / hour, "h", "encode_gpu_hours / gpus",
-            ["gpus", "vae_encode_flops", "text_encode_flops", rate_name, "mfu"],
-        ),
-        Estimate(
-            "train_samples", samples, "samples", "steps x global_batch" if run == "steps" else "images x epochs",
-            ["steps", "global_batch"] if run == "steps" else ["images", "epochs"],
-        ),
-        Estimate("train_epochs", samples / images, "epochs", "train_samples / images", ["images", run]),
-        Estimate(
-            "train_gpu_hours", train_gpu_s / hour, "GPU-h", "train_samples x unet_train_flops / (peak x mfu)",
-            [run, "unet_train_flops", train_rate_name, "mfu"],
-        ),
-        Estimate("train_hours", train_gpu_s / gpus / hour, "h", "train_gpu_hours / gpus", ["gpus", "unet_train_flops", train_rate_name, "mfu"]),
-    ]
-    wall_s = download_s + (encode_gpu_s + train_gpu_s) / gpus
-    estimates.append(Estimate("total_hours", wall_s / hour, "h", "download + encode + train, one after another", ["gpus", "nodes"]))
-    estimates.append(
-        Estimate(
-            "cost_usd", None if price is None else wall_s / hour * gpus * price, "USD",
-            "total_hours x gpus x price_per_gpu_hour", ["price_per_gpu_hour", "billing", "gpus"],
-        )
+    train_gpu_s = samples * unet_flops / (rates.train * rates.mfu)
+    flops_uses = ["unet_train_flops", rates.train_name, "mfu"]
+    ledger.estimate("train_samples", samples, "samples", formula, uses)
+    ledger.estimate("train_epochs", samples / images, "epochs", "train_samples / images", ["images", run])
+    ledger.estimate(
+        "train_gpu_hours", train_gpu_s / HOUR, "GPU-h", "train_samples x unet_train_flops / (peak x mfu)", [run, *flops_uses]
     )
-    if model == "sd15":
-        # SD v1's schedule through the same FLOP model, counting the VAE and CLIP it ran every
-        # step (no cached latents then), against the GPU-hours its card reports.
-        assume("sd_v1_schedule", "237k steps at 256 px, 1,129k at 512 px, batch 2048", "",
-               f"SD v1 model card, v1-1 to v1-4, {SD_V1_CARD}")  # fmt: skip
-        assume("sd_v1_hours", SD_V1_HOURS, "A100-h", f"SD v1 model card: Hardware Type A100 PCIe 40GB, Hours used 150000, {SD_V1_CARD}")
-        sd_flops = sum(
-            steps_at * SD_V1_BATCH * (
-                quadratic_flops(UNET_TRAIN_FLOPS["sd15"], px) + quadratic_flops(VAE_ENCODE_FLOPS["sd15"], px) + TEXT_ENCODE_FLOPS["sd15"]
-            )
-            for px, steps_at in SD_V1_STEPS.items()
-        )  # fmt: skip
-        a100 = DEVICES["A100-40GB"].peak_flops
-        uses = ["sd_v1_schedule", "unet_train_flops", "vae_encode_flops", "mfu"]
-        estimates.append(
-            Estimate("check_sd_v1_a100_hours", sd_flops / (a100 * mfu) / hour, "A100-h", "SD v1 schedule FLOPs / (312 TFLOP/s x mfu)", uses)
+    ledger.estimate("train_hours", train_gpu_s / setup.gpus / HOUR, "h", "train_gpu_hours / gpus", ["gpus", *flops_uses])
+    return train_gpu_s
+
+
+def estimate_total_and_cost(ledger: Ledger, inputs: PlanInputs, setup: Setup, wall_s: float) -> None:
+    """Wall time with the stages one after another, and its price with every GPU billed throughout."""
+    if inputs.price_per_gpu_hour is not None:
+        price = ledger.assume("price_per_gpu_hour", inputs.price_per_gpu_hour, "USD", GIVEN)
+    else:
+        price = ledger.assume("price_per_gpu_hour", setup.device.price, "USD", setup.device.price_source)
+    ledger.assume(
+        "billing", "whole run", "", "assumed: the run holds its GPUs from download to the last step, as `pipeline run` does"
+    )
+    ledger.estimate("total_hours", wall_s / HOUR, "h", "download + encode + train, one after another", ["gpus", "nodes"])
+    ledger.estimate(
+        "cost_usd",
+        None if price is None else wall_s / HOUR * setup.gpus * price,
+        "USD",
+        "total_hours x gpus x price_per_gpu_hour",
+        ["price_per_gpu_hour", "billing", "gpus"],
+    )
+
+
+def check_against_sd_v1(ledger: Ledger, mfu: float) -> None:
+    """SD v1's schedule through the same FLOP model, against the GPU-hours its model card reports.
+
+    It counts the VAE and CLIP that SD v1 ran every step (no cached latents then).
+    """
+    schedule = "237k steps at 256 px, 1,129k at 512 px, batch 2048"
+    ledger.assume("sd_v1_schedule", schedule, "", f"SD v1 model card, v1-1 to v1-4, {SD_V1_CARD}")
+    ledger.assume(
+        "sd_v1_hours", SD_V1_HOURS, "A100-h", f"SD v1 model card: Hardware Type A100 PCIe 40GB, Hours used 150000, {SD_V1_CARD}"
+    )
+    sd_flops = sum(
+        steps_at
+        * SD_V1_BATCH
+        * (
+            quadratic_flops(UNET_TRAIN_FLOPS["sd15"], px)
+            + quadratic_flops(VAE_ENCODE_FLOPS["sd15"], px)
+            + TEXT_ENCODE_FLOPS["sd15"]
         )
-        estimates.append(
-            Estimate(
-                "check_sd_v1_implied_mfu", sd_flops / (a100 * SD_V1_HOURS * hour), "",
-                "SD v1 schedule FLOPs / (312 TFLOP/s x sd_v1_hours)", uses[:-1] + ["sd_v1_hours"],
-            )
-        )
-    return {
-        "inputs": {"images": images, "resolution": resolution, "preset": preset.name, "gpu": gpu, "gpus": gpus, "nodes": nodes},
-        "assumptions": {a.name: {"value": a.value, "unit": a.unit, "source": a.source} for a in assumptions},
-        "estimates": {e.name: {k: v for k, v in asdict(e).items() if k != "name"} for e in estimates},
-    }
+        for px, steps_at in SD_V1_STEPS.items()
+    )
+    a100 = DEVICES["A100-40GB"].peak_flops
+    uses = ["sd_v1_schedule", "unet_train_flops", "vae_encode_flops", "mfu"]
+    ledger.estimate(
+        "check_sd_v1_a100_hours", sd_flops / (a100 * mfu) / HOUR, "A100-h", "SD v1 schedule FLOPs / (312 TFLOP/s x mfu)", uses
+    )
+    ledger.estimate(
+        "check_sd_v1_implied_mfu",
+        sd_flops / (a100 * SD_V1_HOURS * HOUR),
+        "",
+        "SD v1 schedule FLOPs / (312 TFLOP/s x sd_v1_hours)",
+        uses[:-1] + ["sd_v1_hours"],
+    )
 
 
 def _number(value: Any, unit: str) -> str:

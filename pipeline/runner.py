@@ -28,15 +28,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import tomllib
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core import layout
-from pipeline.core.config import PipelineConfig, to_toml
+from pipeline.core import layout, log
+from pipeline.core.config import ConfigError, PipelineConfig, to_toml, validate
+from pipeline.core.log import get_logger
 from pipeline.core.ray_runtime import ensure_ray
 from pipeline.core.rundir import RunDir, now
-
-console = Console(stderr=True)
 
 
 class StageError(RuntimeError):
@@ -72,6 +72,7 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
 # at 512 px from the same checkpoint (MosaicML's SD2 recipe). Only the sizes (the resolution and the buckets,
 # which "auto" derives from it): anything else that changes what the latents hold makes a new run.
 PHASE_KEYS: dict[str, set[str]] = {"encode": {"resolution", "buckets"}}
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -134,9 +135,10 @@ def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, st
     for name, spec in STAGE_SPECS.items():
         payload = {
             section: {k: v for k, v in data[section].items() if k not in ignored.get(section, ())}
-            if isinstance(data[section], dict) else data[section]
+            if isinstance(data[section], dict)
+            else data[section]
             for section in spec.sections
-        }  # fmt: skip
+        }
         if name == "train" and config.train.init_from:  # the init model's weights, not only its name
             from train.finetune import init_fingerprint
 
@@ -166,12 +168,11 @@ def _digest(payload: dict, previous: str) -> str:
 
 
 def load_run_config(run: RunDir) -> PipelineConfig:
-    from pipeline.core.config import ConfigError, validate
-
+    """The config a run directory was made with (its config.toml)."""
     if not run.exists(layout.CONFIG):
-        raise ConfigError(f"{run.path(layout.CONFIG)} not found: is {run.url} a run directory? Start one with `pipeline run --out`.")
-    import tomllib
-
+        raise ConfigError(
+            f"{run.path(layout.CONFIG)} not found: is {run.url} a run directory? Start one with `pipeline run --out`."
+        )
     return validate(tomllib.loads(run.read_text(layout.CONFIG)))
 
 
@@ -184,6 +185,8 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
         if storage_error(error) is None:
             raise
         raise StageError(f"cannot write the run directory {run.url}: {error.strerror or error}") from error
+    if log.log_file():
+        log.get_logger("run").info(f"{run.url}; full log in {log.log_file()}")
     chain, phases = fingerprints(config), phase_fingerprints(config)
     watched = False
     for name in layout.STAGES:
@@ -194,7 +197,7 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
                 raise StageError(f"stage {name!r} is not done for this config; run `pipeline {name} {run.url}` first")
             continue
         if up_to_date and not force:
-            console.print(f"[green]skip[/] {name}: done at {entry.get('finished')} ({entry.get('seconds')} s)")
+            get_logger(name).info(f"skipped: done at {entry.get('finished')} ({entry.get('seconds')} s)")
             continue
         beside = None
         validates = bool(config.sample.prompts) or config.train.conditioning == "class"  # sample.validate.has_conditions
@@ -208,7 +211,12 @@ def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layo
 
 
 def _run_one(
-    name: str, config: PipelineConfig, run: RunDir, entry: dict, stage_fingerprints: tuple[str, str, str], force: bool,
+    name: str,
+    config: PipelineConfig,
+    run: RunDir,
+    entry: dict,
+    stage_fingerprints: tuple[str, str, str],
+    force: bool,
     beside: Callable[[bool], contextlib.AbstractContextManager] | None = None,
 ) -> None:
     """`beside(keeps_output)`, if given, is a context the stage function runs inside (the sample watcher)."""
@@ -217,32 +225,58 @@ def _run_one(
     mode = continuation(entry, base, phase, force)
     if mode == "start":
         run.remove(output)  # stale or forced: start from an empty folder
-    console.rule(f"[bold]{name}[/] ({mode})")
+    logger = get_logger(name)
+    logger.info(f"start ({mode})")
     if needs_ray:
         ensure_ray(config.ray)
     started = time.monotonic()
-    run.update_stage(name, status="running", started=now(), finished=None, fingerprint=fingerprint,
-                     base_fingerprint=base, phase_fingerprint=phase, error=None)  # fmt: skip
+    run.update_stage(
+        name,
+        status="running",
+        started=now(),
+        finished=None,
+        fingerprint=fingerprint,
+        base_fingerprint=base,
+        phase_fingerprint=phase,
+        error=None,
+    )
     try:
         function = stage_function(name)  # imported before a watcher thread imports too: diffusers' lazy imports race
         with beside(mode != "start") if beside else contextlib.nullcontext():
             summary = function(config, run) or {}
     except BaseException as error:
-        storage = storage_error(error)
-        if storage is None:
-            run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
-                             error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8))
-            raise
-        # Ray Data rebuilds the error with its own text where the file name goes: not a path.
-        path = storage.filename if str(storage.filename).startswith("/") or "://" in str(storage.filename) else None
-        message = f"stage {name!r} failed on {path or run.path(output)}: {storage.strerror or storage}"
-        try:  # on a full disk, run.json may not take it either
-            run.update_stage(name, status="failed", finished=now(), seconds=round(time.monotonic() - started, 2),
-                             error=message, traceback=traceback.format_exc(limit=8))
-        except OSError as also:
-            message += f" (nor could {run.path(layout.RUN_MANIFEST)} record it: {also.strerror or also})"
-        raise StageError(message) from error
-    run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": round(time.monotonic() - started, 2)})
+        _record_failure(name, run, error, round(time.monotonic() - started, 2))
+        raise
+    seconds = round(time.monotonic() - started, 2)
+    run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": seconds})
+    counts = ", ".join(f"{key} {value}" for key, value in (summary.get("counts") or {}).items())
+    logger.info(f"done in {seconds:.1f} s" + (f": {counts}" if counts else ""))
+
+
+def _record_failure(name: str, run: RunDir, error: BaseException, seconds: float) -> None:
+    """Record a failed stage in run.json. An error of the output location itself (full, read-only: STORAGE_ERRNOS)
+    becomes a StageError of one line naming the path, raised from `error`; others are recorded and left to propagate."""
+    storage = storage_error(error)
+    if storage is None:
+        run.update_stage(
+            name,
+            status="failed",
+            finished=now(),
+            seconds=seconds,
+            error=f"{type(error).__name__}: {error}",
+            traceback=traceback.format_exc(limit=8),
+        )
+        return
+    # Ray Data rebuilds the error with its own text where the file name goes: not a path.
+    path = storage.filename if str(storage.filename).startswith("/") or "://" in str(storage.filename) else None
+    message = f"stage {name!r} failed on {path or run.path(STAGE_SPECS[name].output)}: {storage.strerror or storage}"
+    try:  # on a full disk, run.json may not take it either
+        run.update_stage(
+            name, status="failed", finished=now(), seconds=seconds, error=message, traceback=traceback.format_exc(limit=8)
+        )
+    except OSError as also:
+        message += f" (nor could {run.path(layout.RUN_MANIFEST)} record it: {also.strerror or also})"
+    raise StageError(message) from error
 
 
 @contextlib.contextmanager
@@ -257,8 +291,16 @@ def _sample_watcher(
     fingerprint, base, phase = sample_fingerprints
     if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
         run.remove(STAGE_SPECS["sample"].output)
-    run.update_stage("sample", status="running", started=now(), finished=None, fingerprint=fingerprint,
-                     base_fingerprint=base, phase_fingerprint=phase, error=None)  # fmt: skip
+    run.update_stage(
+        "sample",
+        status="running",
+        started=now(),
+        finished=None,
+        fingerprint=fingerprint,
+        base_fingerprint=base,
+        phase_fingerprint=phase,
+        error=None,
+    )
     watcher = Watcher(config, run).start()
     try:
         yield
@@ -274,4 +316,4 @@ def _print_summary(run: RunDir) -> None:
         entry = run.stage(name)
         counts = ", ".join(f"{k}={v}" for k, v in (entry.get("counts") or {}).items())
         table.add_row(name, entry.get("status", "pending"), str(entry.get("seconds", "")), counts)
-    console.print(table)
+    Console(stderr=True).print(table)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, CLIPModel, CLIPTokenizer
 
-from pipeline.core.models import resolve_model_path
+from pipeline.core.models import resolve_model_path, subfolder_kwargs
 
 try:  # transformers >= 5: the default CLIPImageProcessor needs torchvision; this one does not
     from transformers.models.clip import CLIPImageProcessorPil as ImageProcessor
@@ -19,13 +19,9 @@ except ImportError:  # older transformers: CLIPImageProcessor is the PIL one
     from transformers import CLIPImageProcessor as ImageProcessor
 
 
-def _kwargs(subfolder: str | None) -> dict:
-    return {"subfolder": subfolder} if subfolder else {}
-
-
 def has_image_tower(name: str, subfolder: str | None = None) -> bool:
     """Is `name` a whole CLIPModel (config type 'clip'), not only its text tower ('clip_text_model')?"""
-    return AutoConfig.from_pretrained(resolve_model_path(name), **_kwargs(subfolder)).model_type == "clip"
+    return AutoConfig.from_pretrained(resolve_model_path(name), **subfolder_kwargs(subfolder)).model_type == "clip"
 
 
 def _embedding(output) -> torch.Tensor:
@@ -36,10 +32,15 @@ def _embedding(output) -> torch.Tensor:
 class ClipScorer:
     def __init__(self, name: str, subfolder: str | None = None, device: torch.device | str = "cpu"):
         path = resolve_model_path(name)
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=True, **_kwargs(subfolder)).eval().requires_grad_(False).to(device)
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, **_kwargs(subfolder))
+        self.model = (
+            CLIPModel.from_pretrained(path, use_safetensors=True, **subfolder_kwargs(subfolder))
+            .eval()
+            .requires_grad_(False)
+            .to(device)
+        )
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, **subfolder_kwargs(subfolder))
         try:
-            self.processor = ImageProcessor.from_pretrained(path, **_kwargs(subfolder))
+            self.processor = ImageProcessor.from_pretrained(path, **subfolder_kwargs(subfolder))
         except (OSError, ValueError):  # no preprocessor_config.json: CLIP's defaults at the model's size
             side = self.model.config.vision_config.image_size
             self.processor = ImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
@@ -52,8 +53,13 @@ class ClipScorer:
 
     @torch.inference_mode()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                max_length=self.model.config.text_config.max_position_embeddings).to(self.model.device)  # fmt: skip
+        tokens = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.model.config.text_config.max_position_embeddings,
+        ).to(self.model.device)
         output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return torch.nn.functional.normalize(_embedding(output).float(), dim=-1)
 

@@ -61,6 +61,9 @@ def validation_conditions(config: PipelineConfig, manifest: dict) -> Conditions:
         return Conditions(names, [None] * len(names), names, [classes.index(n) for n in names], len(classes))
     pairs = [(prompt, name) for prompt in sample.prompts for name in names]
     return Conditions(
-        [f"{prompt} [{name}]" for prompt, name in pairs], [p for p, _ in pairs], [n for _, n in pairs],
-        [classes.index(n) for _, n in pairs], len(classes),
-    )  # fmt: skip
+        [f"{prompt} [{name}]" for prompt, name in pairs],
+        [p for p, _ in pairs],
+        [n for _, n in pairs],
+        [classes.index(n) for _, n in pairs],
+        len(classes),
+    )

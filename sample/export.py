@@ -23,14 +23,15 @@ def load_export(run: RunDir, step: int, scratch: str, device: torch.device, with
     """(UNet, training scheduler config) of a committed export; copied locally first if remote. `with_classes`
     adds its classes.json (None for a text-conditional export)."""
     folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        folder / "unet", torch_dtype=torch.float32, use_safetensors=True, **models.DIFFUSERS_LOAD_OPTIONS
+    )
     unet.eval().requires_grad_(False)
     loaded = unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
     if not with_classes:
         return loaded
     classes = folder / layout.EXPORT_CLASSES
     return (*loaded, json.loads(classes.read_text()) if classes.is_file() else None)
-
 
 
 @dataclass

@@ -168,8 +168,19 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):  # fmt: skip
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
@@ -200,8 +211,10 @@ def load_inception(path: str | Path, resize: int = 299) -> FIDInception:
     unexpected = [key for key in state if key not in expected]
     reshaped = [key for key in state if key in expected and state[key].shape != expected[key].shape]
     if missing or unexpected or reshaped:
-        raise ValueError(f"{path} is not pytorch-fid's Inception: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"other shapes {reshaped[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{path} is not pytorch-fid's Inception: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"other shapes {reshaped[:5]}"
+        )
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)
 
@@ -209,8 +222,10 @@ def load_inception(path: str | Path, resize: int = 299) -> FIDInception:
 def features(model: FIDInception, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """uint8 [N, H, W, 3] -> float64 [N, 2048]."""
     device = next(model.parameters()).device
-    out = [model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)).cpu().double()
-           for i in range(0, len(images), batch_size)]  # fmt: skip
+    out = [
+        model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)).cpu().double()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -260,8 +275,9 @@ def read_reference_images(source: str, count: int, size: int) -> np.ndarray:
     blobs: list[bytes] = []
     if root.endswith(".tar"):
         with fs.open(root, "rb") as handle, tarfile.open(fileobj=handle) as archive:
-            members = sorted((m for m in archive.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)),
-                             key=lambda m: m.name)[:count]  # fmt: skip
+            members = sorted(
+                (m for m in archive.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda m: m.name
+            )[:count]
             blobs = [archive.extractfile(m).read() for m in members]
     elif fs.isdir(root):
         names = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))[:count]

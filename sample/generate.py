@@ -11,7 +11,6 @@ class-conditional export (its classes.json) samples named classes (`--class`), a
 from __future__ import annotations
 
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,35 +19,38 @@ import torch
 from PIL import Image
 
 from pipeline.core.config import PipelineConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 from sample.export import Checkpoint, load_checkpoint
-from sample.guidance import make_scheduler, sample_images
+from sample.guidance import ConditionRows, Sampling, make_scheduler, sample_images
+
+logger = get_logger("sample")
 
 
 def generate(
     checkpoint: Checkpoint,
     prompts: list[str],
-    seeds: list[int],
-    guidance_scale: float,
-    steps: int,
-    scheduler: str,
+    sampling: Sampling,
     negative_prompt: str | None = None,
-    timestep_spacing: str = "trailing",
-    batch_size: int = 16,
     class_names: list[str] | None = None,
 ) -> np.ndarray:
-    """uint8 images [rows, len(seeds), H, W, 3]: one row per prompt, or for a class-conditional
+    """uint8 images [rows, len(sampling.seeds), H, W, 3]: one row per prompt, or for a class-conditional
     checkpoint per class (conditioning 'class') or per (prompt, class) pair (see `condition_rows`)."""
     uncond = checkpoint.empty_embedding if negative_prompt is None else checkpoint.embed([negative_prompt])[0]
     rows, labels = condition_rows(checkpoint, prompts, class_names or [])
     embedded = _embed_rows(checkpoint, rows)
     embeddings = torch.stack([checkpoint.empty_embedding if row is None else embedding for row, embedding in zip(rows, embedded)])
     null_class = None if labels is None else checkpoint.classes["null_class"]
+    conditions = ConditionRows(embeddings, uncond, labels, null_class)
     return sample_images(
-        checkpoint.unet, checkpoint.vae, make_scheduler(scheduler, checkpoint.scheduler_config, timestep_spacing),
-        embeddings, uncond, guidance_scale, seeds, steps, checkpoint.latent_shape,
-        checkpoint.scaling_factor, batch_size, labels, null_class,
-    )  # fmt: skip
+        checkpoint.unet,
+        checkpoint.vae,
+        checkpoint.scheduler_config,
+        conditions,
+        sampling,
+        checkpoint.latent_shape,
+        checkpoint.scaling_factor,
+    )
 
 
 def condition_rows(
@@ -124,10 +126,7 @@ def sample_command(
     config: PipelineConfig,
     prompts: list[str],
     out_dir: str,
-    seeds: list[int],
-    guidance_scale: float,
-    steps: int,
-    scheduler: str,
+    sampling: Sampling,
     negative_prompt: str | None,
     step: int | None,
     class_names: list[str] | None = None,
@@ -136,11 +135,10 @@ def sample_command(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="sample-") as scratch:
         checkpoint = load_checkpoint(run, config, step, scratch, device)
-        print(f"[sample] step {checkpoint.step}: {len(prompts)} prompt(s), {len(class_names or [])} class(es), "
-              f"{len(seeds)} seed(s), guidance "
-              f"{guidance_scale:g}, {scheduler} {steps} steps, {device}", file=sys.stderr, flush=True)  # fmt: skip
-        images = generate(
-            checkpoint, prompts, seeds, guidance_scale, steps, scheduler, negative_prompt,
-            config.sample.timestep_spacing, config.sample.batch_size, class_names,
-        )  # fmt: skip
-    return write_pngs(images, row_names(prompts, class_names or []), seeds, out_dir)
+        logger.info(
+            f"step {checkpoint.step}: {len(prompts)} prompt(s), {len(class_names or [])} class(es), "
+            f"{len(sampling.seeds)} seed(s), guidance "
+            f"{sampling.guidance_scale:g}, {sampling.scheduler} {sampling.steps} steps, {device}"
+        )
+        images = generate(checkpoint, prompts, sampling, negative_prompt, class_names)
+    return write_pngs(images, row_names(prompts, class_names or []), list(sampling.seeds), out_dir)

@@ -33,7 +33,7 @@ def image_grid(images: np.ndarray, prompts: list[str]) -> Image.Image:
     font = ImageFont.load_default()
     block_width = seeds * width + (seeds - 1) * SEED_GAP
     labels = [wrap(prompt, font, block_width) for prompt in prompts]
-    labels = [lines[:MAX_LINES - 1] + [lines[MAX_LINES - 1] + " …"] if len(lines) > MAX_LINES else lines for lines in labels]
+    labels = [lines[: MAX_LINES - 1] + [lines[MAX_LINES - 1] + " …"] if len(lines) > MAX_LINES else lines for lines in labels]
     label_height = LINE_HEIGHT * max(len(lines) for lines in labels) + 2
     columns = prompt_columns(count, seeds, height + label_height, width)
     rows = math.ceil(count / columns)

@@ -19,6 +19,7 @@ generator seeded with its own seed, so an image does not depend on what else is 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from pipeline.core.config import SampleConfig
+
 # name -> (scheduler class, settings that override the training schedule's config).
 # clip_sample=False: latents scaled to unit variance are not bounded by [-1, 1], so clipping
 # the predicted x0 (DDPM's and DDIM's default) would damage them.
@@ -42,9 +45,61 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
-def make_scheduler(
-    name: str, training_scheduler_config: Mapping[str, Any], timestep_spacing: str = "trailing"
-) -> SchedulerMixin:
+@dataclass(frozen=True)
+class Sampling:
+    """The settings every image of one sampling call shares: what `pipeline sample` takes as options
+    and the sample stage reads from `sample.*` (one guidance scale at a time)."""
+
+    guidance_scale: float
+    """Classifier-free guidance scale s: 0 samples the unconditional model, 1 the conditional one, > 1 pushes further."""
+    seeds: tuple[int, ...]
+    """One image per seed for every row (any sequence, kept as a tuple); an image's noise comes from a
+    generator seeded with its seed."""
+    steps: int
+    """Denoising steps (the scheduler's `set_timesteps`)."""
+    scheduler: str
+    """A name in SCHEDULERS: ddpm, ddim, dpmsolver++ or euler."""
+    timestep_spacing: str = "trailing"
+    """How the steps are spread over the training timesteps (see `make_scheduler`)."""
+    batch_size: int = 16
+    """Images denoised together; the UNet sees twice that when both guidance halves are needed."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+
+    @classmethod
+    def from_config(cls, sample: SampleConfig, guidance_scale: float) -> Sampling:
+        """The sample stage's settings (`sample.*`) at one of its guidance scales."""
+        return cls(guidance_scale, sample.seeds, sample.steps, sample.scheduler, sample.timestep_spacing, sample.batch_size)
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionRows:
+    """What each row of images is conditioned on, embedded, and the unconditional half guidance
+    pushes away from. Row p has its prompt's embedding (and with class labels, its class)."""
+
+    embeddings: torch.Tensor
+    """[rows, 77, D] text embeddings, one per row."""
+    uncond_embedding: torch.Tensor
+    """The unconditional half's: the empty caption's [77, D], shared by every row (`sample_latents`
+    also takes one per row, [rows, 77, D]; `select` keeps it as it is)."""
+    class_labels: Sequence[int] | None = None
+    """Row p's class, for a class-conditional UNet; None for a text-only one."""
+    null_class: int | None = None
+    """The class dropout put in place of the label (the unconditional half's); set with class_labels."""
+
+    def __post_init__(self) -> None:
+        labels = self.class_labels
+        if (labels is None) != (self.null_class is None) or (labels is not None and len(labels) != len(self.embeddings)):
+            raise ValueError("class_labels needs null_class and one label per row")
+
+    def select(self, rows: Sequence[int]) -> ConditionRows:
+        """These rows (repeats allowed), against the same unconditional half."""
+        labels = None if self.class_labels is None else [self.class_labels[row] for row in rows]
+        return replace(self, embeddings=self.embeddings[list(rows)], class_labels=labels)
+
+
+def make_scheduler(name: str, training_scheduler_config: Mapping[str, Any], timestep_spacing: str = "trailing") -> SchedulerMixin:
     """A sampling scheduler built from the exported training scheduler's config, so the beta
     schedule, number of training timesteps and prediction_type are the ones the UNet learned.
 
@@ -104,32 +159,26 @@ def predict_with_guidance(
 def sample_latents(
     unet: torch.nn.Module,
     scheduler: SchedulerMixin,
-    cond_embeddings: torch.Tensor,
-    uncond_embedding: torch.Tensor,
+    rows: ConditionRows,
     guidance_scale: float,
     seeds: Sequence[int],
     steps: int,
     latent_shape: Sequence[int],
-    class_labels: Sequence[int] | None = None,
-    null_class: int | None = None,
 ) -> torch.Tensor:
-    """Denoise one batch: image i is conditioned on cond_embeddings[i] ([B, 77, D]) and seeded by
-    seeds[i]; uncond_embedding is the empty caption's ([77, D], or [B, 77, D]). With `class_labels`
-    image i is also conditioned on class class_labels[i], against `null_class` unconditionally.
+    """Denoise one batch: image i is conditioned on row i of `rows` (its embedding [77, D], and its
+    class against the null class when `rows` has class labels) and seeded by seeds[i].
     Returns latents [B, *latent_shape] in the UNet's scaled latent space (see `decode`)."""
-    if len(seeds) != len(cond_embeddings):
-        raise ValueError(f"{len(seeds)} seeds for {len(cond_embeddings)} prompt embeddings")
-    if (class_labels is None) != (null_class is None) or (class_labels is not None and len(class_labels) != len(seeds)):
-        raise ValueError("class_labels needs null_class and one label per seed")
+    if len(seeds) != len(rows.embeddings):
+        raise ValueError(f"{len(seeds)} seeds for {len(rows.embeddings)} prompt embeddings")
     device, dtype = unet.device, unet.dtype
-    cond = cond_embeddings.to(device, dtype)
-    uncond = uncond_embedding.to(device, dtype)
+    cond = rows.embeddings.to(device, dtype)
+    uncond = rows.uncond_embedding.to(device, dtype)
     if uncond.ndim == 2:
         uncond = uncond.expand(len(cond), *uncond.shape)
     labels = {}
-    if class_labels is not None:
-        cond_labels = torch.as_tensor(list(class_labels), dtype=torch.long, device=device)
-        labels = {"cond_labels": cond_labels, "uncond_labels": torch.full_like(cond_labels, null_class)}
+    if rows.class_labels is not None:
+        cond_labels = torch.as_tensor(list(rows.class_labels), dtype=torch.long, device=device)
+        labels = {"cond_labels": cond_labels, "uncond_labels": torch.full_like(cond_labels, rows.null_class)}
 
     noise, generators = initial_noise(seeds, latent_shape)
     scheduler.set_timesteps(steps, device=device)  # also resets multistep solvers' history
@@ -153,31 +202,22 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor, scaling_factor: float) -
 def sample_images(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
-    scheduler: SchedulerMixin,
-    prompt_embeddings: torch.Tensor,
-    uncond_embedding: torch.Tensor,
-    guidance_scale: float,
-    seeds: Sequence[int],
-    steps: int,
+    scheduler_config: Mapping[str, Any],
+    rows: ConditionRows,
+    sampling: Sampling,
     latent_shape: Sequence[int],
     scaling_factor: float,
-    batch_size: int,
-    class_labels: Sequence[int] | None = None,
-    null_class: int | None = None,
 ) -> np.ndarray:
-    """One image per (prompt, seed), denoised `batch_size` images at a time (the UNet sees twice
-    that when both guidance halves are needed); prompt p also has class class_labels[p] when given.
-    Returns uint8 [P, S, H, W, 3]."""
-    pairs = [(p, seed) for p in range(len(prompt_embeddings)) for seed in seeds]
+    """One image per (row, seed), denoised `sampling.batch_size` images at a time with the scheduler
+    `sampling` names, built from the export's training `scheduler_config`. Returns uint8 [P, S, H, W, 3]."""
+    scheduler = make_scheduler(sampling.scheduler, scheduler_config, sampling.timestep_spacing)
+    pairs = [(row, seed) for row in range(len(rows.embeddings)) for seed in sampling.seeds]
     images = []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        cond = prompt_embeddings[[p for p, _ in batch]]
-        labels = None if class_labels is None else [class_labels[p] for p, _ in batch]
-        latents = sample_latents(
-            unet, scheduler, cond, uncond_embedding, guidance_scale, [s for _, s in batch], steps, latent_shape,
-            labels, null_class,
-        )  # fmt: skip
+    for start in range(0, len(pairs), sampling.batch_size):
+        batch = pairs[start : start + sampling.batch_size]
+        batch_rows = rows.select([row for row, _ in batch])
+        seeds = [seed for _, seed in batch]
+        latents = sample_latents(unet, scheduler, batch_rows, sampling.guidance_scale, seeds, sampling.steps, latent_shape)
         images.append(decode(vae, latents, scaling_factor))
     flat = np.concatenate(images)
-    return flat.reshape(len(prompt_embeddings), len(seeds), *flat.shape[1:])
+    return flat.reshape(len(rows.embeddings), len(sampling.seeds), *flat.shape[1:])

@@ -17,7 +17,10 @@ import torch
 
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
+
+logger = get_logger("sample")
 
 FID_REFERENCE_CACHE = f"{layout.SAMPLE_VALIDATION.rsplit('/', 1)[0]}/fid_reference.npz"
 # Toy reference images are drawn with config.seed + this: the same distribution as the training set, other images.
@@ -59,9 +62,17 @@ class FidScorer:
         if self._reference is not None:
             return self._reference
         sample = self.config.sample
-        key = json.dumps({"inception": sample.fid_inception, "bytes": Path(sample.fid_inception).stat().st_size,
-                          "reference": sample.fid_reference, "count": sample.fid_reference_count, "size": size,
-                          "resize": self.inception.resize, "seed": self.config.seed})  # fmt: skip
+        key = json.dumps(
+            {
+                "inception": sample.fid_inception,
+                "bytes": Path(sample.fid_inception).stat().st_size,
+                "reference": sample.fid_reference,
+                "count": sample.fid_reference_count,
+                "size": size,
+                "resize": self.inception.resize,
+                "seed": self.config.seed,
+            }
+        )
         if self.run.exists(FID_REFERENCE_CACHE):
             cached = np.load(io.BytesIO(self.run.read_bytes(FID_REFERENCE_CACHE)))
             if str(cached["key"]) == key:
@@ -96,7 +107,7 @@ class Metrics:
         metrics.clip = metrics._load_clip(config, device)
         metrics.fid = metrics._load_fid(config, run, device)
         for name, reason in metrics.skipped.items():
-            print(f"[sample] {name} skipped: {reason}", flush=True)
+            logger.info(f"{name} skipped: {reason}")
         return metrics
 
     def _load_clip(self, config: PipelineConfig, device: torch.device):
@@ -144,6 +155,6 @@ class Metrics:
                 out["fid"] = self.fid.fid(flat)
             except Exception as error:  # noqa: BLE001 - e.g. an unreadable reference set: note it, keep validating
                 self.skipped["fid"] = _reason(error)
-                print(f"[sample] fid failed: {traceback.format_exc(limit=3)}", flush=True)
+                logger.warning(f"fid failed: {traceback.format_exc(limit=3)}")
                 self.fid = None
         return out

@@ -26,7 +26,10 @@ from typing import Any
 
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
+
+logger = get_logger("watch")
 
 
 class Validating:
@@ -76,7 +79,7 @@ class Watcher:
         import sample.fid
         import sample.validate.stage  # noqa: F401
 
-        print(f"[watch] validating exports beside training (every {self.config.sample.watch_interval_s:g} s)", flush=True)
+        logger.info(f"validating exports beside training (every {self.config.sample.watch_interval_s:g} s)")
         if self.run.exists(layout.ENCODE_MANIFEST):  # load the models while training starts up
             self._start_worker()
         self._thread.start()
@@ -109,7 +112,7 @@ class Watcher:
             try:
                 self.poll()
             except Exception:  # noqa: BLE001 - never let the watcher take training down
-                print(f"[watch] poll failed:\n{traceback.format_exc(limit=4)}", flush=True)
+                logger.warning(f"poll failed:\n{traceback.format_exc(limit=4)}")
             if self._stop.wait(self.config.sample.watch_interval_s):
                 return
 
@@ -128,11 +131,11 @@ class Watcher:
             entry = self._validate(step)
         except Exception as error:  # noqa: BLE001 - recorded; the sample stage retries it
             self.errors[step] = f"{type(error).__name__}: {error}"[:2000]
-            print(f"[watch] validating step {step} failed (the sample stage retries it): {self.errors[step]}", flush=True)
+            logger.warning(f"validating step {step} failed (the sample stage retries it): {self.errors[step]}")
             return None
         record(self.run, validation, {**entry, "during_training": True})
         self.validated.append(step)
-        print(f"[watch] step {step} validated beside training in {time.monotonic() - started:.1f} s", flush=True)
+        logger.info(f"step {step} validated beside training in {time.monotonic() - started:.1f} s")
         return step
 
     def _validate(self, step: int) -> dict[str, Any]:
@@ -146,6 +149,8 @@ class Watcher:
         while not ray.wait([call], timeout=1.0)[0]:
             # Training is over and the actor never got going (no free resources?): leave it to the stage.
             if self._stop.is_set() and not ray.wait([self._warm], timeout=0)[0]:
-                raise TimeoutError("the watcher's actor did not start before training ended "
-                                   "(are sample.watch_cpus / sample.watch_gpus available beside training?)")  # fmt: skip
+                raise TimeoutError(
+                    "the watcher's actor did not start before training ended "
+                    "(are sample.watch_cpus / sample.watch_gpus available beside training?)"
+                )
         return ray.get(call)

@@ -80,7 +80,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def derive(bpe_gz: Path) -> tuple[dict[str, int], list[str]]:
     """(vocab token -> id, merge lines) exactly as OpenAI's SimpleTokenizer builds them."""
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : NUM_MERGES + 1]
     if len(merges) != NUM_MERGES or any(len(m.split()) != 2 for m in merges):
         raise ValueError(f"{bpe_gz} does not look like bpe_simple_vocab_16e6.txt.gz")

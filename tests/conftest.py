@@ -23,35 +23,37 @@ def _free_port() -> int:
 # The S3 stand-in's address is fixed before any Ray worker starts, so that workers inherit it
 # (the server itself starts only when a test asks for `s3_server`).
 S3_PORT = _free_port()
-os.environ.update({
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-})
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1, stopped by PID at the end of the session."""
     binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=output, stderr=subprocess.STDOUT)
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     deadline = time.monotonic() + 30
     while True:  # poll until it answers; give up with its log if it never does
         try:
             urllib.request.urlopen(endpoint, timeout=1)
             break
-        except OSError:
+        except OSError as error:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"moto_server did not start: {Path(log.name).read_text()[-2000:]}")
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from error
             time.sleep(0.1)
     yield endpoint
     process.terminate()
     process.wait(timeout=10)
-    log.close()
 
 
 @pytest.fixture(scope="session")

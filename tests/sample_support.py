@@ -106,22 +106,33 @@ def encode_manifest(vae_id: str, text_encoder_id: str, tokenizer_id: str) -> dic
     channels = vae.config.latent_channels
     side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
     return {
-        "vae": {"id": vae_id, "subfolder": None, "weights_sha256": models.weights_sha256(vae),
-                "scaling_factor": models.vae_scaling_factor(vae)},
+        "vae": {
+            "id": vae_id,
+            "subfolder": None,
+            "weights_sha256": models.weights_sha256(vae),
+            "scaling_factor": models.vae_scaling_factor(vae),
+        },
         "text_encoder": {"id": text_encoder_id, "subfolder": None, "weights_sha256": models.weights_sha256(text_encoder)},
         "tokenizer": {"id": tokenizer_id, "subfolder": None},
         "resolution": vae.config.sample_size,
         "latent_shape": [channels, side, side],
         "text_embedding_shape": list(empty.shape),
         "empty_caption_embedding": to_base64_npy(empty),
-    }  # fmt: skip
+    }
 
 
 def sample_config(encoders: dict | None = None, **overrides) -> PipelineConfig:
     """Sampling settings for the tests; `encoders` (like `model_dirs`) names the encode models
     sampling must load (they must have made the run's latents), else the builtin ones."""
-    settings = {"prompts": PROMPTS, "seeds": [0, 1], "guidance_scales": [0.0, 1.0, 7.5], "scheduler": "ddim",
-                "steps": 2, "batch_size": 3, "judge": "toy"}  # fmt: skip
+    settings = {
+        "prompts": PROMPTS,
+        "seeds": [0, 1],
+        "guidance_scales": [0.0, 1.0, 7.5],
+        "scheduler": "ddim",
+        "steps": 2,
+        "batch_size": 3,
+        "judge": "toy",
+    }
     settings.update(overrides)
     encode = EncodeConfig(**{kind: str(name) for kind, name in (encoders or {}).items()})
     return PipelineConfig(encode=encode, sample=SampleConfig(**settings))
@@ -131,8 +142,9 @@ def sample_config(encoders: dict | None = None, **overrides) -> PipelineConfig:
 def synthetic_run(tmp_path, model_dirs) -> RunDir:
     """A run directory with an encode manifest and two committed exports (steps 10 and 20)."""
     run = RunDir(tmp_path / "run")
-    run.write_json(layout.ENCODE_MANIFEST, encode_manifest(str(model_dirs["vae"]), str(model_dirs["text_encoder"]),
-                                                           model_dirs["tokenizer"]))  # fmt: skip
+    run.write_json(
+        layout.ENCODE_MANIFEST, encode_manifest(str(model_dirs["vae"]), str(model_dirs["text_encoder"]), model_dirs["tokenizer"])
+    )
     for step in (10, 20):
         export_step(run, step, tmp_path)
     return run
@@ -145,10 +157,25 @@ CLIP_IMAGE_SIZE = 32
 def clip_dir(tmp_path_factory) -> Path:
     """A tiny random whole CLIPModel (text and image towers) with the shipped tokenizer, saved with save_pretrained."""
     torch.manual_seed(0)
-    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}  # fmt: skip
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "image_size": CLIP_IMAGE_SIZE, "patch_size": 8}  # fmt: skip
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": CLIP_IMAGE_SIZE,
+        "patch_size": 8,
+    }
     folder = tmp_path_factory.mktemp("clip")
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
     models.load_tokenizer("builtin:clip-tokenizer").save_pretrained(folder)

@@ -45,12 +45,16 @@ def read_bucketed_shards(
             truncated |= cut
             for key, sample_parts in samples.items():
                 shape = _latent_shape(sample_parts)
-                arrays = decode_sample(sample_parts, members, shape, text_shape, class_count) if shape in bucket_of_shape else None
+                arrays = (
+                    decode_sample(sample_parts, members, shape, text_shape, class_count) if shape in bucket_of_shape else None
+                )
                 if arrays is None:
                     incomplete += 1
                     continue
                 by_bucket.setdefault(bucket_of_shape[shape], []).append((key, arrays))
-        found = [_shard(f"{raw_shard}:{bucket}", bucket, rows, members, class_count) for bucket, rows in sorted(by_bucket.items())]
+        found = [
+            _shard(f"{raw_shard}:{bucket}", bucket, rows, members, class_count) for bucket, rows in sorted(by_bucket.items())
+        ]
         if not found:  # keeps the counts of a shard with nothing usable
             empty = {member: np.zeros((0, *manifest["latent_shape"]), np.float16) for member in members}
             labels = None if class_count is None else np.zeros(0, np.int64)

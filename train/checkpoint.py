@@ -67,9 +67,7 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
-def save_checkpoint(
-    engine, run: RunDir, state: TrainState, metrics: dict, ema: ExponentialMovingAverage | None = None
-) -> None:
+def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict, ema: ExponentialMovingAverage | None = None) -> None:
     """Every rank saves its engine state (and its part of the EMA) and reports it; collective."""
     import ray.train
 
@@ -137,7 +135,11 @@ def classes_record(config: TrainConfig, classes: list[str] | None, class_field: 
 
 
 def export_model(
-    engine, run: RunDir, config: TrainConfig, step: int, ema: ExponentialMovingAverage | None = None,
+    engine,
+    run: RunDir,
+    config: TrainConfig,
+    step: int,
+    ema: ExponentialMovingAverage | None = None,
     classes: dict | None = None,
 ) -> None:
     """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3.

@@ -179,7 +179,14 @@ def load_latent_data(run: RunDir) -> LatentData:
 
         shards = read_bucketed_shards(run, names, manifest, text_shape, members, None if classes is None else len(classes))
         return LatentData(
-            shards, empty.astype(np.float16), latent_shape, text_shape, members, True, classes=classes, class_field=manifest.get("class_field")
+            shards,
+            empty.astype(np.float16),
+            latent_shape,
+            text_shape,
+            members,
+            True,
+            classes=classes,
+            class_field=manifest.get("class_field"),
         )
     shards = []
     for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
@@ -192,7 +199,13 @@ def load_latent_data(run: RunDir) -> LatentData:
         ]
         shards.append(merge_by_key(raw_shard, read))
     return LatentData(
-        shards, empty.astype(np.float16), latent_shape, text_shape, members, classes=classes, class_field=manifest.get("class_field")
+        shards,
+        empty.astype(np.float16),
+        latent_shape,
+        text_shape,
+        members,
+        classes=classes,
+        class_field=manifest.get("class_field"),
     )
 
 
@@ -290,7 +303,7 @@ def decode_sample(
         if not 0 <= label < class_count:
             return None
         arrays[layout.CLASS_KEY] = label
-    shapes = {**{member: latent_shape for member in members}, layout.TEXT_EMBEDDING_KEY: text_shape}
+    shapes = {**dict.fromkeys(members, latent_shape), layout.TEXT_EMBEDDING_KEY: text_shape}
     for member, shape in shapes.items():
         try:
             array = from_npy_bytes(parts[member])

@@ -8,13 +8,13 @@ answer, so the step code can call them unconditionally.
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.core.config import TrainConfig
+from pipeline.core.log import get_logger
 
 
 def is_distributed() -> bool:
@@ -118,11 +118,12 @@ def full_parameters(engine, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
-_logger = logging.getLogger("train")
+_logger = get_logger("train")
 
 
 def log(message: str) -> None:
-    """Log on rank 0 only. Through `logging`, not print: Ray Train patches print into its
-    logger and also tees it to stdout, which would show each line twice."""
+    """Log on rank 0 only (per-step lines would otherwise come once per worker). Through the pipeline's
+    logger, not print: Ray Train patches print into its logger and also tees it to stdout, which would
+    show each line twice."""
     if is_rank_zero():
         _logger.info(message)

@@ -6,6 +6,9 @@ data (the run URL and the config as JSON), so the same call works on any cluster
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from pipeline.core import faults, layout
@@ -14,7 +17,7 @@ from pipeline.core.rundir import RunDir
 from train import distributed
 from train.bucket_order import BucketOrder, make_order
 from train.checkpoint import TrainState, classes_record, export_model, is_due, resume, save_checkpoint
-from train.data import DataOrder, load_latent_data
+from train.data import DataOrder, LatentData, load_latent_data
 from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
 from train.finetune import freeze, load_unet, worker_folder
@@ -24,8 +27,28 @@ from train.step import loss_options, make_noise_scheduler, train_step
 from train.unet import build_unet, class_embedding_count, parameter_count
 
 
-def setup_worker(loop_config: dict):
-    """(config, run, rank, data, order, engine, parameter count): a worker up to its fresh engine."""
+@dataclass
+class WorkerContext:
+    """What a training worker has built before its first step (`setup_worker`)."""
+
+    config: PipelineConfig
+    """The run's config, as the driver resolved it."""
+    run: RunDir
+    """The run directory."""
+    rank: int
+    """This worker's rank, 0 to world size - 1."""
+    data: LatentData
+    """The encode stage's latent shards, loaded once."""
+    order: DataOrder | BucketOrder
+    """Which samples each rank's batches hold, epoch by epoch."""
+    engine: Any
+    """The fresh DeepSpeed engine around the UNet and its optimizer (resumed by the caller)."""
+    parameter_count: int
+    """The UNet's parameters, counted before ZeRO-3 would shard them."""
+
+
+def setup_worker(loop_config: dict) -> WorkerContext:
+    """A worker up to its fresh engine: config, data, data order, UNet and engine."""
     config = PipelineConfig.model_validate(loop_config["config"])
     train, run = config.train, RunDir(loop_config["run_url"])
     distributed.setup(train)
@@ -43,11 +66,12 @@ def setup_worker(loop_config: dict):
         f"UNet {'from ' + train.init_from if train.init_from else 'built fresh'}: "
         f"{counts['trainable']:,} trainable and {counts['frozen']:,} frozen parameters"
     )
-    return config, run, distributed.rank(), data, order, make_engine(unet, train), parameters
+    return WorkerContext(config, run, distributed.rank(), data, order, make_engine(unet, train), parameters)
 
 
 def train_worker(loop_config: dict) -> None:
-    config, run, rank, data, order, engine, parameters = setup_worker(loop_config)
+    worker = setup_worker(loop_config)
+    config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.data, worker.engine
     train = config.train
     ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
     state = resume(engine, run, ema)
@@ -59,12 +83,12 @@ def train_worker(loop_config: dict) -> None:
     classes = classes_record(train, data.classes, data.class_field)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
-    _log_start(data, order, state, parameters)
+    _log_start(worker, state)
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
         export_model(engine, run, train, 0, ema, classes)  # the starting point, validated like the exports after it
 
-    batches = order.batches(rank, state.epoch, state.batch_index)
+    batches = worker.order.batches(rank, state.epoch, state.batch_index)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
     while state.step < train.max_steps:
         position = next(batches)
@@ -95,7 +119,12 @@ def train_worker(loop_config: dict) -> None:
 
 
 def _save(
-    engine, run: RunDir, config: PipelineConfig, state: TrainState, metrics: MetricsLog, ema: ExponentialMovingAverage | None,
+    engine,
+    run: RunDir,
+    config: PipelineConfig,
+    state: TrainState,
+    metrics: MetricsLog,
+    ema: ExponentialMovingAverage | None,
     classes: dict | None,
 ) -> None:
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
@@ -130,11 +159,11 @@ def _summary(state: TrainState, metrics: MetricsLog) -> dict:
     }
 
 
-def _log_start(data, order: DataOrder | BucketOrder, state: TrainState, parameters: int) -> None:
-    plan = order.plan(state.epoch)
+def _log_start(worker: WorkerContext, state: TrainState) -> None:
+    data, plan = worker.data, worker.order.plan(state.epoch)
     buckets = f"; batches per bucket {plan.batches_by_bucket}, left out {plan.dropped_by_bucket}" if data.bucketed else ""
     distributed.log(
-        f"{parameters / 1e6:.1f}M-parameter UNet, {distributed.world_size()} workers; data {data.counts()}; "
+        f"{worker.parameter_count / 1e6:.1f}M-parameter UNet, {distributed.world_size()} workers; data {data.counts()}; "
         f"epoch {state.epoch}: {plan.steps} batches per rank, {len(plan.shards_dropped)} shard(s) and "
         f"{plan.samples_dropped} sample(s) left out{buckets}; starting at step {state.step}"
     )

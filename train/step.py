@@ -88,9 +88,7 @@ def sample_noise(shape: torch.Size, noise_offset: float, generator: torch.Genera
     return noise
 
 
-def min_snr_weights(
-    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str
-) -> torch.Tensor:
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample loss weights of Min-SNR-gamma (Hang et al., "Efficient Diffusion Training via
     Min-SNR Weighting Strategy", 2023), as in diffusers' train_text_to_image.py.
 

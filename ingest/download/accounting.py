@@ -45,36 +45,74 @@ from pipeline.core.rundir import RunDir, complete_shard_ids
 
 SUCCESS = "success"
 REASONS = (
-    "http_error", "timeout", "connection_error", "not_an_image", "too_small", "too_large",
-    "opt_out", "refused_address", "other",
-)  # fmt: skip
+    "http_error",
+    "timeout",
+    "connection_error",
+    "not_an_image",
+    "too_small",
+    "too_large",
+    "opt_out",
+    "refused_address",
+    "other",
+)
 
 _HTTP_ERROR = re.compile(r"\bhttp error \d{3}\b")
 # Checked in this order. The egress guard's refusals (ingest/download/egress.py: REFUSED_* phrases)
 # come first: they may quote a URL, which could contain any later needle, and they may be
 # wrapped in urllib's "<urlopen error ...>". A timeout beats "connection error".
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("refused_address", (
-        "refused non-public address", "refused url scheme", "refused redirect to non-http",
-    )),
-    ("too_large", (
-        "refused decompression bomb", "refused oversized response", "refused: image of",
-        "image area too large", "cv_io_max_image_pixels", "decompression bomb", "exceeds limit of",
-    )),
+    (
+        "refused_address",
+        (
+            "refused non-public address",
+            "refused url scheme",
+            "refused redirect to non-http",
+        ),
+    ),
+    (
+        "too_large",
+        (
+            "refused decompression bomb",
+            "refused oversized response",
+            "refused: image of",
+            "image area too large",
+            "cv_io_max_image_pixels",
+            "decompression bomb",
+            "exceeds limit of",
+        ),
+    ),
     ("opt_out", ("x-robots-tag",)),
     ("too_small", ("image too small",)),
     ("timeout", ("timed out", "timeout")),
-)  # fmt: skip
+)
 _NOT_AN_IMAGE = (
-    "image decoding error", "cannot identify image file", "image file is truncated", "!buf.empty()",
-    "opencv(", "not a jpeg", "not a png",
-)  # fmt: skip
+    "image decoding error",
+    "cannot identify image file",
+    "image file is truncated",
+    "!buf.empty()",
+    "opencv(",
+    "not a jpeg",
+    "not a png",
+)
 _CONNECTION = (
-    "<urlopen error", "connection refused", "connection reset", "connection aborted", "remote end closed",
-    "name or service not known", "temporary failure in name resolution", "nodename nor servname",
-    "no address associated", "returned no address", "network is unreachable", "no route to host", "incompleteread", "broken pipe",
-    "ssl", "certificate", "[errno",
-)  # fmt: skip
+    "<urlopen error",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "remote end closed",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "nodename nor servname",
+    "no address associated",
+    "returned no address",
+    "network is unreachable",
+    "no route to host",
+    "incompleteread",
+    "broken pipe",
+    "ssl",
+    "certificate",
+    "[errno",
+)
 
 
 def classify(status: str | None, error_message: str | None) -> str:

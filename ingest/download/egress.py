@@ -72,15 +72,31 @@ _N = ipaddress.ip_network
 _LOOPBACK_LIKE = (_N("127.0.0.0/8"), _N("0.0.0.0/8"), _N("::1/128"), _N("::/128"))
 # Not public, whatever this Python's ipaddress tables say (they changed across 3.11.x/3.12.x).
 _NON_PUBLIC = (
-    _N("10.0.0.0/8"), _N("100.64.0.0/10"), _N("169.254.0.0/16"), _N("172.16.0.0/12"),
-    _N("192.0.0.0/24"), _N("192.0.2.0/24"), _N("192.88.99.0/24"), _N("192.168.0.0/16"),
-    _N("198.18.0.0/15"), _N("198.51.100.0/24"), _N("203.0.113.0/24"), _N("224.0.0.0/4"),
+    _N("10.0.0.0/8"),
+    _N("100.64.0.0/10"),
+    _N("169.254.0.0/16"),
+    _N("172.16.0.0/12"),
+    _N("192.0.0.0/24"),
+    _N("192.0.2.0/24"),
+    _N("192.88.99.0/24"),
+    _N("192.168.0.0/16"),
+    _N("198.18.0.0/15"),
+    _N("198.51.100.0/24"),
+    _N("203.0.113.0/24"),
+    _N("224.0.0.0/4"),
     _N("240.0.0.0/4"),  # includes 255.255.255.255
     _N("::/96"),  # deprecated IPv4-compatible addresses
-    _N("64:ff9b:1::/48"), _N("100::/64"), _N("2001::/23"), _N("2001:db8::/32"),
-    _N("3fff::/20"), _N("5f00::/16"), _N("fc00::/7"), _N("fe80::/10"), _N("fec0::/10"),
+    _N("64:ff9b:1::/48"),
+    _N("100::/64"),
+    _N("2001::/23"),
+    _N("2001:db8::/32"),
+    _N("3fff::/20"),
+    _N("5f00::/16"),
+    _N("fc00::/7"),
+    _N("fe80::/10"),
+    _N("fec0::/10"),
     _N("ff00::/8"),
-)  # fmt: skip
+)
 _NAT64 = _N("64:ff9b::/96")  # a NAT64 gateway forwards to the embedded IPv4 address
 _GLOBAL_UNICAST_V6 = _N("2000::/3")
 
@@ -239,8 +255,7 @@ def check_image_pixels(data: bytes, max_pixels: int) -> None:
         return
     if width * height > max_pixels:
         raise urllib.error.URLError(
-            f"{REFUSED_BOMB}: {width}x{height}, {width * height / 1e6:.1f} MP over the "
-            f"{max_pixels / 1e6:g} MP limit"
+            f"{REFUSED_BOMB}: {width}x{height}, {width * height / 1e6:.1f} MP over the {max_pixels / 1e6:g} MP limit"
         )
 
 
@@ -383,8 +398,9 @@ def install(
             "cv2 was imported before %s=%s was set: OpenCV keeps its old pixel limit in this "
             "process (the opener's image-header check still applies); set it in the "
             "environment before the process starts (egress.env_for)",
-            ENV_OPENCV_MAX_PIXELS, env[ENV_OPENCV_MAX_PIXELS],
-        )  # fmt: skip
+            ENV_OPENCV_MAX_PIXELS,
+            env[ENV_OPENCV_MAX_PIXELS],
+        )
     try:
         from PIL import Image
 

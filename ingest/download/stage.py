@@ -20,7 +20,10 @@ from ingest.download.toy_server import serve_directory, write_toy_images
 from ingest.download.url_list import prepare_url_list
 from pipeline.core import layout, toy
 from pipeline.core.config import PipelineConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
+
+logger = get_logger("ingest")
 
 
 def _toy_url_list(config: PipelineConfig, workdir: Path, base_url: str) -> str:
@@ -48,7 +51,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
             )
         cleaned = str(workdir / "urls.parquet")
         prefilter = prepare_url_list(settings, cleaned)
-        print(f"[ingest] url list: {prefilter['kept']} of {prefilter['rows']} rows kept; dropped {prefilter['dropped']}", flush=True)
+        logger.info(f"url list: {prefilter['kept']} of {prefilter['rows']} rows kept; dropped {prefilter['dropped']}")
         resumed = distribute.download(settings, cleaned, run, settings.extra_columns)
     stats = accounting.aggregate(run, prefilter)
     stats["seconds"] = round(time.monotonic() - started, 2)

@@ -63,9 +63,22 @@ FILTERED_PREFIX = "filtered:"
 
 # Columns img2dataset writes itself; a pass-through column of the same name is refused.
 RESERVED_COLUMNS = frozenset(
-    {"key", "caption", "url", "width", "height", "original_width", "original_height",
-     "status", "error_message", "exif", "md5", "sha256", "sha512"}
-)  # fmt: skip
+    {
+        "key",
+        "caption",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
+)
 
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
@@ -286,12 +299,15 @@ def _files(url_list: str, declared: str = "auto") -> tuple[Any, list[str]]:
     fs, path = fsspec.core.url_to_fs(url_list)
     if fs.isdir(path):
         files = sorted(
-            entry for entry in fs.ls(path, detail=False)
+            entry
+            for entry in fs.ls(path, detail=False)
             if not entry.rstrip("/").rsplit("/", 1)[-1].startswith(("_", "."))
             and _format_of(entry, "auto", required=False) in ((declared,) if declared != "auto" else ("parquet", "csv", "jsonl"))
-        )  # fmt: skip
+        )
         if not files:
-            raise ValueError(f"{url_list}: folder holds no {'.' + declared if declared != 'auto' else '.parquet, .csv or .jsonl'} file")
+            raise ValueError(
+                f"{url_list}: folder holds no {'.' + declared if declared != 'auto' else '.parquet, .csv or .jsonl'} file"
+            )
         return fs, files
     if not fs.exists(path):
         raise ValueError(f"{url_list}: URL list not found")
@@ -307,7 +323,9 @@ def _format_of(path: str, declared: str, required: bool = True) -> str | None:
     extension = "." + name.rsplit(".", 1)[-1] if "." in name else ""
     found = _EXTENSIONS.get(extension)
     if found is None and required:
-        raise ValueError(f"{path}: cannot tell the format from the extension {extension or '(none)'!r}; set ingest.url_list_format")
+        raise ValueError(
+            f"{path}: cannot tell the format from the extension {extension or '(none)'!r}; set ingest.url_list_format"
+        )
     return found
 
 
@@ -337,7 +355,9 @@ def _columns_of(fs: Any, path: str, fmt: str) -> list[str]:
         if fmt == "csv":
             import pandas as pd
 
-            return [str(name) for name in pd.read_csv(handle, nrows=0, encoding="utf-8", encoding_errors="surrogateescape").columns]
+            return [
+                str(name) for name in pd.read_csv(handle, nrows=0, encoding="utf-8", encoding_errors="surrogateescape").columns
+            ]
         head = handle.read(64).lstrip()
         if head.startswith(b"["):
             raise ValueError(f"{path}: a JSON array; ingest reads JSON Lines (one object per line)")
@@ -359,9 +379,16 @@ def _batches(fs: Any, path: str, fmt: str, columns: list[str]) -> Iterator[tuple
 
         with _open(fs, path) as handle:
             reader = pd.read_csv(
-                handle, chunksize=BATCH_ROWS, usecols=columns, dtype=str, keep_default_na=False, na_filter=False,
-                encoding="utf-8", encoding_errors="surrogateescape", on_bad_lines="warn",
-            )  # fmt: skip
+                handle,
+                chunksize=BATCH_ROWS,
+                usecols=columns,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                encoding="utf-8",
+                encoding_errors="surrogateescape",
+                on_bad_lines="warn",
+            )
             while True:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -423,8 +450,55 @@ def prepare_url_list(settings: IngestConfig, output_path: str) -> dict[str, Any]
     Raises ValueError, before writing anything, for a missing column (named, with the file
     and the columns it has), an extra column img2dataset reserves, or an unknown format.
     """
+    extras = _extra_columns(settings)
+    needed = required_columns(settings)
+    fs, files = _files(settings.url_list, settings.url_list_format)
+    formats = {path: _format_of(path, settings.url_list_format) for path in files}
+    _check_columns(fs, formats, needed)
+
+    filters = [(name, bound.min, bound.max) for name, bound in settings.filters.items()]
+    dropped: Counter[str] = Counter()
+    seen = _SeenDigests()
+    rows = 0
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    temporary = f"{output_path}.tmp-{uuid.uuid4().hex[:8]}"
+    out = _CleanListWriter(temporary, extras)
+    try:
+        for path in files:
+            fmt = formats[path]
+            file_schema = _parquet_schema(fs, path) if fmt == "parquet" else None
+            for columns, n_rows, n_malformed in _batches(fs, path, fmt, list(needed)):
+                rows += n_rows
+                dropped[MALFORMED_ROW] += n_malformed
+                index, urls, captions = _kept_rows(columns, settings, filters, seen, dropped)
+                arrays = {
+                    "url": pa.array([urls[i] for i in index], type=pa.string()),
+                    "caption": pa.array([captions[i] for i in index], type=pa.string()),
+                    **out.extra_arrays(columns, index, fmt),
+                }
+                out.write(arrays, path, file_schema)
+        out.close()
+        os.replace(temporary, output_path)
+    finally:
+        out.abort()
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+    assert out.kept + sum(dropped.values()) == rows, (out.kept, dropped, rows)
+    reasons = [MALFORMED_ROW, MALFORMED_URL, CAPTION_NOT_UTF8, CAPTION_TOO_SHORT, CAPTION_TOO_LONG]
+    reasons += [FILTERED_PREFIX + name for name, _, _ in filters] + [DUPLICATE_URL]
+    return {
+        "rows": rows,
+        "kept": out.kept,
+        "dropped": {reason: dropped[reason] for reason in reasons if dropped[reason]},
+        "nulled": {name: count for name, count in out.nulled.items() if count},
+    }
+
+
+def _extra_columns(settings: IngestConfig) -> list[str]:
+    """`settings.extra_columns` without repeats; raises for an unset list or a column img2dataset writes itself."""
     if not settings.url_list:
-        raise ValueError("ingest.download.url_list is not set")
+        raise ValueError("ingest.url_list is not set")
     extras = list(dict.fromkeys(settings.extra_columns))
     reserved = [name for name in extras if name in RESERVED_COLUMNS]
     if reserved:
@@ -432,117 +506,137 @@ def prepare_url_list(settings: IngestConfig, output_path: str) -> dict[str, Any]
             f"ingest.extra_columns: {reserved} clash with the columns img2dataset writes itself "
             f"({sorted(RESERVED_COLUMNS)}); rename them in the URL list"
         )
-    needed = required_columns(settings)
-    fs, files = _files(settings.url_list, settings.url_list_format)
-    formats = {path: _format_of(path, settings.url_list_format) for path in files}
-    for path in files:  # fail fast: every file's columns before any row is read
-        present = _columns_of(fs, path, formats[path])
+    return extras
+
+
+def _check_columns(fs: Any, formats: dict[str, str], needed: dict[str, str]) -> None:
+    """Fail fast: every file's columns are checked before any row is read."""
+    for path, fmt in formats.items():
+        present = _columns_of(fs, path, fmt)
         missing = [name for name in needed if name not in present]
         if missing:
             named = ", ".join(f"{name!r} ({needed[name]})" for name in missing)
             raise ValueError(f"URL list {path}: missing column(s) {named}; it has {present}")
 
-    filters = [(name, bound.min, bound.max) for name, bound in settings.filters.items()]
-    reasons = [MALFORMED_ROW, MALFORMED_URL, CAPTION_NOT_UTF8, CAPTION_TOO_SHORT, CAPTION_TOO_LONG]
-    reasons += [FILTERED_PREFIX + name for name, _, _ in filters] + [DUPLICATE_URL]
-    dropped: Counter[str] = Counter()
-    nulled: Counter[str] = Counter()
-    seen = _SeenDigests()
-    text_columns: dict[str, _ExtraColumn] = {}
-    schema: pa.Schema | None = None
-    writer: pq.ParquetWriter | None = None
-    rows = kept = 0
 
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    temporary = f"{output_path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        for path in files:
-            fmt = formats[path]
-            if fmt == "parquet":
-                with fs.open(path, "rb") as handle:
-                    file_schema = pq.read_schema(handle)
-            for columns, n_rows, n_malformed in _batches(fs, path, fmt, list(needed)):
-                rows += n_rows
-                dropped[MALFORMED_ROW] += n_malformed
-                urls = _as_values(columns[settings.url_column])
-                captions = _as_values(columns[settings.caption_column])
-                n = len(urls)
-                keep = np.zeros(n, dtype=bool)
-                out_urls: list[str | None] = [None] * n
-                out_captions: list[str | None] = [None] * n
-                for i in range(n):
-                    url = clean_url(urls[i])
-                    if url is None:
-                        dropped[MALFORMED_URL] += 1
-                        continue
-                    caption, why = clean_caption(captions[i], settings.min_caption_chars, settings.max_caption_chars)
-                    if why is not None:
-                        dropped[why] += 1
-                        continue
-                    out_urls[i], out_captions[i], keep[i] = url, caption, True
-                for name, low, high in filters:
-                    values = _numeric(columns[name])
-                    inside = ~np.isnan(values)
-                    with np.errstate(invalid="ignore"):
-                        if low is not None:
-                            inside &= values >= low
-                        if high is not None:
-                            inside &= values <= high
-                    out = keep & ~inside
-                    dropped[FILTERED_PREFIX + name] += int(out.sum())
-                    keep &= inside
-                index = np.flatnonzero(keep)
-                unique = seen.first_unseen([out_urls[i] for i in index])
-                dropped[DUPLICATE_URL] += int((~unique).sum())
-                index = index[unique]
+def _parquet_schema(fs: Any, path: str) -> pa.Schema:
+    with fs.open(path, "rb") as handle:
+        return pq.read_schema(handle)
 
-                arrays = {
-                    "url": pa.array([out_urls[i] for i in index], type=pa.string()),
-                    "caption": pa.array([out_captions[i] for i in index], type=pa.string()),
-                }
-                for name in extras:
-                    column = columns[name]
-                    if isinstance(column, list):
-                        extra = text_columns.setdefault(name, _ExtraColumn(name, from_text=fmt == "csv"))
-                        if extra.type is None:  # decided by the whole first batch, dropped rows included
-                            extra.type = extra.infer(column)
-                        arrays[name], unfit = extra.array([column[i] for i in index])
-                        nulled[name] += unfit
-                    else:
-                        arrays[name] = column.take(pa.array(index, type=pa.int64()))
-                if schema is None:
-                    if fmt == "parquet":
-                        fields = [file_schema.field(name) for name in extras]
-                    else:
-                        fields = [pa.field(name, arrays[name].type) for name in extras]
-                    schema = pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()), *fields])
-                    writer = pq.ParquetWriter(temporary, schema)
-                table = pa.table(arrays)
-                if table.schema != schema:
-                    try:
-                        table = table.cast(schema)
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
-                        raise ValueError(f"{path}: extra columns do not match the first file's types {schema}: {error}") from None
-                if table.num_rows:
-                    writer.write_table(table)
-                kept += table.num_rows
-        if writer is None:  # no row at all: an empty parquet with the right columns
-            fields = [pa.field(name, pa.string()) for name in extras]
-            schema = pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()), *fields])
-            writer = pq.ParquetWriter(temporary, schema)
-        writer.close()
-        writer = None
-        os.replace(temporary, output_path)
-    finally:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
-    assert kept + sum(dropped.values()) == rows, (kept, dropped, rows)
-    return {
-        "rows": rows,
-        "kept": kept,
-        "dropped": {reason: dropped[reason] for reason in reasons if dropped[reason]},
-        "nulled": {name: count for name, count in nulled.items() if count},
-    }
+def _kept_rows(
+    columns: dict[str, Any],
+    settings: IngestConfig,
+    filters: list[tuple[str, Any, Any]],
+    seen: _SeenDigests,
+    dropped: Counter[str],
+) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    """(indexes of the batch's rows that pass every check, cleaned URLs, cleaned captions); counts the others in `dropped`.
+
+    The checks run in the order the module docstring gives, so each dropped row has one reason.
+    """
+    urls = _as_values(columns[settings.url_column])
+    captions = _as_values(columns[settings.caption_column])
+    keep, out_urls, out_captions = _clean_rows(urls, captions, settings, dropped)
+    for name, low, high in filters:
+        keep = _drop_filtered(_numeric(columns[name]), low, high, keep, dropped, FILTERED_PREFIX + name)
+    index = np.flatnonzero(keep)
+    unique = seen.first_unseen([out_urls[i] for i in index])
+    dropped[DUPLICATE_URL] += int((~unique).sum())
+    return index[unique], out_urls, out_captions
+
+
+def _clean_rows(
+    urls: list, captions: list, settings: IngestConfig, dropped: Counter[str]
+) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    """(mask of rows with a usable URL and caption, cleaned URLs, cleaned captions); None where dropped."""
+    n = len(urls)
+    keep = np.zeros(n, dtype=bool)
+    out_urls: list[str | None] = [None] * n
+    out_captions: list[str | None] = [None] * n
+    for i in range(n):
+        url = clean_url(urls[i])
+        if url is None:
+            dropped[MALFORMED_URL] += 1
+            continue
+        caption, why = clean_caption(captions[i], settings.min_caption_chars, settings.max_caption_chars)
+        if why is not None:
+            dropped[why] += 1
+            continue
+        out_urls[i], out_captions[i], keep[i] = url, caption, True
+    return keep, out_urls, out_captions
+
+
+def _drop_filtered(
+    values: np.ndarray, low: float | None, high: float | None, keep: np.ndarray, dropped: Counter[str], reason: str
+) -> np.ndarray:
+    """`keep` less the rows whose value is NaN or outside [low, high]; the kept ones among them count as `reason`."""
+    inside = ~np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        if low is not None:
+            inside &= values >= low
+        if high is not None:
+            inside &= values <= high
+    dropped[reason] += int((keep & ~inside).sum())
+    return keep & inside
+
+
+class _CleanListWriter:
+    """The cleaned list's parquet (url, caption, extra columns); the first batch written fixes its schema."""
+
+    def __init__(self, path: str, extras: list[str]):
+        self.path, self.extras = path, extras
+        self.text_columns: dict[str, _ExtraColumn] = {}  # CSV/JSONL extra columns, typed by their first batch
+        self.nulled: Counter[str] = Counter()  # extra column -> values written as null (they did not fit its type)
+        self.schema: pa.Schema | None = None
+        self.writer: pq.ParquetWriter | None = None
+        self.kept = 0
+
+    def extra_arrays(self, columns: dict[str, Any], index: np.ndarray, fmt: str) -> dict[str, pa.Array]:
+        """The extra columns' values at `index`: parquet ones as they are, CSV/JSONL ones typed and converted."""
+        arrays = {}
+        for name in self.extras:
+            column = columns[name]
+            if isinstance(column, list):
+                extra = self.text_columns.setdefault(name, _ExtraColumn(name, from_text=fmt == "csv"))
+                if extra.type is None:  # decided by the whole first batch, dropped rows included
+                    extra.type = extra.infer(column)
+                arrays[name], unfit = extra.array([column[i] for i in index])
+                self.nulled[name] += unfit
+            else:
+                arrays[name] = column.take(pa.array(index, type=pa.int64()))
+        return arrays
+
+    def write(self, arrays: dict[str, pa.Array], path: str, file_schema: pa.Schema | None) -> None:
+        """Append one batch's kept rows of `path`; `file_schema` (parquet files) types the extras of the first."""
+        if self.schema is None:
+            if file_schema is not None:
+                fields = [file_schema.field(name) for name in self.extras]
+            else:
+                fields = [pa.field(name, arrays[name].type) for name in self.extras]
+            self._open(fields)
+        table = pa.table(arrays)
+        if table.schema != self.schema:
+            try:
+                table = table.cast(self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
+                raise ValueError(f"{path}: extra columns do not match the first file's types {self.schema}: {error}") from None
+        if table.num_rows:
+            self.writer.write_table(table)
+        self.kept += table.num_rows
+
+    def _open(self, extra_fields: list[pa.Field]) -> None:
+        self.schema = pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()), *extra_fields])
+        self.writer = pq.ParquetWriter(self.path, self.schema)
+
+    def close(self) -> None:
+        """Finish the file; with no row at all, an empty parquet with the right columns (extras as strings)."""
+        if self.writer is None:
+            self._open([pa.field(name, pa.string()) for name in self.extras])
+        self.writer.close()
+        self.writer = None
+
+    def abort(self) -> None:
+        """Close a file left open by an error (the caller removes it)."""
+        if self.writer is not None:
+            self.writer.close()

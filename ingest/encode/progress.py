@@ -81,9 +81,7 @@ def remove_orphan_tars(run: RunDir, progress: dict[str, ShardProgress], keep: se
     """Latent tars without a part record (a write task stopped between the two), but those in `keep`: removed."""
     recorded = {part["part"] for shard in progress.values() for part in shard.parts}
     orphans = [
-        name
-        for name in run.list(layout.ENCODE_SHARDS, ".tar")
-        if name.removesuffix(".tar") not in recorded and name not in keep
+        name for name in run.list(layout.ENCODE_SHARDS, ".tar") if name.removesuffix(".tar") not in recorded and name not in keep
     ]
     for name in orphans:
         run.remove(f"{layout.ENCODE_SHARDS}/{name}")

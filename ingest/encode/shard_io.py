@@ -13,6 +13,7 @@ import tarfile
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from ingest.encode import progress, reuse
 from ingest.encode.class_labels import label_of
 from pipeline.core import faults, layout
 from pipeline.core.arrays import to_npy_bytes
-from pipeline.core.buckets import crop_to_bucket, shard_summary
+from pipeline.core.buckets import Crop, crop_to_bucket, shard_summary
 from pipeline.core.rundir import RunDir
 
 KEY = "__key__"
@@ -107,32 +108,47 @@ def safe_key(key: str) -> bool:
     return bool(key) and not key.startswith("/") and ".." not in key.split("/")
 
 
-def decode_shards(batch: dict[str, np.ndarray], run_url: str, **options: Any) -> Iterator[dict[str, np.ndarray]]:
-    """One task per raw shard: stream it, yield decoded batches, then write its progress record.
-    `options` are `decode_shard`'s (resolution, batch size, buckets, ...)."""
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a decode task turns a raw shard into batches. Plain values only: Ray pickles it to every task."""
+
+    resolution: int
+    """Side of the centre crop in px (encode.resolution); unused with `buckets`."""
+    batch_size: int
+    """Rows per batch (encode.batch_size); a shard's last batch of each shape may hold fewer."""
+    max_pixels: int = MAX_PIXELS
+    """An image whose header declares more pixels is skipped undecoded (ingest.max_megapixels)."""
+    buckets: list | None = None
+    """(width, height) buckets (encode.buckets): each image is cropped to its nearest one instead."""
+    previous: dict[str, Any] | None = None
+    """`parts` and `text_embedding_shape` of latents of another resolution (`ingest.encode.reuse`):
+    the batches carry along their text members."""
+    class_field: str | None = None
+    """Metadata field naming each sample's class (encode.class_field); a sample without one is skipped (unlabelled)."""
+    classes: list[str] | None = None
+    """Class names in label order: each row carries its class's index."""
+
+
+# A decoded sample: key, caption, meta JSON, HxWx3 pixels, class index (-1: no class labels in this run).
+Row = tuple[str, str, bytes, np.ndarray, int]
+
+
+def decode_shards(batch: dict[str, np.ndarray], run_url: str, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
+    """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
     run = RunDir(run_url)
     for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), **options)
+        yield from decode_shard(run, str(name), options)
 
 
-def decode_shard(
-    run: RunDir,
-    name: str,
-    resolution: int,
-    batch_size: int,
-    max_pixels: int = MAX_PIXELS,
-    buckets: list | None = None,
-    previous: dict[str, Any] | None = None,
-    class_field: str | None = None,
-    classes: list[str] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of one image shape each (one bucket with encode.buckets, else the square).
-
-    `previous` (`ingest.encode.reuse`): latents of another resolution whose text members the batches carry along.
-    With `class_field`, each row carries its index in `classes`; a sample without one is skipped (unlabelled)."""
+def decode_shard(run: RunDir, name: str, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of one image shape each (one bucket with encode.buckets, else the square), then the
+    shard's progress record (see `new_record`)."""
+    previous = options.previous
     reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
+    record = new_record(name, text_reused=reusable is not None, labelled=bool(options.class_field))
 
-    def batch_of(rows: list) -> dict[str, np.ndarray]:
+    def batch_of(rows: list[Row]) -> dict[str, np.ndarray]:
+        record["valid"] += len(rows)
         batch = _batch(record["shard"], rows)
         if reusable is not None:
             record["text_reused"] += reuse.attach_text(
@@ -140,7 +156,37 @@ def decode_shard(
             )
         return batch
 
-    # undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels.
+    rows_by_shape: dict[tuple, list[Row]] = {}
+    crops = []
+    try:
+        with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
+            for sample in read_raw_samples(handle):
+                record["samples"] += 1
+                decoded = decode_row(sample, options, record)
+                if decoded is None:
+                    continue
+                row, crop = decoded
+                crops += [crop] if crop else []
+                rows = rows_by_shape.setdefault(row[3].shape, [])
+                rows.append(row)
+                if len(rows) == options.batch_size:
+                    yield batch_of(rows)
+                    rows.clear()
+    except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
+        record["truncated" if record["samples"] else "unreadable"] = True
+        record["error"] = f"{type(error).__name__}: {error}"
+    for rows in rows_by_shape.values():
+        if rows:
+            yield batch_of(rows)
+    if options.buckets:
+        record.update(shard_summary(crops))
+    run.write_json(progress.shard_record_path(record["shard"]), record)
+
+
+def new_record(name: str, text_reused: bool, labelled: bool) -> dict[str, Any]:
+    """A raw shard's progress record before its first sample (`ingest.encode.progress`).
+
+    undecodable: no image, no caption, an unsafe key, an image PIL cannot read or one over max_pixels."""
     record = {
         "shard": progress.stem(name),
         "samples": 0,
@@ -149,48 +195,31 @@ def decode_shard(
         "truncated": False,
         "unreadable": False,
         "error": None,
-        **({"text_reused": 0} if reusable is not None else {}),
+        **({"text_reused": 0} if text_reused else {}),
     }
-    if class_field:
+    if labelled:
         record["unlabelled"] = 0
-    rows_by_shape: dict[tuple, list[tuple[str, str, bytes, np.ndarray, int]]] = {}
-    crops = []
-    try:
-        with run.open_read(f"{layout.INGEST_SHARDS}/{name}") as handle:
-            for sample in read_raw_samples(handle):
-                record["samples"] += 1
-                usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
-                label = label_of(sample.get(layout.META_KEY), class_field, classes or []) if class_field else -1
-                if label is None:
-                    record["unlabelled"] += 1
-                    continue
-                decoded = decode_sample(sample, resolution, max_pixels, buckets) if usable else None
-                if decoded is None:
-                    record["undecodable"] += 1
-                    continue
-                pixels, crop = decoded if buckets else (decoded, None)
-                crops += [crop] if crop else []
-                caption = _text(sample[layout.CAPTION_KEY])
-                meta = meta_bytes(sample.get(layout.META_KEY), caption, crop.record() if crop else None)
-                rows = rows_by_shape.setdefault(pixels.shape, [])
-                rows.append((sample[KEY], caption, meta, pixels, label))
-                if len(rows) == batch_size:
-                    record["valid"] += len(rows)
-                    yield batch_of(rows)
-                    rows.clear()
-    except Exception as error:  # noqa: BLE001 - a damaged shard keeps what was read before the damage
-        record["truncated" if record["samples"] else "unreadable"] = True
-        record["error"] = f"{type(error).__name__}: {error}"
-    for rows in rows_by_shape.values():
-        if rows:
-            record["valid"] += len(rows)
-            yield batch_of(rows)
-    if buckets:
-        record.update(shard_summary(crops))
-    run.write_json(progress.shard_record_path(record["shard"]), record)
+    return record
 
 
-def _batch(shard: str, rows: list[tuple[str, str, bytes, np.ndarray, int]]) -> dict[str, np.ndarray]:
+def decode_row(sample: dict[str, bytes], options: DecodeOptions, record: dict[str, Any]) -> tuple[Row, Crop | None] | None:
+    """The sample's row and, with buckets, its crop; None for a sample skipped (counted in `record`)."""
+    usable = layout.CAPTION_KEY in sample and safe_key(sample[KEY])
+    label = label_of(sample.get(layout.META_KEY), options.class_field, options.classes or []) if options.class_field else -1
+    if label is None:
+        record["unlabelled"] += 1
+        return None
+    decoded = decode_sample(sample, options.resolution, options.max_pixels, options.buckets) if usable else None
+    if decoded is None:
+        record["undecodable"] += 1
+        return None
+    pixels, crop = decoded if options.buckets else (decoded, None)
+    caption = _text(sample[layout.CAPTION_KEY])
+    meta = meta_bytes(sample.get(layout.META_KEY), caption, crop.record() if crop else None)
+    return (sample[KEY], caption, meta, pixels, label), crop
+
+
+def _batch(shard: str, rows: list[Row]) -> dict[str, np.ndarray]:
     keys, captions, metas, pixels, labels = zip(*rows)
     return {
         KEY: np.array(keys, dtype=object),

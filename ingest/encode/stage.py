@@ -25,13 +25,16 @@ import torch
 
 from ingest.encode import progress, reuse
 from ingest.encode.class_labels import find_classes
-from ingest.encode.shard_io import KEY, PIXELS, SHARD, decode_shards, latent_sink
+from ingest.encode.shard_io import KEY, PIXELS, SHARD, DecodeOptions, decode_shards, latent_sink
 from pipeline.core import faults, layout
 from pipeline.core.arrays import to_base64_npy
 from pipeline.core.buckets import bucket_name, check_buckets, manifest_summary
 from pipeline.core.config import EncodeConfig, PipelineConfig
 from pipeline.core.identity import configured_names
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir, complete_shards
+
+logger = get_logger("encode")
 
 # Write tasks serialise arrays and upload: mostly waiting on storage, so a quarter of a core.
 WRITE_TASK_CPUS = 0.25
@@ -199,6 +202,7 @@ def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
+    """Encode the raw shards not encoded yet, then write encode/manifest.json; returns the stage's counts."""
     settings = config.encode
     started = time.monotonic()
     raw = complete_shards(run)
@@ -206,22 +210,16 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         raise FileNotFoundError(f"no raw shards under {run.path(layout.INGEST_SHARDS)}: run the ingest stage first")
     names = {progress.stem(name): name for name in raw}
     members = latent_members(settings)
-    # Latents of another resolution (a multi-resolution schedule): their text embeddings are reused.
-    previous = reuse.stash(run, settings.resolution)
+    previous = reusable_latents(run, settings)
     image = {"image": {"resolution": settings.resolution}}  # progress of another resolution is never kept
-    if previous and not reuse.same_text_encoder(previous, configured_names(settings)):
-        reuse.forget(run, previous)
-        previous = None
     # The driver loads and hashes the models for the manifest while the first pass runs: on a
     # cluster that is many seconds of CPU work no GPU should wait for. Until the hashes are
     # known, progress is matched by model names; then once more by weights, which drops what
     # other weights under the same names encoded before.
     todo, found = progress.prepare(run, list(names), {**configured_names(settings), **image}, reuse.tar_names(previous))
-    print(f"encode: {len(raw)} raw shard(s), {found['kept_shards']} already encoded, {len(todo)} to encode", flush=True)
+    logger.info(f"{len(raw)} raw shard(s), {found['kept_shards']} already encoded, {len(todo)} to encode")
     if previous:
-        print(
-            f"encode: {settings.resolution} px; the text embeddings come from the {previous['resolution']} px latents", flush=True
-        )
+        logger.info(f"{settings.resolution} px; the text embeddings come from the {previous['resolution']} px latents")
     classes = stage_classes(settings, run, raw)
     encoded = set(todo)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -230,7 +228,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
             encode_shards(config, run, [names[stem] for stem in todo], members, previous, classes)
         records, fixed = manifest_fields.result()
     if previous and not reuse.same_text_encoder(previous, records):
-        print("encode: other text encoder weights under the same name: encoding every caption again", flush=True)
+        logger.info("other text encoder weights under the same name: encoding every caption again")
         reuse.forget(run, previous)
         previous = None
     # A task Ray retried after its worker died yields its rows twice: that shard's parts then
@@ -247,12 +245,43 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     state = progress.read_progress(run)
     counts = progress.totals(state)
     seconds = time.monotonic() - started
-    encoded_now = sum(state[stem].written for stem in encoded)
+    classes_fields = {"class_field": settings.class_field, "classes": classes} if classes is not None else {}
+    this_run = {
+        "resume": {**found, "encoded_shards": len(encoded)},
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(sum(state[stem].written for stem in encoded) / max(seconds, 1e-9), 2),
+    }
+    manifest = encode_manifest({**records, **fixed, **classes_fields}, state, counts, settings, previous, this_run)
+    run.write_json(layout.ENCODE_MANIFEST, manifest)
+    reuse.finish(run, previous)  # only now: a crash before this resumes from the previous tars
+    if counts["samples"] == 0:
+        raise RuntimeError("encode wrote no sample: no image of any raw shard decoded")
+    return {"counts": stage_counts(counts, found, classes), "outputs": [layout.ENCODE_SHARDS, layout.ENCODE_MANIFEST]}
+
+
+def reusable_latents(run: RunDir, settings: EncodeConfig) -> dict[str, Any] | None:
+    """Latents of another resolution (a multi-resolution schedule) whose text embeddings are reused,
+    or None (none, or another text encoder made them: then they are forgotten)."""
+    previous = reuse.stash(run, settings.resolution)
+    if previous and not reuse.same_text_encoder(previous, configured_names(settings)):
+        reuse.forget(run, previous)
+        previous = None
+    return previous
+
+
+def encode_manifest(
+    fixed: dict[str, Any],
+    state: dict[str, progress.ShardProgress],
+    counts: dict[str, Any],
+    settings: EncodeConfig,
+    previous: dict[str, Any] | None,
+    this_run: dict[str, Any],
+) -> dict[str, Any]:
+    """encode/manifest.json: `fixed` (model identity, shapes, classes), the counts over complete
+    shards, per-bucket counts, where the text embeddings came from, then `this_run` (resume, speed)."""
     reused = progress.text_reused(state)
     manifest = {
-        **records,
         **fixed,
-        **({"class_field": settings.class_field, "classes": classes} if classes is not None else {}),
         **counts,
         **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
         # Captions whose embeddings came from the previous resolution's latents, not the text encoder.
@@ -261,27 +290,23 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
             "encoded": counts["samples"] - reused,
             "reused_from_resolution": previous["resolution"] if previous else None,
         },
-        "resume": {**found, "encoded_shards": len(encoded)},
-        "seconds": round(seconds, 2),
-        "samples_per_s": round(encoded_now / max(seconds, 1e-9), 2),
+        **this_run,
     }
     if previous:  # the same tensor the reused embeddings' caption dropout trained on so far
         manifest["empty_caption_embedding"] = previous["empty_caption_embedding"]
-    run.write_json(layout.ENCODE_MANIFEST, manifest)
-    reuse.finish(run, previous)  # only now: a crash before this resumes from the previous tars
-    if counts["samples"] == 0:
-        raise RuntimeError("encode wrote no sample: no image of any raw shard decoded")
+    return manifest
+
+
+def stage_counts(counts: dict[str, Any], found: dict[str, Any], classes: list[str] | None) -> dict[str, int]:
+    """The stage's summary counts (`progress.totals`'s, with `found`'s resumed shards)."""
     return {
-        "counts": {
-            "samples": counts["samples"],
-            "skipped": counts["skipped_undecodable"],
-            **({"unlabelled": counts["skipped_unlabelled"]} if classes is not None else {}),
-            "shards": len(counts["shards"]),
-            "truncated_shards": len(counts["truncated_shards"]),
-            "unreadable_shards": len(counts["unreadable_shards"]),
-            "resumed_shards": found["kept_shards"],
-        },
-        "outputs": [layout.ENCODE_SHARDS, layout.ENCODE_MANIFEST],
+        "samples": counts["samples"],
+        "skipped": counts["skipped_undecodable"],
+        **({"unlabelled": counts["skipped_unlabelled"]} if classes is not None else {}),
+        "shards": len(counts["shards"]),
+        "truncated_shards": len(counts["truncated_shards"]),
+        "unreadable_shards": len(counts["unreadable_shards"]),
+        "resumed_shards": found["kept_shards"],
     }
 
 
@@ -294,7 +319,7 @@ def stage_classes(settings: EncodeConfig, run: RunDir, raw_shards: list[str]) ->
     classes = find_classes(run, raw_shards, settings.class_field)
     if not classes:
         raise ValueError(f"encode.class_field = {settings.class_field!r}: no sample of the raw shards has that metadata field")
-    print(f"encode: {len(classes)} classes of {settings.class_field!r}: {classes[:20]}", flush=True)
+    logger.info(f"{len(classes)} classes of {settings.class_field!r}: {classes[:20]}")
     return classes
 
 
@@ -312,20 +337,20 @@ def encode_shards(
     import ray
 
     settings = config.encode
+    options = DecodeOptions(
+        resolution=settings.resolution,
+        batch_size=settings.batch_size,
+        max_pixels=int(config.ingest.max_megapixels * 1e6),
+        buckets=[tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
+        previous={key: previous[key] for key in ("parts", "text_embedding_shape")} if previous else None,
+        class_field=settings.class_field,
+        classes=classes,
+    )
     dataset = (
         ray.data.from_items([{SHARD: name} for name in shards], override_num_blocks=len(shards))
         .map_batches(
             decode_shards,
-            fn_kwargs={
-                "run_url": run.url,
-                "resolution": settings.resolution,
-                "batch_size": settings.batch_size,
-                "max_pixels": int(config.ingest.max_megapixels * 1e6),
-                "buckets": [tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
-                "previous": {key: previous[key] for key in ("parts", "text_embedding_shape")} if previous else None,
-                "class_field": settings.class_field,
-                "classes": classes,
-            },
+            fn_kwargs={"run_url": run.url, "options": options},
             batch_size=1,
             num_cpus=settings.cpus_per_decode_task,
         )

@@ -17,83 +17,29 @@ measured on half the shards too, and `memory_growth_2x` is the full run's peak o
 
 from __future__ import annotations
 
-import sys
+import json
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from ingest.encode import shard_io as encode_io
 from ingest.encode import stage as encode
+from pipeline.bench.common import SAMPLES_PER_SHARD, PeakMemory, Stopwatch, logger, ratio, ray_session, torch_threads
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.rundir import RunDir, complete_shards
 
-# The tiny preset's shard size; small benches cut smaller shards, so that every run has several
-# and the 2x run twice as many.
-SAMPLES_PER_SHARD = 500
+# Small benches cut shards smaller than SAMPLES_PER_SHARD, so that every run has several and the
+# 2x run twice as many.
 MIN_SHARDS = 4
 # Enough work that the stage's fixed start-up (~10 s on 2 cores) weighs as it would on a real
 # dataset, not as it does on a toy one: overhead_seconds reports it separately.
 DEFAULT_IMAGES = 12000
 
-
-def _log(message: str) -> None:
-    print(f"[bench encode] {message}", file=sys.stderr, flush=True)
-
-
-class PeakMemory:
-    """Peak summed RSS of this process and its Ray worker descendants, sampled on a thread.
-
-    Only descendants count, so another user's or another run's Ray on the same machine does
-    not. RSS counts shared pages (Ray's object store) once per process that maps them: the
-    figure is an upper bound, good for comparing two runs of the same bench. With RAY_ADDRESS
-    set, `ensure_ray` joins that cluster, whose workers are not descendants: only the driver counts.
-    """
-
-    def __init__(self, interval_s: float = 0.2):
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        driver = psutil.Process()
-        while True:
-            self.peak_bytes = max(self.peak_bytes, _rss(driver) + sum(_rss(worker) for worker in _ray_workers(driver)))
-            if self._stop.wait(self.interval_s):
-                return
-
-
-def _ray_workers(driver: psutil.Process) -> list[psutil.Process]:
-    workers = []
-    for process in driver.children(recursive=True):
-        try:
-            if any("ray::" in part for part in process.cmdline()):
-                workers.append(process)
-        except psutil.Error:  # exited between listing and reading
-            pass
-    return workers
-
-
-def _rss(process: psutil.Process) -> int:
-    try:
-        return process.memory_info().rss
-    except psutil.Error:
-        return 0
+log = logger("encode")
 
 
 def _bench_config(images: int, samples_per_shard: int, cpus: int) -> PipelineConfig:
@@ -113,11 +59,9 @@ def _ingested_run(config: PipelineConfig, directory: Path) -> RunDir:
 
 def _timed_stage(config: PipelineConfig, run: RunDir) -> tuple[int, float, float]:
     """(samples written, seconds, peak RSS in MB) of one encode stage run."""
-    with PeakMemory() as memory:
-        started = time.perf_counter()
+    with PeakMemory() as memory, Stopwatch() as watch:
         summary = encode.run_stage(config, run)
-        seconds = time.perf_counter() - started
-    return int(summary["counts"]["samples"]), seconds, memory.peak_bytes / 2**20
+    return int(summary["counts"]["samples"]), watch.seconds, memory.peak_bytes / 2**20
 
 
 def _steady_rate(run: RunDir) -> tuple[float, float]:
@@ -130,8 +74,6 @@ def _steady_rate(run: RunDir) -> tuple[float, float]:
     records = sorted(Path(run.path(layout.ENCODE_PROGRESS), "parts").glob("*.json"), key=lambda path: path.stat().st_mtime)
     if len(records) < 2:
         return 0.0, 0.0
-    import json
-
     samples = sum(json.loads(path.read_text())["samples"] for path in records[1:])
     seconds = records[-1].stat().st_mtime - records[0].stat().st_mtime
     return samples / max(seconds, 1e-9), seconds
@@ -149,8 +91,10 @@ def _decoded_batches(config: PipelineConfig, run: RunDir) -> list[tuple[torch.Te
                     images.append(pixels)
                     captions.append(sample[layout.CAPTION_KEY].decode("utf-8", errors="replace"))
     size = settings.batch_size
-    return [(encode.to_model_input(np.stack(images[start : start + size])), captions[start : start + size])
-            for start in range(0, len(images), size)]  # fmt: skip
+    return [
+        (encode.to_model_input(np.stack(images[start : start + size])), captions[start : start + size])
+        for start in range(0, len(images), size)
+    ]
 
 
 def _timed_bare_loop(config: PipelineConfig, batches: list[tuple[torch.Tensor, list[str]]]) -> tuple[float, int]:
@@ -160,55 +104,41 @@ def _timed_bare_loop(config: PipelineConfig, batches: list[tuple[torch.Tensor, l
 
     encoders = Encoders.load(config.encode)
     scaling_factor = vae_scaling_factor(encoders.vae)
-    threads, previous = max(1, int(config.encode.cpus_per_actor)), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        started = time.perf_counter()
+    threads = max(1, int(config.encode.cpus_per_actor))
+    with torch_threads(threads), Stopwatch() as watch:
         for pixels, captions in batches:
             encode.encode_batch(pixels, captions, encoders, scaling_factor, config.encode)
-        return time.perf_counter() - started, threads
-    finally:
-        torch.set_num_threads(previous)
+    return watch.seconds, threads
 
 
 def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
-    import ray
-
-    from pipeline.core.ray_runtime import ensure_ray
-
     samples_per_shard = max(1, min(SAMPLES_PER_SHARD, images // MIN_SHARDS))
     config, config_half = _bench_config(images, samples_per_shard, cpus), _bench_config(images // 2, samples_per_shard, cpus)
-    started_ray = not ray.is_initialized()
-    ensure_ray(config.ray)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-encode-") as scratch:
-            run, run_half = _ingested_run(config, Path(scratch) / "run"), _ingested_run(config_half, Path(scratch) / "run-half")
-            shards, shards_half = len(complete_shards(run)), len(complete_shards(run_half))
-            batches = _decoded_batches(config, run)
-            bare_samples = sum(len(captions) for _, captions in batches)
-            # The machine's speed drifts (a shared VM): half the bare loop runs before the stage, half after.
-            middle = len(batches) // 2
-            _log(f"bare loop over {bare_samples} decoded images in {len(batches)} batches, first half")
-            bare_before, threads = _timed_bare_loop(config, batches[:middle])
-            _log(f"the stage on {images} images in {shards} raw shards")
-            samples, stage_seconds, peak_mb = _timed_stage(config, run)
-            steady_rate, steady_seconds = _steady_rate(run)
-            _log("bare loop, second half")
-            bare_after, _ = _timed_bare_loop(config, batches[middle:])
-            _log(f"the stage on {shards_half} raw shards, for its peak memory")
-            samples_half, _, peak_mb_half = _timed_stage(config_half, run_half)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with ray_session(config.ray), tempfile.TemporaryDirectory(prefix="bench-encode-") as scratch:
+        run, run_half = _ingested_run(config, Path(scratch) / "run"), _ingested_run(config_half, Path(scratch) / "run-half")
+        shards, shards_half = len(complete_shards(run)), len(complete_shards(run_half))
+        batches = _decoded_batches(config, run)
+        bare_samples = sum(len(captions) for _, captions in batches)
+        # The machine's speed drifts (a shared VM): half the bare loop runs before the stage, half after.
+        middle = len(batches) // 2
+        log(f"bare loop over {bare_samples} decoded images in {len(batches)} batches, first half")
+        bare_before, threads = _timed_bare_loop(config, batches[:middle])
+        log(f"the stage on {images} images in {shards} raw shards")
+        samples, stage_seconds, peak_mb = _timed_stage(config, run)
+        steady_rate, steady_seconds = _steady_rate(run)
+        log("bare loop, second half")
+        bare_after, _ = _timed_bare_loop(config, batches[middle:])
+        log(f"the stage on {shards_half} raw shards, for its peak memory")
+        samples_half, _, peak_mb_half = _timed_stage(config_half, run_half)
 
     bare_seconds = bare_before + bare_after
     stage_rate, bare_rate = samples / stage_seconds, bare_samples / bare_seconds
     return {
         "bench": "encode",
         # The stream's rate (first part to last) over the bare loop's; wall_ratio adds the start-up.
-        "ratio": round(steady_rate / bare_rate, 3),
+        "ratio": ratio(steady_rate, bare_rate),
         "samples_per_s": round(steady_rate, 1),
-        "wall_ratio": round(stage_rate / bare_rate, 3),
+        "wall_ratio": ratio(stage_rate, bare_rate),
         "wall_samples_per_s": round(stage_rate, 1),
         "steady_seconds": round(steady_seconds, 2),
         "bare_samples_per_s": round(bare_rate, 1),
@@ -226,6 +156,6 @@ def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
         "peak_rss_mb_half_shards": round(peak_mb_half, 1),
         "samples_half_shards": samples_half,
         "shards_half": shards_half,
-        "memory_growth_2x": round(peak_mb / peak_mb_half, 3),
+        "memory_growth_2x": ratio(peak_mb, peak_mb_half),
         "device": "cuda" if config.encode.gpus_per_actor and torch.cuda.is_available() else "cpu",
     }

@@ -16,44 +16,56 @@ from typing import Any
 from ingest.download import distribute
 from ingest.download.toy_server import serve_directory, write_toy_images
 from ingest.download.url_list import prepare_url_list
+from pipeline.bench.common import Stopwatch, ratio, ray_session
 from pipeline.core import layout
-from pipeline.core.config import IngestConfig
+from pipeline.core.config import IngestConfig, RayConfig
 from pipeline.core.rundir import RunDir
 
 
 def _plain(url_list: str, output: str, settings: IngestConfig, distributor: str = "multiprocessing") -> float:
     from img2dataset import download
 
-    started = time.perf_counter()
-    download(
-        url_list=url_list, input_format="parquet", url_col="url", caption_col="caption", output_format="webdataset",
-        output_folder=output, image_size=settings.image_size, resize_mode=settings.resize_mode, processes_count=1,
-        thread_count=settings.threads, number_sample_per_shard=settings.samples_per_shard, timeout=int(settings.timeout_s),
-        encode_format="jpg", encode_quality=95, distributor=distributor, extract_exif=False, enable_wandb=False,
-    )  # fmt: skip
-    return time.perf_counter() - started
+    with Stopwatch() as watch:
+        download(
+            url_list=url_list,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            output_format="webdataset",
+            output_folder=output,
+            image_size=settings.image_size,
+            resize_mode=settings.resize_mode,
+            processes_count=1,
+            thread_count=settings.threads,
+            number_sample_per_shard=settings.samples_per_shard,
+            timeout=int(settings.timeout_s),
+            encode_format="jpg",
+            encode_quality=95,
+            distributor=distributor,
+            extract_exif=False,
+            enable_wandb=False,
+        )
+    return watch.seconds
 
 
 def _stage(url_list: str, output: str, settings: IngestConfig, workdir: Path) -> float:
-    started = time.perf_counter()
-    cleaned = str(workdir / f"clean-{time.monotonic_ns()}.parquet")
-    prepare_url_list(settings, cleaned)
-    distribute.download(settings, cleaned, RunDir(output), [])
-    return time.perf_counter() - started
+    with Stopwatch() as watch:
+        cleaned = str(workdir / f"clean-{time.monotonic_ns()}.parquet")
+        prepare_url_list(settings, cleaned)
+        distribute.download(settings, cleaned, RunDir(output), [])
+    return watch.seconds
 
 
 def _succeeded(output: str) -> int:
     run = RunDir(output)
-    return sum(run.read_json(f"{layout.INGEST_SHARDS}/{name}").get("successes", 0)
-               for name in run.list(layout.INGEST_SHARDS, suffix="_stats.json"))  # fmt: skip
+    return sum(
+        run.read_json(f"{layout.INGEST_SHARDS}/{name}").get("successes", 0)
+        for name in run.list(layout.INGEST_SHARDS, suffix="_stats.json")
+    )
 
 
 def run_bench(images: int = 2000, cpus: int = 2, seed: int = 0) -> dict[str, Any]:
-    from pipeline.core.config import RayConfig
-    from pipeline.core.ray_runtime import ensure_ray
-
-    ensure_ray(RayConfig(num_cpus=cpus))
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:
+    with ray_session(RayConfig(num_cpus=cpus)), tempfile.TemporaryDirectory(prefix="bench-ingest-") as scratch:
         workdir = Path(scratch)
         rows = write_toy_images(workdir / "images", images, 64, seed)
         with serve_directory(workdir / "images") as base_url:
@@ -77,11 +89,11 @@ def run_bench(images: int = 2000, cpus: int = 2, seed: int = 0) -> dict[str, Any
     plain_rate, one_rate, two_rate = plain_ok / plain_seconds, one_ok / one_seconds, two_ok / two_seconds
     return {
         "bench": "ingest",
-        "ratio": round(one_rate / plain_rate, 3),
+        "ratio": ratio(one_rate, plain_rate),
         "img_per_s": round(one_rate, 1),
         "plain_img_per_s": round(plain_rate, 1),
         "img2dataset_ray_distributor_img_per_s": round(ray_ok / ray_seconds, 1),
-        "scaling_2_vs_1": round(two_rate / one_rate, 3),
+        "scaling_2_vs_1": ratio(two_rate, one_rate),
         "img_per_s_2_workers": round(two_rate, 1),
         "images": images,
         "succeeded": {"plain": plain_ok, "img2dataset_ray": ray_ok, "stage_1_worker": one_ok, "stage_2_workers": two_ok},

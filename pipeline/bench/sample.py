@@ -20,17 +20,21 @@ and a scheduler that never reaches the bar walks the whole ladder (~1,550 steps,
 
 from __future__ import annotations
 
-import sys
 import tempfile
-import time
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.bench.common import Stopwatch, logger, torch_threads
 from pipeline.core import layout
+from pipeline.core.config import PipelineConfig
 from pipeline.core.rundir import RunDir
 from pipeline.core.toy import ToySpec, parse_caption
+from sample.export import Checkpoint
+from sample.guidance import Sampling
 from sample.judge import is_correct
 
 DEFAULT_RUN = "runs/demo"
@@ -44,9 +48,7 @@ TOLERANCE = 0.05
 # The likely fastest first; ddpm itself last, as it needs the most steps.
 SCHEDULERS = ("dpmsolver++", "euler", "ddim", "ddpm")
 
-
-def _log(message: str) -> None:
-    print(f"[bench sample] {message}", file=sys.stderr, flush=True)
+log = logger("sample")
 
 
 def prompt_accuracy(images: np.ndarray, specs: list[ToySpec]) -> float:
@@ -68,8 +70,10 @@ def first_hit(measure, ladder: list[int], threshold: float) -> tuple[int | None,
 
 def _missing_run_message(run_dir: RunDir) -> str | None:
     if not run_dir.exists(layout.CONFIG):
-        return (f"{run_dir.path(layout.CONFIG)} not found: the sample bench needs a trained run. "
-                f"Run `make demo` first (it trains the tiny demo into {DEFAULT_RUN}), or pass --run DIR.")  # fmt: skip
+        return (
+            f"{run_dir.path(layout.CONFIG)} not found: the sample bench needs a trained run. "
+            f"Run `make demo` first (it trains the tiny demo into {DEFAULT_RUN}), or pass --run DIR."
+        )
     if not run_dir.committed_steps(layout.TRAIN_EXPORT):
         return f"{run_dir.path(layout.TRAIN_EXPORT)} holds no committed export: run `make demo` first, or pass --run DIR."
     return None
@@ -86,65 +90,31 @@ def run_bench(
     schedulers: tuple[str, ...] = SCHEDULERS,
 ) -> dict[str, Any]:
     """`cpus` is taken for the CLI's uniform call only: sampling runs here, on one thread."""
-    from pipeline.runner import load_run_config
-    from sample.export import load_checkpoint
-    from sample.generate import generate
-
-    run_dir = RunDir(run)
-    missing = _missing_run_message(run_dir)
-    if missing:
-        raise FileNotFoundError(missing)
-    config = load_run_config(run_dir)
+    run_dir, config = _trained_run(run)
     prompts, seeds = list(config.sample.prompts), [int(seed) for seed in seeds]
     specs = [parse_caption(prompt) for prompt in prompts]  # a ValueError names a prompt the judge cannot read
     images = len(prompts) * len(seeds)
     batch_size = max(config.sample.batch_size, images)  # one batch: every image of a run together
     spacing = config.sample.timestep_spacing
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-sample-") as scratch:
-            checkpoint = load_checkpoint(run_dir, config, None, scratch, device)
+    with torch_threads(1):
+        total = Stopwatch()
+        checkpoint = _load_latest(run_dir, config, device)
+        reference = Sampling(guidance_scale, seeds, ddpm_steps, "ddpm", spacing, batch_size)
 
         def measure(scheduler: str, steps: int) -> tuple[float, float]:
-            began = time.perf_counter()
-            sampled = generate(checkpoint, prompts, seeds, guidance_scale, steps, scheduler,
-                               timestep_spacing=spacing, batch_size=batch_size)  # fmt: skip
-            seconds = time.perf_counter() - began
-            accuracy = prompt_accuracy(sampled, specs)
-            _log(f"{scheduler} {steps} steps: accuracy {accuracy:.3f} ({seconds:.1f}s)")
-            return accuracy, seconds
+            return _measure(checkpoint, prompts, specs, replace(reference, scheduler=scheduler, steps=steps))
 
-        _log(f"{run_dir.url} step {checkpoint.step}: {len(prompts)} prompts x seeds {seeds}, guidance "
-             f"{guidance_scale:g}, {spacing} spacing, {device}; reference ddpm {ddpm_steps} steps")  # fmt: skip
+        log(
+            f"{run_dir.url} step {checkpoint.step}: {len(prompts)} prompts x seeds {seeds}, guidance "
+            f"{guidance_scale:g}, {spacing} spacing, {device}; reference ddpm {ddpm_steps} steps"
+        )
         reference_accuracy, reference_seconds = measure("ddpm", ddpm_steps)
-        threshold = reference_accuracy - tolerance
         rungs = sorted(steps for steps in set(ladder) if steps < ddpm_steps)
-        per_scheduler = {}
-        for name in schedulers:
-            search_started = time.perf_counter()
-            steps, seen = first_hit(lambda n, name=name: measure(name, n), rungs, threshold - 1e-9)
-            accuracy, seconds = seen[steps] if steps is not None else (None, None)
-            per_scheduler[name] = {
-                "steps": steps,
-                "accuracy": _round(accuracy),
-                "seconds": _round(seconds, 2),
-                "ladder": {str(n): round(a, 4) for n, (a, _) in seen.items()},
-                "search_seconds": round(time.perf_counter() - search_started, 2),
-            }
-    finally:
-        torch.set_num_threads(previous_threads)
+        threshold = reference_accuracy - tolerance - 1e-9
+        per_scheduler = {name: _search(partial(measure, name), rungs, threshold) for name in schedulers}
 
-    hits = {name: entry for name, entry in per_scheduler.items() if entry["steps"] is not None}
-    fastest = min(hits, key=lambda name: (hits[name]["steps"], hits[name]["seconds"]), default=None)
-    best = None
-    if fastest:
-        entry = hits[fastest]
-        best = {"scheduler": fastest, "steps": entry["steps"], "accuracy": entry["accuracy"], "seconds": entry["seconds"],
-                "images_per_s": round(images / entry["seconds"], 2), "seconds_per_image": round(entry["seconds"] / images, 4)}  # fmt: skip
+    best = _fastest(per_scheduler, images)
     return {
         "bench": "sample",
         "speedup": ddpm_steps / best["steps"] if best else None,
@@ -167,7 +137,67 @@ def run_bench(
         "batch_size": batch_size,
         "threads": 1,
         "device": device.type,
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "total_seconds": round(total.seconds, 1),
+    }
+
+
+def _trained_run(run: str) -> tuple[RunDir, PipelineConfig]:
+    """The run directory and its config; FileNotFoundError (saying what to do) without a trained run."""
+    from pipeline.runner import load_run_config
+
+    run_dir = RunDir(run)
+    missing = _missing_run_message(run_dir)
+    if missing:
+        raise FileNotFoundError(missing)
+    return run_dir, load_run_config(run_dir)
+
+
+def _load_latest(run_dir: RunDir, config: PipelineConfig, device: torch.device) -> Checkpoint:
+    from sample.export import load_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="bench-sample-") as scratch:
+        return load_checkpoint(run_dir, config, None, scratch, device)
+
+
+def _measure(checkpoint: Checkpoint, prompts: list[str], specs: list[ToySpec], sampling: Sampling) -> tuple[float, float]:
+    """(prompt accuracy, seconds) of one `generate` call: every prompt x seed in one batch."""
+    from sample.generate import generate
+
+    with Stopwatch() as watch:
+        sampled = generate(checkpoint, prompts, sampling)
+    accuracy = prompt_accuracy(sampled, specs)
+    log(f"{sampling.scheduler} {sampling.steps} steps: accuracy {accuracy:.3f} ({watch.seconds:.1f}s)")
+    return accuracy, watch.seconds
+
+
+def _search(measure, rungs: list[int], threshold: float) -> dict[str, Any]:
+    """One scheduler's JSON entry: `first_hit` on `measure(steps)` up the rungs."""
+    with Stopwatch() as search:
+        steps, seen = first_hit(measure, rungs, threshold)
+    accuracy, seconds = seen[steps] if steps is not None else (None, None)
+    return {
+        "steps": steps,
+        "accuracy": _round(accuracy),
+        "seconds": _round(seconds, 2),
+        "ladder": {str(n): round(a, 4) for n, (a, _) in seen.items()},
+        "search_seconds": round(search.seconds, 2),
+    }
+
+
+def _fastest(per_scheduler: dict[str, dict], images: int) -> dict[str, Any] | None:
+    """The scheduler that reached the bar in the fewest steps (then seconds), or None if none did."""
+    hits = {name: entry for name, entry in per_scheduler.items() if entry["steps"] is not None}
+    fastest = min(hits, key=lambda name: (hits[name]["steps"], hits[name]["seconds"]), default=None)
+    if not fastest:
+        return None
+    entry = hits[fastest]
+    return {
+        "scheduler": fastest,
+        "steps": entry["steps"],
+        "accuracy": entry["accuracy"],
+        "seconds": entry["seconds"],
+        "images_per_s": round(images / entry["seconds"], 2),
+        "seconds_per_image": round(entry["seconds"] / images, 4),
     }
 
 

@@ -36,16 +36,15 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.bench.common import SAMPLES_PER_SHARD, Stopwatch, logger, ratio, ray_session, torch_threads
 from pipeline.core import layout
 from pipeline.core.arrays import to_npy_bytes
 from pipeline.core.config import PipelineConfig, load_config
@@ -54,8 +53,6 @@ from pipeline.core.rundir import RunDir
 # 150 steps of the preset's batch of 32: about 40 s of training on one thread of a 2-core machine,
 # where the whole bench (two bare halves, the stage's start-up, two ZeRO runs) takes 2.5 minutes.
 DEFAULT_IMAGES = 4800
-# The tiny preset's shard size; there are at least 2 shards, one per memory-run worker.
-SAMPLES_PER_SHARD = 500
 # Log windows of the stage (the first is the warm-up the steady state leaves out).
 LOG_EVERY = 10
 # Bare-loop steps before each timed half: the first steps allocate the optimizer state.
@@ -63,9 +60,7 @@ BARE_WARMUP_STEPS = 3
 MEMORY_WORKERS = 2
 MEMORY_STEPS = 2
 
-
-def _log(message: str) -> None:
-    print(f"[bench train] {message}", file=sys.stderr, flush=True)
+log = logger("train")
 
 
 def _bench_config(steps: int, cpus: int) -> PipelineConfig:
@@ -114,7 +109,7 @@ def write_synthetic_latents(config: PipelineConfig, run: RunDir, samples: int) -
 
     records, fixed = build_manifest(config.encode)
     latent_shape, text_shape = tuple(fixed["latent_shape"]), tuple(fixed["text_embedding_shape"])
-    shards = max(2, -(-samples // SAMPLES_PER_SHARD))
+    shards = max(2, -(-samples // SAMPLES_PER_SHARD))  # one at least per memory-run worker
     rng = np.random.default_rng(config.seed)
     names = []
     for shard, indices in enumerate(np.array_split(np.arange(samples), shards)):
@@ -167,16 +162,12 @@ class BareLoop:
             generator = batch_generator(self.seed, 0, position.epoch, position.index)
             batches.append((self.data.batch(position.samples, generator), generator))
         dropout, objective = self.train.caption_dropout, loss_options(self.train)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.train.threads_per_worker)
-        try:
+        with torch_threads(self.train.threads_per_worker):
             for index, (batch, generator) in enumerate(batches):
                 if index == warmup_steps:
-                    started = time.perf_counter()
+                    watch = Stopwatch()
                 train_step(self.engine, batch, self.noise_scheduler, self.empty_caption, dropout, generator, **objective)
-            return time.perf_counter() - started
-        finally:
-            torch.set_num_threads(previous)
+            return watch.seconds
 
 
 # -- the stage -------------------------------------------------------------------------------
@@ -236,17 +227,19 @@ def memory_worker(loop_config: dict) -> None:
     from train.loop import setup_worker
     from train.step import loss_options, make_noise_scheduler, train_step
 
-    config, run, rank, data, order, engine, parameters = setup_worker(loop_config)
+    worker = setup_worker(loop_config)
+    config, data, engine, rank = worker.config, worker.data, worker.engine, worker.rank
     train = config.train
     noise_scheduler = make_noise_scheduler(train)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
-    batches = order.batches(rank)
+    batches = worker.order.batches(rank)
     for _ in range(train.max_steps):
         position = next(batches)
         generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
         batch = data.batch(position.samples, generator)
         train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **loss_options(train))
-    run.write_json(loop_config["held_bytes"].format(rank=rank), {"parameter_count": parameters, **held_bytes(engine)})
+    held = {"parameter_count": worker.parameter_count, **held_bytes(engine)}
+    worker.run.write_json(loop_config["held_bytes"].format(rank=rank), held)
 
 
 def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> list[dict]:
@@ -255,6 +248,7 @@ def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> 
     from ray.train.torch import TorchTrainer
 
     train = config.train
+    log(f"held bytes per rank, {train.num_workers} workers, ZeRO {train.zero_stage}")
     name = f"zero{train.zero_stage}-memory"
     held = f"bench/{name}/rank-{{rank}}.json"
     trainer = TorchTrainer(
@@ -271,68 +265,82 @@ def _held_bytes_per_rank(config: PipelineConfig, run: RunDir, storage: Path) -> 
 
 
 def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
-    import ray
+    config = _bench_config(_steps(images), cpus)
+    train = config.train
+    steps, samples_per_step = train.max_steps, _samples_per_step(config)
+    bare_steps = steps - train.log_every  # as many as the stage's steady windows hold
+    with ray_session(config.ray), tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        run = RunDir(Path(scratch) / "run")
+        shards = write_synthetic_latents(config, run, steps * samples_per_step)
+        bare = BareLoop(config, run)
+        first_half = _timed_bare_half(bare, bare_steps // 2, "first half")
+        log(f"the stage: {steps} steps of {samples_per_step} samples, {shards} latent shards, 1 worker, ZeRO 0")
+        summary, stage_seconds, rows = _timed_stage(config, run)
+        second_half = _timed_bare_half(bare, bare_steps - bare_steps // 2, "second half")
+        memory = {zero: _held_bytes_per_rank(_memory_config(config, zero, cpus), run, Path(scratch)) for zero in (0, 3)}
+    speed = _speed_report(config, shards, summary, stage_seconds, rows, [first_half, second_half])
+    return {"bench": "train", **speed, **_memory_report(memory), "device": "cpu"}
 
-    from pipeline.core.ray_runtime import ensure_ray
+
+def _steps(images: int) -> int:
+    """Steps of the tiny preset's batch in `images`: at least 4, and a batch for each memory-run worker."""
+    batch_size = load_config("tiny").train.batch_size_per_worker
+    if images // batch_size < 4 or images < MEMORY_WORKERS * batch_size:
+        raise ValueError(f"--images {images}: the bench needs at least 4 batches of {batch_size}")
+    return images // batch_size
+
+
+def _samples_per_step(config: PipelineConfig) -> int:
+    train = config.train
+    return train.batch_size_per_worker * train.gradient_accumulation * train.num_workers
+
+
+def _timed_bare_half(bare: BareLoop, steps: int, which: str) -> tuple[int, float]:
+    """(steps, seconds) of one half of the bare loop. Half runs before the stage and half after,
+    because a shared machine drifts."""
+    log(f"bare loop: {BARE_WARMUP_STEPS} warm-up steps, then {steps} timed ({which})")
+    return steps, bare.timed(steps, BARE_WARMUP_STEPS)
+
+
+def _timed_stage(config: PipelineConfig, run: RunDir) -> tuple[dict, float, list[dict]]:
+    """(`run_stage`'s summary, its wall-clock seconds, the rows of its metrics.jsonl)."""
     from train.stage import run_stage
 
-    batch_size = load_config("tiny").train.batch_size_per_worker
-    steps = images // batch_size
-    if steps < 4 or images < MEMORY_WORKERS * batch_size:
-        raise ValueError(f"--images {images}: the bench needs at least 4 batches of {batch_size}")
-    config = _bench_config(steps, cpus)
-    train = config.train
-    samples_per_step = train.batch_size_per_worker * train.gradient_accumulation * train.num_workers
-    started_ray = not ray.is_initialized()
-    ensure_ray(config.ray)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
-            run = RunDir(Path(scratch) / "run")
-            shards = write_synthetic_latents(config, run, steps * samples_per_step)
-            bare = BareLoop(config, run)
-            bare_steps = steps - train.log_every  # as many as the stage's steady windows hold
-            first_half = bare_steps // 2
-            _log(f"bare loop: {BARE_WARMUP_STEPS} warm-up steps, then {first_half} timed (first half)")
-            bare_before = bare.timed(first_half, BARE_WARMUP_STEPS)
-            _log(f"the stage: {steps} steps of {samples_per_step} samples, {shards} latent shards, 1 worker, ZeRO 0")
-            stage_started = time.perf_counter()
-            summary = run_stage(config, run)
-            stage_seconds = time.perf_counter() - stage_started
-            rows = [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines() if line.strip()]
-            _log(f"bare loop: {BARE_WARMUP_STEPS} warm-up steps, then {bare_steps - first_half} timed (second half)")
-            bare_after = bare.timed(bare_steps - first_half, BARE_WARMUP_STEPS)
-            memory = {}
-            for zero_stage in (0, 3):
-                _log(f"held bytes per rank, {MEMORY_WORKERS} workers, ZeRO {zero_stage}")
-                memory[zero_stage] = _held_bytes_per_rank(_memory_config(config, zero_stage, cpus), run, Path(scratch))
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with Stopwatch() as watch:
+        summary = run_stage(config, run)
+    rows = [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines() if line.strip()]
+    return summary, watch.seconds, rows
 
+
+def _speed_report(
+    config: PipelineConfig,
+    shards: int,
+    summary: dict,
+    stage_seconds: float,
+    rows: list[dict],
+    bare_halves: list[tuple[int, float]],
+) -> dict[str, Any]:
+    """The JSON's speed entries: the stage's three rates (see the module docstring) against the bare loop's."""
+    train, samples_per_step = config.train, _samples_per_step(config)
     steady_steps, steady_seconds = steady_state(rows, samples_per_step)
-    trained = int(summary["steps"]) * samples_per_step
     steady_rate = steady_steps * samples_per_step / steady_seconds
-    bare_seconds = bare_before + bare_after
-    bare_rate = bare_steps * samples_per_step / bare_seconds
+    trained = int(summary["steps"]) * samples_per_step
     wall_rate = trained / stage_seconds
-    totals = {stage: [rank["parameters"] + rank["optimizer_state"] for rank in ranks] for stage, ranks in memory.items()}
+    bare_steps, bare_seconds = sum(steps for steps, _ in bare_halves), sum(seconds for _, seconds in bare_halves)
+    bare_rate = bare_steps * samples_per_step / bare_seconds
     return {
-        "bench": "train",
-        "ratio": round(steady_rate / bare_rate, 3),
+        "ratio": ratio(steady_rate, bare_rate),
         "samples_per_s": round(steady_rate, 2),
         "bare_samples_per_s": round(bare_rate, 2),
         # Before and after the stage: how far the machine drifted meanwhile.
-        "bare_samples_per_s_halves": [
-            round(first_half * samples_per_step / bare_before, 2),
-            round((bare_steps - first_half) * samples_per_step / bare_after, 2),
-        ],
-        "wall_ratio": round(wall_rate / bare_rate, 3),
+        "bare_samples_per_s_halves": [round(steps * samples_per_step / seconds, 2) for steps, seconds in bare_halves],
+        "wall_ratio": ratio(wall_rate, bare_rate),
         "stage_wall_samples_per_s": round(wall_rate, 2),
         "stage_summary_samples_per_s": round(summary["samples_per_s"], 2),
         "steps": int(summary["steps"]),
         "steady_steps": steady_steps,
         "bare_steps": bare_steps,
-        "bare_warmup_steps": 2 * BARE_WARMUP_STEPS,
+        "bare_warmup_steps": len(bare_halves) * BARE_WARMUP_STEPS,
         "log_every": train.log_every,
         "batch_size": samples_per_step,
         "threads": train.threads_per_worker,
@@ -343,14 +351,20 @@ def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
         # What the stage spends beyond its steady-state steps: Ray Train's and the worker's
         # start-up, data loading, the engine, the final checkpoint and export.
         "overhead_seconds": round(stage_seconds - trained / steady_rate, 2),
-        "zero3_memory_ratio": round(max(totals[3]) / max(totals[0]), 3),
+    }
+
+
+def _memory_report(memory: dict[int, list[dict]]) -> dict[str, Any]:
+    """The JSON's memory entries: every rank's `held_bytes` with ZeRO 0 and with ZeRO 3 (the keys of `memory`)."""
+    totals = {stage: [rank["parameters"] + rank["optimizer_state"] for rank in ranks] for stage, ranks in memory.items()}
+    return {
+        "zero3_memory_ratio": ratio(max(totals[3]), max(totals[0])),
         "memory_workers": MEMORY_WORKERS,
         "parameter_count": memory[0][0]["parameter_count"],
         "zero0_bytes_per_rank": totals[0],
         "zero3_bytes_per_rank": totals[3],
         "zero0_held_per_rank": [_without_count(rank) for rank in memory[0]],
         "zero3_held_per_rank": [_without_count(rank) for rank in memory[3]],
-        "device": "cpu",
     }
 
 

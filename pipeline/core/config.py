@@ -36,21 +36,35 @@ class IngestConfig(Section):
         "toy", description="'toy': generate the offline toy set and serve it on loopback; 'urls': read url_list."
     )
     url_list: str | None = Field(None, description="URL list as parquet, CSV or JSONL (any fsspec URL); for source='urls'.")
-    url_list_format: Literal["auto", "parquet", "csv", "jsonl"] = Field("auto", description="Format of url_list; 'auto' goes by its extension.")
+    url_list_format: Literal["auto", "parquet", "csv", "jsonl"] = Field(
+        "auto", description="Format of url_list; 'auto' goes by its extension."
+    )
     url_column: str = Field("url", description="Column of url_list holding the image URL (LAION: 'URL').")
     caption_column: str = Field("caption", description="Column of url_list holding the caption (LAION: 'TEXT').")
-    extra_columns: list[str] = Field(default_factory=list, description="Columns passed through into each sample's JSON (e.g. WIDTH, HEIGHT, similarity, punsafe, pwatermark).")
-    filters: dict[str, ColumnFilter] = Field(default_factory=dict, description="Pre-filters on numeric columns, e.g. {punsafe = {max = 0.5}}; each counts what it drops.")
+    extra_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns passed through into each sample's JSON (e.g. WIDTH, HEIGHT, similarity, punsafe, pwatermark).",
+    )
+    filters: dict[str, ColumnFilter] = Field(
+        default_factory=dict,
+        description="Pre-filters on numeric columns, e.g. {punsafe = {max = 0.5}}; each counts what it drops.",
+    )
     min_caption_chars: int = Field(1, ge=0, description="Rows whose caption is shorter are dropped and counted.")
     max_caption_chars: int = Field(2000, ge=1, description="Rows whose caption is longer are dropped and counted.")
     allow_loopback: bool = Field(False, description="Allow image URLs whose host resolves to loopback (the toy server needs it).")
-    allow_private_addresses: bool = Field(False, description="Allow private, link-local and other non-public addresses (refused by default: SSRF).")
-    max_megapixels: float = Field(89.0, gt=0, description="Images larger than this are refused before decoding (decompression bombs).")
+    allow_private_addresses: bool = Field(
+        False, description="Allow private, link-local and other non-public addresses (refused by default: SSRF)."
+    )
+    max_megapixels: float = Field(
+        89.0, gt=0, description="Images larger than this are refused before decoding (decompression bombs)."
+    )
     min_image_size: int = Field(0, ge=0, description="Images whose shorter side is smaller are dropped and counted.")
     toy_count: int = Field(3000, ge=1, description="Number of toy images to generate (source='toy').")
     toy_image_size: int = Field(64, ge=16, description="Side of the generated toy images in pixels.")
     toy_colours: list[Literal["red", "green", "blue", "yellow", "white", "black"]] | None = Field(
-        None, min_length=2, description="Only these palette colours in the toy set (a shifted set to fine-tune on); unset: all six."
+        None,
+        min_length=2,
+        description="Only these palette colours in the toy set (a shifted set to fine-tune on); unset: all six.",
     )
     toy_aspect_ratios: list[Annotated[float, Field(ge=0.25, le=4.0)]] | None = Field(
         None,
@@ -73,11 +87,15 @@ class IngestConfig(Section):
 class EncodeConfig(Section):
     vae: str = Field("builtin:tiny-vae", description="AutoencoderKL: Hugging Face id, local path or builtin:NAME.")
     vae_subfolder: str | None = Field(None, description="Subfolder of `vae` holding the model (e.g. 'vae' in an SD repo).")
-    text_encoder: str = Field("builtin:tiny-text-encoder", description="CLIPTextModel: Hugging Face id, local path or builtin:NAME.")
+    text_encoder: str = Field(
+        "builtin:tiny-text-encoder", description="CLIPTextModel: Hugging Face id, local path or builtin:NAME."
+    )
     text_encoder_subfolder: str | None = Field(None, description="Subfolder of `text_encoder` holding the model.")
     tokenizer: str = Field("builtin:clip-tokenizer", description="CLIPTokenizer: Hugging Face id, local path or builtin:NAME.")
     tokenizer_subfolder: str | None = Field(None, description="Subfolder of `tokenizer` holding the tokenizer.")
-    resolution: int = Field(64, ge=8, description="Images are resized (shorter side) and centre-cropped to this side before the VAE.")
+    resolution: int = Field(
+        64, ge=8, description="Images are resized (shorter side) and centre-cropped to this side before the VAE."
+    )
     batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
     num_actors: int = Field(1, ge=1, description="Encoder actors, each holding the VAE and text encoder once.")
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per encoder actor (fractional on small machines).")
@@ -184,7 +202,9 @@ class TrainConfig(Section):
     )
     num_train_timesteps: int = Field(1000, ge=1, description="Diffusion timesteps.")
     beta_start: float | None = Field(
-        None, gt=0, description="First beta of the 'linear'/'scaled_linear' schedules; unset: diffusers' 0.0001 (SD-1.5: 0.00085)."
+        None,
+        gt=0,
+        description="First beta of the 'linear'/'scaled_linear' schedules; unset: diffusers' 0.0001 (SD-1.5: 0.00085).",
     )
     beta_end: float | None = Field(
         None, gt=0, description="Last beta of the 'linear'/'scaled_linear' schedules; unset: diffusers' 0.02 (SD-1.5: 0.012)."
@@ -194,13 +214,17 @@ class TrainConfig(Section):
         description="Fine-tune: start from this diffusers-format UNet (safetensors) instead of a fresh `unet` preset: a local "
         "folder (a run's export folder RUN/train/export/step-N uses its unet/) or a Hugging Face id.",
     )
-    init_subfolder: str | None = Field(None, description="Subfolder of init_from holding the UNet (e.g. 'unet' in a Stable Diffusion repo).")
+    init_subfolder: str | None = Field(
+        None, description="Subfolder of init_from holding the UNet (e.g. 'unet' in a Stable Diffusion repo)."
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Parameters left untrained, by name as in named_parameters(): a dotted prefix ('down_blocks', 'mid_block', "
         "'up_blocks.1', 'conv_in', 'time_embedding') or a glob ('*.attn2.*': cross-attention); each must match some parameter.",
     )
-    checkpoint_every: int = Field(500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves.")
+    checkpoint_every: int = Field(
+        500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves."
+    )
     keep_checkpoints: int = Field(3, ge=1, description="Resumable checkpoints kept (exports are all kept).")
     log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
     min_snr_gamma: float | None = Field(
@@ -254,7 +278,9 @@ class TrainConfig(Section):
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Validation prompts.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One image per prompt and seed.")
-    guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.5], description="Classifier-free guidance scales to validate.")
+    guidance_scales: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0, 3.0, 7.5], description="Classifier-free guidance scales to validate."
+    )
     scheduler: Literal["ddpm", "ddim", "dpmsolver++", "euler"] = Field("dpmsolver++", description="Sampling scheduler.")
     steps: int = Field(20, ge=1, description="Denoising steps.")
     timestep_spacing: Literal["trailing", "leading", "linspace"] = Field(
@@ -287,9 +313,12 @@ class SampleConfig(Section):
         description="Held-out images for FID: a folder of image files or a .tar of them (any fsspec URL); unset with "
         "ingest.source = 'toy': toy images drawn with another seed than the training set's.",
     )
-    fid_reference_count: int = Field(500, ge=2, description="Reference images FID uses at most (their statistics are cached in sample/).")
+    fid_reference_count: int = Field(
+        500, ge=2, description="Reference images FID uses at most (their statistics are cached in sample/)."
+    )
     watch: bool = Field(
-        True, description="Validate exports while `pipeline run` trains (the newest unvalidated one per poll); the stage does the rest."
+        True,
+        description="Validate exports while `pipeline run` trains (the newest unvalidated one per poll); the stage does the rest.",
     )
     watch_interval_s: float = Field(30.0, gt=0, description="Seconds between the watcher's looks at train/export/.")
     watch_cpus: float = Field(
@@ -317,7 +346,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _sources_consistent(self) -> PipelineConfig:
         if self.ingest.source == "urls" and not self.ingest.url_list:
-            raise ValueError("ingest.download.url_list is required when ingest.source = 'urls'")
+            raise ValueError("ingest.url_list is required when ingest.source = 'urls'")
         if self.sample.judge == "toy" and self.ingest.source != "toy":
             raise ValueError("sample.judge = 'toy' needs ingest.source = 'toy'")
         if "class" in self.train.conditioning and not self.encode.class_field:
@@ -352,7 +381,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _images_big_enough(self) -> PipelineConfig:
         """Encode would upscale images smaller than encode.resolution: blurred latents, silently. A multi-resolution
-        schedule ingests once at its largest resolution and encodes at each (README: multi-resolution)."""
+        schedule ingests once at its largest resolution and encodes at each (docs/training.md: multi-resolution)."""
         sides = []
         if self.ingest.resize_mode != "no":  # with "no", img2dataset keeps each image's own size: unknown here
             sides.append(("ingest.image_size", self.ingest.image_size))
@@ -415,9 +444,7 @@ def validate(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
-def load_config(
-    preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()
-) -> PipelineConfig:
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Preset (default 'tiny' when no file is given), then the TOML file, then overrides."""
     data: dict[str, Any] = preset_data(preset or "tiny") if preset or not path else {}
     if path:

@@ -2,6 +2,7 @@
 
 CONFIG = "config.toml"
 RUN_MANIFEST = "run.json"
+LOGS = "logs"  # the driver's full log (console.log) for a local run: what the console leaves out
 
 INGEST_SHARDS = "ingest/shards"
 INGEST_STATS = "ingest/stats.json"

@@ -41,7 +41,8 @@ def resolve_model_path(name: str) -> str:
     return str(folder)
 
 
-def _kwargs(subfolder: str | None) -> dict:
+def subfolder_kwargs(subfolder: str | None) -> dict:
+    """from_pretrained's `subfolder` when one is given."""
     return {"subfolder": subfolder} if subfolder else {}
 
 
@@ -62,20 +63,22 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 def load_vae(name: str, dtype: torch.dtype = torch.float32, subfolder: str | None = None) -> AutoencoderKL:
     """An `AutoencoderKL` in eval mode with gradients off."""
     vae = AutoencoderKL.from_pretrained(
-        resolve_model_path(name), torch_dtype=dtype, **_SAFE, **DIFFUSERS_LOAD_OPTIONS, **_kwargs(subfolder)
+        resolve_model_path(name), torch_dtype=dtype, **_SAFE, **DIFFUSERS_LOAD_OPTIONS, **subfolder_kwargs(subfolder)
     )
     return _frozen(vae)
 
 
 def load_text_encoder(name: str, dtype: torch.dtype = torch.float32, subfolder: str | None = None) -> CLIPTextModel:
     """A `CLIPTextModel` in eval mode with gradients off."""
-    model = CLIPTextModel.from_pretrained(resolve_model_path(name), **{_HF_DTYPE_KW: dtype}, **_SAFE, **_kwargs(subfolder))
+    model = CLIPTextModel.from_pretrained(
+        resolve_model_path(name), **{_HF_DTYPE_KW: dtype}, **_SAFE, **subfolder_kwargs(subfolder)
+    )
     return _frozen(model)
 
 
 def load_tokenizer(name: str, subfolder: str | None = None) -> CLIPTokenizer:
     """A CLIP tokenizer (always via `from_pretrained`; direct construction from files is unreliable)."""
-    return CLIPTokenizer.from_pretrained(resolve_model_path(name), **_kwargs(subfolder))
+    return CLIPTokenizer.from_pretrained(resolve_model_path(name), **subfolder_kwargs(subfolder))
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

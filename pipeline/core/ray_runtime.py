@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from pipeline.core import faults
+from pipeline.core import faults, log
 from pipeline.core.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset imports albumentations, which otherwise
@@ -21,8 +21,12 @@ def ensure_ray(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.update(WORKER_ENV)
+    log.quiet_ray_driver()
     address = config.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {**WORKER_ENV, **faults.environment()}}
+    runtime_env = {
+        "env_vars": {**WORKER_ENV, **faults.environment(), **log.worker_env()},
+        "worker_process_setup_hook": log.WORKER_SETUP_HOOK,
+    }
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -36,6 +40,7 @@ def ensure_ray(config: RayConfig) -> None:
                 runtime_env=runtime_env,
                 log_to_driver=True,
             )
+    log.route_worker_output()
 
 
 @contextlib.contextmanager

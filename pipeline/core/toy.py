@@ -45,11 +45,7 @@ def all_specs(colours: list[str] | None = None) -> list[ToySpec]:
     `colours` keeps only those palette colours (a shifted toy set, e.g. for fine-tuning).
     """
     palette = [name for name in PALETTE if colours is None or name in colours]
-    return [
-        ToySpec(shape, fg, bg)
-        for shape, fg, bg in itertools.product(SHAPES, palette, palette)
-        if fg != bg
-    ]
+    return [ToySpec(shape, fg, bg) for shape, fg, bg in itertools.product(SHAPES, palette, palette) if fg != bg]
 
 
 def parse_caption(caption: str) -> ToySpec:

@@ -17,7 +17,10 @@ from matplotlib.figure import Figure
 
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
+
+logger = get_logger("report")
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
@@ -116,9 +119,9 @@ def stages_section(run_manifest: dict[str, Any] | None) -> str:
         if name == "report" and status == "running":
             status = "writing this page"
         rows.append(
-            f"<tr><td>{esc(name)}</td><td class=\"status-{css_status}\">{status}</td>"
+            f'<tr><td>{esc(name)}</td><td class="status-{css_status}">{status}</td>'
             f"<td>{esc(entry.get('started', ''))}</td><td>{esc(entry.get('finished', ''))}</td>"
-            f"<td class=\"num\">{esc(f'{seconds:.1f}' if isinstance(seconds, (int, float)) else '')}</td>"
+            f'<td class="num">{esc(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "")}</td>'
             f"<td>{format_details(details)}</td></tr>"
         )
     header = "".join(f"<th>{h}</th>" for h in ("stage", "status", "started", "finished", "seconds", "details"))
@@ -232,8 +235,7 @@ def accuracy_section(validation: dict[str, Any] | None, metric: str = "prompt_ac
     for key in keys:
         points = [(step, accuracy[key]) for step, accuracy in judged if key in accuracy]
         per_scale.append((f"guidance {key}", [p[0] for p in points], [p[1] for p in points]))
-    plots = [img(line_plot(per_scale, "step", label, accuracy_axis=True, marker="o"),
-                 f"{label} vs step per guidance scale")]  # fmt: skip
+    plots = [img(line_plot(per_scale, "step", label, accuracy_axis=True, marker="o"), f"{label} vs step per guidance scale")]
 
     best = (validation or {}).get("best")
     last_step, _ = judged[-1]
@@ -245,8 +247,12 @@ def accuracy_section(validation: dict[str, Any] | None, metric: str = "prompt_ac
         if step in shown:
             scales = sorted(accuracy, key=float)
             per_checkpoint.append((f"{shown[step]}: step {step}", [float(s) for s in scales], [accuracy[s] for s in scales]))
-    plots.append(img(line_plot(per_checkpoint, "guidance scale", label, size=(4.6, 3.4), accuracy_axis=True,
-                               marker="o"), f"{label} vs guidance scale"))  # fmt: skip
+    plots.append(
+        img(
+            line_plot(per_checkpoint, "guidance scale", label, size=(4.6, 3.4), accuracy_axis=True, marker="o"),
+            f"{label} vs guidance scale",
+        )
+    )
 
     rows = [[labels[step], *[f"{accuracy[k]:.3f}" if k in accuracy else "" for k in keys]] for step, accuracy in judged]
     best_line = ""
@@ -291,8 +297,11 @@ def metrics_section(validation: dict[str, Any] | None) -> str:
             series.append((f"guidance {key}", [p[0] for p in points], [p[1] for p in points]))
         plot = img(line_plot(series, "step", label, marker="o"), f"{label} vs step per guidance scale")
         rows = [[step, *[f"{values[k]:.3f}" if k in values else "" for k in keys]] for step, values in measured]
-        parts.append(f"<h3>{esc(label)}</h3><div class=\"plots\">{plot}</div>"
-                     + table(["step", *[f"guidance {k}" for k in keys]], rows) + note(explanation))  # fmt: skip
+        parts.append(
+            f'<h3>{esc(label)}</h3><div class="plots">{plot}</div>'
+            + table(["step", *[f"guidance {k}" for k in keys]], rows)
+            + note(explanation)
+        )
     skipped = checkpoints[-1].get("skipped_metrics", {}) if checkpoints else {}
     for metric, reason in skipped.items():
         parts.append(note(f"{OTHER_METRICS.get(metric, (metric,))[0]} skipped: {reason}"))
@@ -348,8 +357,15 @@ def models_section(manifest: dict[str, Any] | None) -> str:
     rows = []
     for kind in ("vae", "text_encoder", "tokenizer"):
         record = manifest.get(kind) or {}
-        rows.append([kind, record.get("id", ""), record.get("subfolder") or "", record.get("weights_sha256", ""),
-                     record.get("scaling_factor", "")])  # fmt: skip
+        rows.append(
+            [
+                kind,
+                record.get("id", ""),
+                record.get("subfolder") or "",
+                record.get("weights_sha256", ""),
+                record.get("scaling_factor", ""),
+            ]
+        )
     shapes = [
         [key, json.dumps(manifest[key]) if not isinstance(manifest[key], str) else manifest[key]]
         for key in ("resolution", "dtype", "latent_shape", "text_embedding_shape", "count", "counts", "bytes_per_sample")
@@ -383,8 +399,8 @@ def render(config: PipelineConfig | None, run: RunDir) -> str:
     updated = (run_manifest or {}).get("updated", "")
     body = "".join(f"<h2>{esc(title)}</h2>{content}" for title, content in sections)
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>Run report: {esc(run.url)}</title><style>{CSS}</style></head><body>"
         f"<h1>Run report</h1><p><code>{esc(run.url)}</code>{' — updated ' + esc(updated) if updated else ''}</p>"
         f"{body}</body></html>\n"
@@ -394,5 +410,5 @@ def render(config: PipelineConfig | None, run: RunDir) -> str:
 def run_stage(config: PipelineConfig | None, run: RunDir) -> dict[str, Any]:
     text = render(config, run)
     run.write_text(layout.REPORT_INDEX, text)
-    print(f"[report] wrote {run.path(layout.REPORT_INDEX)} ({len(text) / 1e6:.2f} MB)", flush=True)
+    logger.info(f"wrote {run.path(layout.REPORT_INDEX)} ({len(text) / 1e6:.2f} MB)")
     return {"path": layout.REPORT_INDEX, "counts": {"bytes": len(text.encode("utf-8")), "images": text.count("<img ")}}

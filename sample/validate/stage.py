@@ -29,18 +29,32 @@ from pipeline.core import layout, models
 from pipeline.core.arrays import from_base64_npy
 from pipeline.core.config import PipelineConfig, SampleConfig
 from pipeline.core.identity import check_run_encoders
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir, now
 from pipeline.core.toy import parse_caption
 from sample.conditions import Conditions, validation_conditions
 from sample.export import load_export
 from sample.grid import image_grid, png_bytes
-from sample.guidance import make_scheduler, sample_images
+from sample.guidance import ConditionRows, Sampling, sample_images
 from sample.judge import is_correct, shape_of
 from sample.metrics import Metrics
 
+logger = get_logger("sample")
+
 # What an entry of validation.json must agree on with the config to count as done.
-SETTINGS = ("prompts", "class_labels", "seeds", "guidance_scales", "scheduler", "steps", "timestep_spacing",
-            "clip_model", "fid_inception", "fid_reference", "fid_reference_count")
+SETTINGS = (
+    "prompts",
+    "class_labels",
+    "seeds",
+    "guidance_scales",
+    "scheduler",
+    "steps",
+    "timestep_spacing",
+    "clip_model",
+    "fid_inception",
+    "fid_reference",
+    "fid_reference_count",
+)
 
 
 def scale_key(guidance_scale: float) -> str:
@@ -187,8 +201,9 @@ class Validator:
             )
         del text_encoder, encoders
         metrics = Metrics.load(config, run, device)
-        return cls(run, sample, manifest, vae, conditions, prompt_embeddings, empty_embedding, metrics, device,
-                   config.train.conditioning)  # fmt: skip
+        return cls(
+            run, sample, manifest, vae, conditions, prompt_embeddings, empty_embedding, metrics, device, config.train.conditioning
+        )
 
     def validate(self, step: int) -> dict[str, Any]:
         """Sample every prompt x seed at every guidance scale of one export; write the grids; return its entry."""
@@ -202,8 +217,8 @@ class Validator:
             )
         sample, run = self.sample, self.run
         started = time.monotonic()
-        scheduler = make_scheduler(sample.scheduler, scheduler_config, sample.timestep_spacing)
         conditions, judged = self.conditions, sample.judge == "toy"
+        condition_rows = ConditionRows(self.prompt_embeddings, self.empty_embedding, conditions.labels, conditions.null_class)
         specs = [parse_caption(p) for p in conditions.prompts] if judged and self.conditioning != "class" else None
         shapes = conditions.shape_targets() if judged else []
         latent_shape, resolution = export_latents(unet, self.manifest)
@@ -215,10 +230,14 @@ class Validator:
             scale_started = time.monotonic()
             key = scale_key(guidance_scale)
             images = sample_images(
-                unet, self.vae, scheduler, self.prompt_embeddings, self.empty_embedding, guidance_scale, sample.seeds,
-                sample.steps, latent_shape, self.manifest["vae"]["scaling_factor"], sample.batch_size,
-                conditions.labels, conditions.null_class,
-            )  # fmt: skip
+                unet,
+                self.vae,
+                scheduler_config,
+                condition_rows,
+                Sampling.from_config(sample, guidance_scale),
+                latent_shape,
+                self.manifest["vae"]["scaling_factor"],
+            )
             run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, conditions.texts)))
             entry["images"][key] = grid_path(step, guidance_scale)
             measured = self.metrics.measure(images, conditions.texts)
@@ -232,8 +251,10 @@ class Validator:
             for name, value in measured.items():
                 entry["metrics"].setdefault(name, {})[key] = value
             shown = ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in measured.items())
-            print(f"[sample] step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
-                  f"{', ' + shown if shown else ''} ({time.monotonic() - scale_started:.1f}s)", flush=True)  # fmt: skip
+            logger.info(
+                f"step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
+                f"{', ' + shown if shown else ''} ({time.monotonic() - scale_started:.1f}s)"
+            )
         entry["skipped_metrics"] = dict(self.metrics.skipped)
         entry["seconds"] = round(time.monotonic() - started, 3)
         return entry
@@ -250,28 +271,32 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     exported, todo = pending_steps(sample, run, validation, config.train.conditioning)
     watched = sum(bool(entry.get("during_training")) for entry in validation["checkpoints"])
     # run.json keeps this summary in the stage's entry (the runner prints its "counts").
-    summary = {"validated": [], "best": validation.get("best"),
-               "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0,
-                          "validated_during_training": watched}}  # fmt: skip
+    summary = {
+        "validated": [],
+        "best": validation.get("best"),
+        "counts": {"checkpoints": len(exported), "newly_validated": 0, "images": 0, "validated_during_training": watched},
+    }
     if not has_conditions(config):
-        print("[sample] no sample.prompts configured: nothing to validate", flush=True)
+        logger.info("no sample.prompts configured: nothing to validate")
         return summary
     if not todo:
-        print(f"[sample] all {len(exported)} committed exports already validated", flush=True)
+        logger.info(f"all {len(exported)} committed exports already validated")
         return summary
 
     validator = Validator.load(config, run)
     rows = len(validator.conditions)
-    print(f"[sample] validating steps {todo} ({rows} {'prompts' if validator.conditions.labels is None else 'conditions'} "
-          f"x {len(sample.seeds)} seeds, "
-          f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, "
-          f"{validator.device})", flush=True)  # fmt: skip
+    logger.info(
+        f"validating steps {todo} ({rows} {'prompts' if validator.conditions.labels is None else 'conditions'} "
+        f"x {len(sample.seeds)} seeds, "
+        f"guidance {[scale_key(s) for s in sample.guidance_scales]}, {sample.scheduler} {sample.steps} steps, "
+        f"{validator.device})"
+    )
     for step in todo:
         entry = validator.validate(step)
         validation = record(run, validation, entry)
         summary["validated"].append(step)
         summary["counts"]["newly_validated"] += 1
         summary["counts"]["images"] += rows * len(sample.seeds) * len(sample.guidance_scales)
-        print(f"[sample] step {step} done in {entry['seconds']:.1f}s", flush=True)
+        logger.info(f"step {step} done in {entry['seconds']:.1f}s")
     summary["best"] = validation["best"]
     return summary

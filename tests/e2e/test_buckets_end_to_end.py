@@ -21,7 +21,7 @@ from train.bucket_order import BucketOrder, make_order
 from train.data import load_latent_data
 from train.stage import run_stage as train
 
-# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs tests/e2e/test_end_to_end.py only).
 pytestmark = pytest.mark.e2e
 
 RATIOS = [1.0, 1.6, 0.625, 2.0, 0.5]
@@ -42,7 +42,7 @@ OVERRIDES = [
 
 def write_raw_toy_shard(run: RunDir, number: int, count: int) -> dict[str, tuple[int, int]]:
     """A raw shard of non-square toy images as img2dataset leaves them with resize_mode 'keep_ratio'
-    (their shape kept: tests/ingest/test_buckets.py); returns each key's image size."""
+    (their shape kept: tests/pipeline/core/test_buckets.py); returns each key's image size."""
     sizes, buffer = {}, io.BytesIO()
     with TarWriter(buffer, encoder=False) as writer:
         for index, (spec, image) in enumerate(generate(count, 64, number, aspect_ratios=RATIOS)):

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pipeline.core import layout
 
-# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs tests/e2e/test_end_to_end.py only).
 pytestmark = pytest.mark.e2e
 
 CLASS_MODE = ["train.conditioning=class", "encode.class_field=shape"]
@@ -38,8 +38,11 @@ def test_class_conditional_run(tmp_path):
 
     export = out / layout.TRAIN_EXPORT / layout.step_name(8)
     assert json.loads((export / layout.EXPORT_CLASSES).read_text()) == {
-        "conditioning": "class", "class_field": "shape", "classes": SHAPES, "null_class": 3,
-    }  # fmt: skip
+        "conditioning": "class",
+        "class_field": "shape",
+        "classes": SHAPES,
+        "null_class": 3,
+    }
     assert json.loads((export / layout.EXPORT_UNET / "config.json").read_text())["num_class_embeds"] == 4
     with safe_open(str(export / layout.EXPORT_UNET / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         assert weights.get_tensor("class_embedding.weight").shape[0] == 4

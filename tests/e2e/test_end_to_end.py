@@ -3,6 +3,7 @@ img2dataset, Ray Data, Ray Train + DeepSpeed ZeRO-2 with 2 workers, guided sampl
 report; then the run directory's contract, and a rerun that skips everything."""
 
 import json
+import re
 
 import pytest
 from run_contract import SMALL, check_run_contract, pipeline
@@ -30,7 +31,23 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
     result = pipeline("run", "--preset", "tiny", "--out", str(out), *[arg for item in SMALL for arg in ("--set", item)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (out.parent / "console.txt").write_text(result.stdout + result.stderr)
     return out
+
+
+def test_console_shows_each_stage_start_progress_and_end_and_keeps_ray_chatter_in_the_log_file(tiny_run):
+    console = (tiny_run.parent / "console.txt").read_text()
+    for name in layout.STAGES:
+        assert re.search(rf"^\d\d:\d\d:\d\d {name} +start \((start|resume)\)$", console, re.M), (
+            name
+        )  # sample resumes the watcher's work
+        assert re.search(rf"^\d\d:\d\d:\d\d {name} +done in [\d.]+ s", console, re.M), name
+    assert re.search(r"\d\d:\d\d:\d\d train +step 8 .* samples/s", console)  # rank 0's lines, forwarded by Ray
+    assert re.search(r"ingest shards: 100%.*images_per_s", console)
+    log_file = (tiny_run / layout.LOGS / "console.log").read_text()
+    for chatter in ("Started a local Ray instance", "Token authentication is enabled"):
+        assert chatter not in console and chatter in log_file
+    assert "Loading weights" not in console
 
 
 def test_run_directory_contract(tiny_run):
@@ -44,7 +61,7 @@ def test_rerun_of_a_finished_run_skips_every_stage(tiny_run):
     after = json.loads((tiny_run / layout.RUN_MANIFEST).read_text())
     for name in layout.STAGES:
         assert after["stages"][name]["finished"] == before["stages"][name]["finished"]
-        assert f"skip {name}:" in result.stderr
+        assert re.search(rf"^\d\d:\d\d:\d\d {name} +skipped: done at", result.stderr, re.M), name
 
 
 def test_half_finished_run_resumes_at_the_first_incomplete_stage(tiny_run):
@@ -67,6 +84,7 @@ def test_half_finished_run_resumes_at_the_first_incomplete_stage(tiny_run):
     assert (tiny_run / layout.REPORT_INDEX).exists()
 
 
+@pytest.mark.e2e  # a second training run: `make test-e2e`
 def test_raising_max_steps_continues_training_and_validates_only_new_exports(tiny_run):
     before = json.loads((tiny_run / layout.RUN_MANIFEST).read_text())
     overrides = [item for item in SMALL if not item.startswith("train.max_steps")] + ["train.max_steps=12"]

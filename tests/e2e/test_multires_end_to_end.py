@@ -15,7 +15,7 @@ from pipeline.core import layout
 from pipeline.core.arrays import from_npy_bytes
 from pipeline.core.rundir import RunDir
 
-# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs tests/e2e/test_end_to_end.py only).
 pytestmark = pytest.mark.e2e
 
 PROMPTS = "sample.prompts=['a red circle on a green background', 'a blue square on a yellow background']"
@@ -66,14 +66,18 @@ def adam_steps(checkpoint) -> set[int]:
 def test_training_goes_on_at_a_higher_resolution_from_the_same_checkpoint(tmp_path):
     out = tmp_path / "run"
     run = RunDir(out)
-    first = pipeline("run", "--preset", "tiny", "--out", str(out), *set_args([*COMMON, "encode.resolution=64", "train.max_steps=2"]))
+    first = pipeline(
+        "run", "--preset", "tiny", "--out", str(out), *set_args([*COMMON, "encode.resolution=64", "train.max_steps=2"])
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     before = run.read_json(layout.RUN_MANIFEST)["stages"]
     manifest_64, text_64, side_64 = run.read_json(layout.ENCODE_MANIFEST), text_embeddings(run), latent_side(run)
     tars_64 = set(run.list(layout.ENCODE_SHARDS, ".tar"))
     assert manifest_64["text_embeddings"] == {"reused": 0, "encoded": 120, "reused_from_resolution": None}
 
-    second = pipeline("run", "--preset", "tiny", "--out", str(out), *set_args([*COMMON, "encode.resolution=128", "train.max_steps=4"]))
+    second = pipeline(
+        "run", "--preset", "tiny", "--out", str(out), *set_args([*COMMON, "encode.resolution=128", "train.max_steps=4"])
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
     after = run.read_json(layout.RUN_MANIFEST)["stages"]
     assert after["ingest"]["finished"] == before["ingest"]["finished"]  # not redone
@@ -105,5 +109,7 @@ def test_training_goes_on_at_a_higher_resolution_from_the_same_checkpoint(tmp_pa
     validation = run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"]
     assert [(entry["step"], entry["resolution"]) for entry in validation] == [(2, 64), (4, 128)]
     assert "4 (128 px)" in run.read_text(layout.REPORT_INDEX)
-    print(f"encode s: 64 px {before['encode']['seconds']}, 128 px reusing text {after['encode']['seconds']}; "
-          f"train samples/s: 64 px {before['train']['samples_per_s']}, 128 px {after['train']['samples_per_s']}")  # fmt: skip
+    print(
+        f"encode s: 64 px {before['encode']['seconds']}, 128 px reusing text {after['encode']['seconds']}; "
+        f"train samples/s: 64 px {before['train']['samples_per_s']}, 128 px {after['train']['samples_per_s']}"
+    )

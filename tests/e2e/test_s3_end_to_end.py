@@ -9,7 +9,7 @@ from run_contract import SMALL, check_run_contract, pipeline, set_args
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
 
-# An end-to-end run of `make test-e2e`, not of `make test` (which runs test_end_to_end.py only).
+# An end-to-end run of `make test-e2e`, not of `make test` (which runs tests/e2e/test_end_to_end.py only).
 pytestmark = pytest.mark.e2e
 
 BUCKET = "e2e-runs"

@@ -2,14 +2,14 @@
 
 Cases tested elsewhere (not repeated here):
 - truncated tar, a file that is not a tar, non-image bytes, a truncated JPEG, a sample without
-  an image: tests/ingest/test_encode.py::test_decode_shard_counts_undecodable_missing_and_damaged
+  an image: tests/ingest/encode/test_encode.py::test_decode_shard_counts_undecodable_missing_and_damaged
   (and, through the Ray stage, ::test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard);
   a truncated latent tar: tests/train/test_data.py::test_bad_samples_and_truncated_shards_are_counted_not_fatal
-- invalid UTF-8 captions: tests/ingest/test_encode.py::test_captions_that_are_not_utf8_are_replaced_not_fatal,
-  tests/ingest/test_url_list.py::test_jsonl_with_raw_invalid_bytes and ::test_csv_plain_and_gzip
+- invalid UTF-8 captions: tests/ingest/encode/test_encode.py::test_captions_that_are_not_utf8_are_replaced_not_fatal,
+  tests/ingest/download/test_url_list.py::test_jsonl_with_raw_invalid_bytes and ::test_csv_plain_and_gzip
 - a decompression bomb, garbage and truncated images, a 1 MB caption, downloaded:
-  tests/ingest/test_ingest_hostile.py (counted as too_large, not_an_image, caption_too_long)
-- a URL list with wrong columns: tests/ingest/test_url_list.py::test_missing_column_fails_fast_naming_it
+  tests/ingest/download/test_ingest_hostile.py (counted as too_large, not_an_image, caption_too_long)
+- a URL list with wrong columns: tests/ingest/download/test_url_list.py::test_missing_column_fails_fast_naming_it
 
 Here: what the encode stage's raw-shard reader does with the same kinds of input when a raw
 shard comes from somewhere else than our ingest (member names with `../` or an absolute path, a
@@ -77,7 +77,7 @@ def decode(tmp_path, members: list[tuple[str, bytes]], **options) -> tuple[list[
     """Kept keys, the shard's progress record and the batches, for a raw shard of `members`."""
     run = RunDir(tmp_path / "run")
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", raw_tar(members))
-    batches = list(encode_io.decode_shard(run, "00000.tar", resolution=32, batch_size=64, **options))
+    batches = list(encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=64, **options)))
     keys = [str(key) for batch in batches for key in batch["__key__"]]
     return keys, run.read_json(encode_progress.shard_record_path("00000")), batches
 
@@ -123,9 +123,11 @@ def test_the_latent_reader_reads_hostile_member_names_in_memory_only(tmp_path, m
     monkeypatch.chdir(work)
     latent, text = np.zeros((4, 8, 8), np.float16), np.zeros((77, 64), np.float16)
     members = [
-        ("../up.latent.npy", to_npy_bytes(latent)), ("../up.text.npy", to_npy_bytes(text)),
-        (f"{tmp_path}/abs.latent.npy", to_npy_bytes(latent)), (f"{tmp_path}/abs.text.npy", to_npy_bytes(text)),
-    ]  # fmt: skip
+        ("../up.latent.npy", to_npy_bytes(latent)),
+        ("../up.text.npy", to_npy_bytes(text)),
+        (f"{tmp_path}/abs.latent.npy", to_npy_bytes(latent)),
+        (f"{tmp_path}/abs.text.npy", to_npy_bytes(text)),
+    ]
     shard = read_latent_shard(io.BytesIO(raw_tar(members)), "s.tar", (4, 8, 8), (77, 64))
     assert len(shard) == 2  # harmless here: arrays in memory, the names are never paths
     assert files_under(tmp_path) == set()
@@ -156,7 +158,7 @@ def test_the_pixel_limit_is_ours_and_pils_warning_is_a_skip_not_a_decode(monkeyp
     assert encode_io.decode_sample(image, 32, max_pixels=4096) is not None
     assert encode_io.decode_sample(image, 32, max_pixels=4095) is None
     # The stage passes ingest.max_megapixels; the default limit is the same number, not PIL's.
-    assert encode_io.MAX_PIXELS == int(IngestConfig().max_megapixels * 1e6)
+    assert int(IngestConfig().max_megapixels * 1e6) == encode_io.MAX_PIXELS
     # Between PIL's limit and twice it PIL only warns and decodes anyway; we skip.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
     with pytest.warns(Image.DecompressionBombWarning):

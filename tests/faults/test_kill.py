@@ -209,8 +209,9 @@ def test_a_rank_killed_mid_checkpoint_never_leaves_a_half_checkpoint_to_resume_f
     # `latest` tag file, no COMMITTED.
     half = out / layout.TRAIN_CHECKPOINTS / LAST
     shutil.rmtree(half, ignore_errors=True)
-    shutil.copytree(clean_run / layout.TRAIN_CHECKPOINTS / LAST, half,
-                    ignore=shutil.ignore_patterns("*rank_1*", layout.COMMIT_MARKER))  # fmt: skip
+    shutil.copytree(
+        clean_run / layout.TRAIN_CHECKPOINTS / LAST, half, ignore=shutil.ignore_patterns("*rank_1*", layout.COMMIT_MARKER)
+    )
     assert (half / "latest").exists() and (half / "train_state.json").exists()
 
     succeeded(pipeline("train", str(out)))

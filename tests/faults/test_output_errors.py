@@ -99,9 +99,13 @@ def test_a_full_disk_fails_the_stage_and_run_json_says_so(mount_tmpfs, fake_stag
 
 @pytest.mark.parametrize(
     "number, text",
-    [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied"),
-     (errno.EROFS, "Read-only file system"), (errno.ENOTDIR, "Not a directory")],
-)  # fmt: skip
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EACCES, "Permission denied"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.ENOTDIR, "Not a directory"),
+    ],
+)
 def test_each_storage_error_names_the_path_and_the_stage(tmp_path, fake_stages, number, text):
     _, raising = fake_stages
     raising["train"] = OSError(number, text, "/data/run/train/checkpoints/x")

@@ -22,10 +22,17 @@ from train.stage import TrainStageError, run_stage
 
 
 def config(workers: int = 2):
-    return load_config("tiny", overrides=[
-        f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.batch_size_per_worker=4",
-        "train.max_steps=2", "train.warmup_steps=0", "train.max_failures=0",
-    ])  # fmt: skip
+    return load_config(
+        "tiny",
+        overrides=[
+            f"train.num_workers={workers}",
+            "train.cpus_per_worker=0.5",
+            "train.batch_size_per_worker=4",
+            "train.max_steps=2",
+            "train.warmup_steps=0",
+            "train.max_failures=0",
+        ],
+    )
 
 
 def as_parts(run, groups: list[list[str]]) -> None:

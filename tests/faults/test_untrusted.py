@@ -93,16 +93,24 @@ def test_encode_never_unpickles_raw_shard_members(tmp_path, marker):
     evil = payloads(marker)
     members = [
         # a whole sample plus pickled members: the sample is kept, the pickles ignored
-        ("a.jpg", jpeg(0)), ("a.txt", b"a caption"), ("a.json", b"{}"),
-        ("a.pkl", evil["pkl"]), ("a.pth", evil["pth"]), ("a.pyd", evil["pyd"]),
+        ("a.jpg", jpeg(0)),
+        ("a.txt", b"a caption"),
+        ("a.json", b"{}"),
+        ("a.pkl", evil["pkl"]),
+        ("a.pth", evil["pth"]),
+        ("a.pyd", evil["pyd"]),
         # pickles only, no image: counted as undecodable
-        ("b.txt", b"b caption"), ("b.pkl", evil["pkl"]), ("b.pth", evil["pth"]), ("b.pyd", evil["pyd"]),
+        ("b.txt", b"b caption"),
+        ("b.pkl", evil["pkl"]),
+        ("b.pth", evil["pth"]),
+        ("b.pyd", evil["pyd"]),
         # a pickle posing as the image: PIL refuses it
-        ("c.jpg", evil["pkl"]), ("c.txt", b"c caption"),
-    ]  # fmt: skip
+        ("c.jpg", evil["pkl"]),
+        ("c.txt", b"c caption"),
+    ]
     run = RunDir(tmp_path / "run")
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", shard_bytes(members))
-    batches = list(encode_io.decode_shard(run, "00000.tar", resolution=32, batch_size=8))
+    batches = list(encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=8)))
     assert [list(batch["__key__"]) for batch in batches] == [["a"]]
     assert set(batches[0]) == {"__key__", "shard", "txt", "json", "pixels", "cls"}  # nothing else travels on (cls: -1, no labels)
     record = run.read_json(encode_progress.shard_record_path("00000"))
@@ -114,13 +122,18 @@ def test_training_never_unpickles_latent_shard_members(marker):
     latent, text = np.zeros(LATENT_SHAPE, np.float16), np.zeros(TEXT_SHAPE, np.float16)
     members = [
         # a whole sample plus pickled members: kept, the pickles ignored
-        ("a.latent.npy", to_npy_bytes(latent)), ("a.text.npy", to_npy_bytes(text)),
-        ("a.pkl", evil["pkl"]), ("a.pth", evil["pth"]), ("a.pyd", evil["pyd"]),
+        ("a.latent.npy", to_npy_bytes(latent)),
+        ("a.text.npy", to_npy_bytes(text)),
+        ("a.pkl", evil["pkl"]),
+        ("a.pth", evil["pth"]),
+        ("a.pyd", evil["pyd"]),
         # an object-dtype .npy (a pickle inside) as the latent: refused, counted incomplete
-        ("b.latent.npy", evil["npy"]), ("b.text.npy", to_npy_bytes(text)),
+        ("b.latent.npy", evil["npy"]),
+        ("b.text.npy", to_npy_bytes(text)),
         # a torch.save file named as the text embedding: not an .npy, counted incomplete
-        ("c.latent.npy", to_npy_bytes(latent)), ("c.text.npy", evil["pth"]),
-    ]  # fmt: skip
+        ("c.latent.npy", to_npy_bytes(latent)),
+        ("c.text.npy", evil["pth"]),
+    ]
     shard = read_latent_shard(io.BytesIO(shard_bytes(members)), "s.tar", LATENT_SHAPE, TEXT_SHAPE)
     assert shard.keys == ("a",) and shard.incomplete_samples == 2
 

@@ -1,4 +1,4 @@
-"""`ray job submit` as the README says, against a local Ray head of our own: `ray start --head` on
+"""`ray job submit` as docs/ray-cluster.md says, against a local Ray head of our own: `ray start --head` on
 127.0.0.1 with token authentication on, its own temp dir and free ports, stopped by PID (never
 `ray stop`, which stops every Ray on the machine). Then the tiny pipeline through
 infra/ray/submit.sh, and the run directory's contract."""
@@ -118,10 +118,22 @@ def ray_head(tmp_path_factory):
         "--object-manager-port": free_port(),
     }
     command = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-        "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
         *[str(item) for pair in ports.items() for item in pair],
-    ]  # fmt: skip
+    ]
     head = Head(f"http://127.0.0.1:{dashboard_port}", token, {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"})
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -150,8 +162,12 @@ def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
     anonymous["HOME"] = str(tmp_path)
     refused = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--no-wait", "--", "echo", "hello"],
-        env=anonymous, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        env=anonymous,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert refused.returncode != 0 and "uthenticat" in refused.stdout + refused.stderr, refused.stderr[-2000:]
 
     status, body = ray_head.request("/api/jobs/", job)
@@ -159,14 +175,20 @@ def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
     assert ray_head.wait_for_job(json.loads(body)["submission_id"], timeout=120) == "SUCCEEDED"
 
 
+@pytest.mark.e2e
 def test_tiny_pipeline_through_ray_job_submit(ray_head, tmp_path):
     out = tmp_path / "run"  # absolute: the job runs in a temporary copy of the working directory
     job_id = f"t2i-test-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     submitted = subprocess.run(
         [str(REPO / "infra/ray/submit.sh"), str(out), "--preset", "tiny", *set_args(SMALL)],
-        env={**ray_head.env, "JOB_ID": job_id}, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        env={**ray_head.env, "JOB_ID": job_id},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     submit_seconds = time.monotonic() - started
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert (

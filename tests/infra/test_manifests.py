@@ -91,7 +91,9 @@ def crd_schema(kind: str) -> dict:
     """openAPIV3Schema of version v1 of the KubeRay CRD for `kind` (read once: 1 MB of YAML)."""
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():
-        pytest.skip(f"no KubeRay CRD at {path}: download ray.io_rayjobs.yaml and ray.io_rayclusters.yaml from {CRDS_SOURCE} and set KUBERAY_CRDS to their folder")
+        pytest.skip(
+            f"no KubeRay CRD at {path}: download ray.io_rayjobs.yaml and ray.io_rayclusters.yaml from {CRDS_SOURCE} and set KUBERAY_CRDS to their folder"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]

@@ -15,6 +15,7 @@ from pipeline.plan import (
     UNET_TRAIN_FLOPS,
     VAE_ENCODE_FLOPS,
     PlanError,
+    PlanInputs,
     plan,
     preset_facts,
     quadratic_flops,
@@ -22,9 +23,16 @@ from pipeline.plan import (
 )
 
 SCALES_WITH_IMAGES = [
-    "download_hours", "raw_shard_bytes", "latent_bytes", "storage_bytes",
-    "encode_gpu_hours", "encode_hours", "train_samples", "train_gpu_hours", "train_hours",
-]  # fmt: skip
+    "download_hours",
+    "raw_shard_bytes",
+    "latent_bytes",
+    "storage_bytes",
+    "encode_gpu_hours",
+    "encode_hours",
+    "train_samples",
+    "train_gpu_hours",
+    "train_hours",
+]
 CASES = [("sd15", "A100-80GB", 64), ("sd15", "H100", 16), ("tiny", "CPU", 2), ("tiny", "L4", 8)]
 
 
@@ -35,8 +43,8 @@ def values(result):
 @pytest.mark.parametrize("preset, gpu, gpus", CASES)
 def test_doubling_images_doubles_time_storage_and_training_in_epochs(preset, gpu, gpus):
     facts = preset_facts(preset)
-    one = values(plan(1_000_000, facts, gpu, gpus, epochs=3))
-    two = values(plan(2_000_000, facts, gpu, gpus, epochs=3))
+    one = values(plan(PlanInputs(images=1_000_000, preset=facts, gpu=gpu, gpus=gpus, epochs=3)))
+    two = values(plan(PlanInputs(images=2_000_000, preset=facts, gpu=gpu, gpus=gpus, epochs=3)))
     for name in SCALES_WITH_IMAGES:
         assert two[name] == pytest.approx(2 * one[name], rel=1e-12), name
     assert two["bytes_per_sample"] == one["bytes_per_sample"] and two["train_epochs"] == one["train_epochs"] == 3
@@ -44,15 +52,18 @@ def test_doubling_images_doubles_time_storage_and_training_in_epochs(preset, gpu
 
 def test_in_steps_training_does_not_grow_with_images():
     facts = preset_facts("sd15")
-    one, two = (values(plan(images, facts, "A100-80GB", 64, steps=1000)) for images in (10**6, 2 * 10**6))
+    one, two = (
+        values(plan(PlanInputs(images=images, preset=facts, gpu="A100-80GB", gpus=64, steps=1000)))
+        for images in (10**6, 2 * 10**6)
+    )
     assert two["train_gpu_hours"] == one["train_gpu_hours"] and two["train_epochs"] == one["train_epochs"] / 2
 
 
 @pytest.mark.parametrize("preset, gpu, gpus", CASES)
 def test_doubling_gpus_halves_encode_and_train_wall_time_not_gpu_hours(preset, gpu, gpus):
     facts = preset_facts(preset)
-    one = values(plan(10**7, facts, gpu, gpus, epochs=2))
-    two = values(plan(10**7, facts, gpu, 2 * gpus, epochs=2))
+    one = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=gpus, epochs=2)))
+    two = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=2 * gpus, epochs=2)))
     for name in ("encode_hours", "train_hours"):
         assert two[name] == pytest.approx(one[name] / 2, rel=1e-12), name
     for name in ("encode_gpu_hours", "train_gpu_hours"):
@@ -60,24 +71,24 @@ def test_doubling_gpus_halves_encode_and_train_wall_time_not_gpu_hours(preset, g
 
 
 def test_storage_per_sample_is_fp16_latent_plus_text_as_the_encode_manifest_counts():
-    sd = values(plan(1000, preset_facts("sd15"), resolution=256))
+    sd = values(plan(PlanInputs(images=1000, preset=preset_facts("sd15"), resolution=256)))
     assert sd["bytes_per_sample"] == 2 * (4 * 32 * 32 + 77 * 768) == 126_464
     assert sd["latent_bytes"] == 1000 * sd["bytes_per_sample"]
-    tiny = values(plan(1000, preset_facts("tiny")))
-    assert tiny["bytes_per_sample"] == 2 * (4 * 8 * 8 + 77 * 64)  # tests/ingest/test_encode.py's manifest, one member
+    tiny = values(plan(PlanInputs(images=1000, preset=preset_facts("tiny"))))
+    assert tiny["bytes_per_sample"] == 2 * (4 * 8 * 8 + 77 * 64)  # tests/ingest/encode/test_encode.py's manifest, one member
     assert tiny["storage_bytes"] == tiny["raw_shard_bytes"] + tiny["latent_bytes"]
 
 
 def test_tiny_on_cpu_gives_back_the_measured_bench_rates():
     facts = preset_facts("tiny")
-    result = values(plan(3000, facts, "CPU", 1, epochs=1))
+    result = values(plan(PlanInputs(images=3000, preset=facts, gpu="CPU", gpus=1, epochs=1)))
     assert 3000 / (result["train_gpu_hours"] * 3600) == pytest.approx(BENCH_TRAIN_SAMPLES_PER_S)
     assert 3000 / (result["encode_gpu_hours"] * 3600) == pytest.approx(BENCH_ENCODE_SAMPLES_PER_S)
 
 
 @pytest.mark.parametrize("preset, gpu, gpus", CASES)
 def test_every_estimate_rests_on_printed_sourced_assumptions(preset, gpu, gpus):
-    result = plan(10**6, preset_facts(preset), gpu, gpus)
+    result = plan(PlanInputs(images=10**6, preset=preset_facts(preset), gpu=gpu, gpus=gpus))
     assumptions = result["assumptions"]
     assert all(assumption["source"] for assumption in assumptions.values())
     for name, estimate in result["estimates"].items():
@@ -96,7 +107,7 @@ def test_every_estimate_rests_on_printed_sourced_assumptions(preset, gpu, gpus):
 
 
 def test_sd15_cross_checks_against_the_sd_v1_model_card():
-    result = values(plan(10**8, preset_facts("sd15"), "A100-80GB", 64))
+    result = values(plan(PlanInputs(images=10**8, preset=preset_facts("sd15"), gpu="A100-80GB", gpus=64)))
     assert 0 < result["check_sd_v1_implied_mfu"] < 1
     # The implied MFU over the assumed one is the ratio of the card's hours to this model's.
     assert result["check_sd_v1_a100_hours"] * 0.4 == pytest.approx(150_000 * result["check_sd_v1_implied_mfu"])
@@ -115,7 +126,7 @@ def test_sd15_cross_checks_against_the_sd_v1_model_card():
 )
 def test_bad_input_names_the_option(kwargs, option):
     with pytest.raises(PlanError) as error:
-        plan(preset=preset_facts("sd15"), **kwargs)
+        plan(PlanInputs(preset=preset_facts("sd15"), **kwargs))
     assert error.value.option == option and str(error.value).startswith(option)
 
 
@@ -176,17 +187,31 @@ def test_flop_constants_match_a_fresh_count():
     with meta:
         vaes = {
             "sd15": AutoencoderKL(
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                latent_channels=4,
+                norm_num_groups=32,
             ),
             "tiny": AutoencoderKL(**{key: value for key, value in tiny_vae.items() if not key.startswith("_")}),
-        }  # fmt: skip
+        }
         texts = {
-            "sd15": CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                 num_attention_heads=12, attn_implementation="eager")),
-            "tiny": CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                 num_attention_heads=2, attn_implementation="eager")),
-        }  # fmt: skip
+            "sd15": CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    attn_implementation="eager",
+                )
+            ),
+            "tiny": CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, attn_implementation="eager"
+                )
+            ),
+        }
     tokens = torch.zeros(1, 77, dtype=torch.long, device=meta)
     pixels = torch.randn(1, 3, resolution, resolution, device=meta)
     latents, timestep = torch.randn(1, 4, side, side, device=meta), torch.tensor([1], device=meta)

@@ -128,14 +128,20 @@ def test_optional_keys_left_unset_do_not_enter_the_fingerprint():
     for key in ("init_from", "init_subfolder", "freeze", "beta_start", "beta_end"):
         del before_the_keys_existed["train"][key]
     assert runner._without_unset(now) == runner._without_unset(before_the_keys_existed)
-    assert runner.fingerprints(load_config("tiny", overrides=["train.freeze=['conv_in']"]))["train"] != runner.fingerprints(config)["train"]
+    assert (
+        runner.fingerprints(load_config("tiny", overrides=["train.freeze=['conv_in']"]))["train"]
+        != runner.fingerprints(config)["train"]
+    )
 
 
 def _mode(before: list[str], after: list[str], stage: str) -> str:
     """How `stage` runs under `after` once it ran under `before` (what run.json then records)."""
     old, new = load_config("tiny", overrides=before), load_config("tiny", overrides=after)
-    entry = {"status": "done", "base_fingerprint": runner.fingerprints(old)[stage][1],
-             "phase_fingerprint": runner.phase_fingerprints(old)[stage]}  # fmt: skip
+    entry = {
+        "status": "done",
+        "base_fingerprint": runner.fingerprints(old)[stage][1],
+        "phase_fingerprint": runner.phase_fingerprints(old)[stage],
+    }
     return runner.continuation(entry, runner.fingerprints(new)[stage][1], runner.phase_fingerprints(new)[stage])
 
 

@@ -11,7 +11,7 @@ from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, training_scheduler
 
 from pipeline.core.config import load_config
 from sample.conditions import validation_conditions
-from sample.guidance import make_scheduler, predict_with_guidance, sample_latents
+from sample.guidance import ConditionRows, make_scheduler, predict_with_guidance, sample_latents
 
 NULL = 3
 
@@ -52,10 +52,13 @@ def test_sample_latents_sends_the_null_class_unconditionally():
     unet = ClassStub()
     scheduler = make_scheduler("ddim", training_scheduler().config)
     empty = torch.zeros(77, TEXT_DIM)
-    sample_latents(unet, scheduler, empty.expand(2, 77, TEXT_DIM), empty, 3.0, [0, 1], 2, LATENT_SHAPE, [1, 2], NULL)
+    rows = ConditionRows(empty.expand(2, 77, TEXT_DIM), empty, [1, 2], NULL)
+    sample_latents(unet, scheduler, rows, 3.0, [0, 1], 2, LATENT_SHAPE)
     assert unet.labels == [[NULL, NULL, 1, 2]] * 2
     with pytest.raises(ValueError, match="needs null_class"):
-        sample_latents(unet, scheduler, empty.expand(2, 77, TEXT_DIM), empty, 3.0, [0, 1], 2, LATENT_SHAPE, [1, 2])
+        ConditionRows(empty.expand(2, 77, TEXT_DIM), empty, [1, 2])
+    with pytest.raises(ValueError, match="one label per row"):
+        ConditionRows(empty.expand(2, 77, TEXT_DIM), empty, [1], NULL)
 
 
 def test_a_real_class_unet_depends_on_its_label():
@@ -65,9 +68,11 @@ def test_a_real_class_unet_depends_on_its_label():
     unet.class_embedding = torch.nn.Embedding(NULL + 1, unet.time_embedding.linear_2.out_features)
     scheduler = make_scheduler("ddim", training_scheduler().config)
     empty = torch.zeros(77, TEXT_DIM)
-    run = lambda labels, scale: sample_latents(
-        unet, scheduler, empty.expand(2, 77, TEXT_DIM), empty, scale, [5, 5], 2, LATENT_SHAPE, labels, NULL
-    )
+
+    def run(labels, scale):
+        rows = ConditionRows(empty.expand(2, 77, TEXT_DIM), empty, labels, NULL)
+        return sample_latents(unet, scheduler, rows, scale, [5, 5], 2, LATENT_SHAPE)
+
     torch.testing.assert_close(run([0, 1], 0.0)[0], run([0, 1], 0.0)[1])  # s = 0: the null class for both
     assert not torch.allclose(run([0, 1], 3.0)[0], run([0, 1], 3.0)[1])
 
@@ -93,9 +98,15 @@ def test_class_mode_validates_every_class_with_the_empty_caption():
 
 
 def test_text_and_class_mode_pairs_every_prompt_with_every_class():
-    config = load_config("tiny", overrides=["train.conditioning=text+class", "encode.class_field=shape",
-                                            'sample.prompts=["a red circle on a blue background"]',
-                                            'sample.class_labels=["square", "circle"]'])  # fmt: skip
+    config = load_config(
+        "tiny",
+        overrides=[
+            "train.conditioning=text+class",
+            "encode.class_field=shape",
+            'sample.prompts=["a red circle on a blue background"]',
+            'sample.class_labels=["square", "circle"]',
+        ],
+    )
     conditions = validation_conditions(config, MANIFEST)
     assert conditions.texts == ["a red circle on a blue background [square]", "a red circle on a blue background [circle]"]
     assert conditions.labels == [1, 0] and conditions.shape_targets() == ["square", "circle"]

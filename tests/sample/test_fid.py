@@ -17,10 +17,16 @@ from sample import fid
 
 # pytorch-fid's pt_inception-2015-12-05 state dict: torchvision Inception3 names, fc to 1008 classes, no AuxLogits.
 EXPECTED_KEYS = [
-    "Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
-    "Mixed_6a.branch3x3.conv.weight", "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7a.branch7x7x3_4.conv.weight",
-    "Mixed_7c.branch3x3dbl_3b.bn.running_mean", "fc.weight", "fc.bias",
-]  # fmt: skip
+    "Conv2d_1a_3x3.conv.weight",
+    "Conv2d_1a_3x3.bn.running_var",
+    "Mixed_5b.branch5x5_2.conv.weight",
+    "Mixed_6a.branch3x3.conv.weight",
+    "Mixed_6e.branch7x7dbl_5.bn.bias",
+    "Mixed_7a.branch7x7x3_4.conv.weight",
+    "Mixed_7c.branch3x3dbl_3b.bn.running_mean",
+    "fc.weight",
+    "fc.bias",
+]
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():

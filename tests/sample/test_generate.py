@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 from sample_support import PROMPTS, RESOLUTION, sample_config
+from typer.testing import CliRunner
 
+from pipeline import cli as pipeline_cli
 from pipeline.core import layout
 from pipeline.core.config import to_toml
 from sample import export, generate
+from sample.guidance import Sampling
 
 
 @pytest.mark.parametrize(("scheduler", "guidance_scale"), [("ddim", 7.5), ("dpmsolver++", 3.0), ("euler", 1.0), ("ddpm", 7.5)])
@@ -21,7 +24,7 @@ def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_di
     config = sample_config(model_dirs)
     checkpoint = export.load_checkpoint(synthetic_run, config, 20, str(tmp_path), torch.device("cpu"))
     seeds = [3, 11]
-    ours = generate.generate(checkpoint, PROMPTS, seeds, guidance_scale, 4, scheduler, negative_prompt="")
+    ours = generate.generate(checkpoint, PROMPTS, Sampling(guidance_scale, seeds, 4, scheduler), negative_prompt="")
 
     pipe = generate.stable_diffusion_pipeline(checkpoint, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -46,8 +49,9 @@ def test_default_negative_prompt_is_the_manifests_empty_caption(synthetic_run, m
     config = sample_config(model_dirs)
     checkpoint = export.load_checkpoint(synthetic_run, config, None, str(tmp_path), torch.device("cpu"))
     assert checkpoint.step == 20  # the latest export
-    default = generate.generate(checkpoint, PROMPTS[:1], [0], 7.5, 3, "ddim")
-    explicit_other = generate.generate(checkpoint, PROMPTS[:1], [0], 7.5, 3, "ddim", negative_prompt="a black background")
+    sampling = Sampling(guidance_scale=7.5, seeds=[0], steps=3, scheduler="ddim")
+    default = generate.generate(checkpoint, PROMPTS[:1], sampling)
+    explicit_other = generate.generate(checkpoint, PROMPTS[:1], sampling, negative_prompt="a black background")
     assert not np.array_equal(default, explicit_other)
 
 
@@ -78,19 +82,25 @@ def test_cli_writes_one_png_per_prompt_and_seed(synthetic_run, model_dirs, tmp_p
     assert result.stdout.split() == [str(out / name) for name in names]
 
     checkpoint = export.load_checkpoint(synthetic_run, config, 10, str(tmp_path), torch.device("cpu"))
-    expected = generate.generate(checkpoint, PROMPTS, [5, 6], 3.0, 3, "euler")
+    expected = generate.generate(checkpoint, PROMPTS, Sampling(guidance_scale=3.0, seeds=[5, 6], steps=3, scheduler="euler"))
     written = np.stack([np.asarray(Image.open(out / name)) for name in names]).reshape(expected.shape)
     np.testing.assert_array_equal(written, expected)
     assert not synthetic_run.exists(layout.SAMPLE_VALIDATION)  # the validation stage did not run
 
 
 def test_cli_refuses_bad_arguments_naming_them(synthetic_run, model_dirs):
+    """In this process (typer's CliRunner): refusing arguments needs no fresh interpreter."""
     synthetic_run.write_text(layout.CONFIG, to_toml(sample_config(model_dirs)))
-    result = cli(synthetic_run.url, "--prompt", "x")
-    assert result.returncode == 2 and "--prompt needs --out" in result.stderr
-    result = cli(synthetic_run.url, "--steps", "4")
-    assert result.returncode == 2 and "go with --prompt" in result.stderr
-    result = cli(synthetic_run.url, "--prompt", "x", "--out", "/tmp/never", "--scheduler", "heun")
-    assert result.returncode == 2 and "'heun'" in result.stderr and "dpmsolver++" in result.stderr
-    result = cli(synthetic_run.url, "--prompt", "x", "--out", "/tmp/never", "--checkpoint", "15")
-    assert result.returncode == 2 and "committed: [10, 20]" in result.stderr
+
+    def cli_here(*args: str):
+        result = CliRunner().invoke(pipeline_cli.app, ["sample", *args])
+        return result.exit_code, result.output
+
+    code, output = cli_here(synthetic_run.url, "--prompt", "x")
+    assert code == 2 and "--prompt needs --out" in output
+    code, output = cli_here(synthetic_run.url, "--steps", "4")
+    assert code == 2 and "go with --prompt" in output
+    code, output = cli_here(synthetic_run.url, "--prompt", "x", "--out", "/tmp/never", "--scheduler", "heun")
+    assert code == 2 and "'heun'" in output and "dpmsolver++" in output
+    code, output = cli_here(synthetic_run.url, "--prompt", "x", "--out", "/tmp/never", "--checkpoint", "15")
+    assert code == 2 and "committed: [10, 20]" in output

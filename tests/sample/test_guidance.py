@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +10,16 @@ import pytest
 import torch
 from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, tiny_vae, training_scheduler
 
-from sample.guidance import SCHEDULERS, decode, make_scheduler, predict_with_guidance, sample_images, sample_latents
+from sample.guidance import (
+    SCHEDULERS,
+    ConditionRows,
+    Sampling,
+    decode,
+    make_scheduler,
+    predict_with_guidance,
+    sample_images,
+    sample_latents,
+)
 
 
 class StubUNet(torch.nn.Module):
@@ -57,7 +67,7 @@ def test_scale_zero_is_unconditional_and_one_is_conditional(scheduler_name):
     unet = StubUNet()
     scheduler = make_scheduler(scheduler_name, training_scheduler().config)
     cond, uncond, other = embeddings(0.5), embeddings(-0.25), embeddings(9.0)
-    run = lambda c, u, s: sample_latents(unet, scheduler, c, u, s, [3, 4], 4, LATENT_SHAPE)  # noqa: E731
+    run = lambda c, u, s: sample_latents(unet, scheduler, ConditionRows(c, u), s, [3, 4], 4, LATENT_SHAPE)  # noqa: E731
     torch.testing.assert_close(run(cond, uncond, 0.0), run(other, uncond, 0.0))  # cond is ignored at s=0
     torch.testing.assert_close(run(cond, uncond, 0.0), run(uncond, other, 1.0))  # = conditioning on uncond
     torch.testing.assert_close(run(cond, uncond, 1.0), run(cond, other, 1.0))  # uncond is ignored at s=1
@@ -70,8 +80,8 @@ def test_uncond_embedding_may_be_one_for_all():
     scheduler = make_scheduler("ddim", training_scheduler().config)
     single = torch.full((77, TEXT_DIM), -0.5)
     torch.testing.assert_close(
-        sample_latents(unet, scheduler, embeddings(1.0), single, 3.0, [0, 1], 3, LATENT_SHAPE),
-        sample_latents(unet, scheduler, embeddings(1.0), embeddings(-0.5), 3.0, [0, 1], 3, LATENT_SHAPE),
+        sample_latents(unet, scheduler, ConditionRows(embeddings(1.0), single), 3.0, [0, 1], 3, LATENT_SHAPE),
+        sample_latents(unet, scheduler, ConditionRows(embeddings(1.0), embeddings(-0.5)), 3.0, [0, 1], 3, LATENT_SHAPE),
     )
 
 
@@ -84,8 +94,8 @@ def unet():
 def test_an_image_does_not_depend_on_its_batch(unet, scheduler_name):
     scheduler = make_scheduler(scheduler_name, training_scheduler().config)
     prompts = torch.randn(3, 77, TEXT_DIM, generator=torch.Generator().manual_seed(0))
-    alone = sample_latents(unet, scheduler, prompts[1:2], prompts[0] * 0, 3.0, [5], 4, LATENT_SHAPE)
-    batch = sample_latents(unet, scheduler, prompts, prompts[0] * 0, 3.0, [1, 5, 7], 4, LATENT_SHAPE)
+    alone = sample_latents(unet, scheduler, ConditionRows(prompts[1:2], prompts[0] * 0), 3.0, [5], 4, LATENT_SHAPE)
+    batch = sample_latents(unet, scheduler, ConditionRows(prompts, prompts[0] * 0), 3.0, [1, 5, 7], 4, LATENT_SHAPE)
     # Equal up to float round-off of a different batch size (Euler's latents are large: scale it).
     scale = alone.abs().max().item()
     torch.testing.assert_close(batch[1:2], alone, atol=1e-3 * scale, rtol=1e-3)
@@ -103,14 +113,12 @@ def test_every_scheduler_builds_from_the_training_schedule_and_runs(unet, name, 
     assert scheduler.config.num_train_timesteps == 1000
     for key, value in SCHEDULERS[name][1].items():
         assert scheduler.config[key] == value
-    cond = torch.randn(2, 77, TEXT_DIM)
-    latents = sample_latents(unet, scheduler, cond, torch.zeros(77, TEXT_DIM), 3.0, [0, 1], 3, LATENT_SHAPE)
+    rows = ConditionRows(torch.randn(2, 77, TEXT_DIM), torch.zeros(77, TEXT_DIM))
+    latents = sample_latents(unet, scheduler, rows, 3.0, [0, 1], 3, LATENT_SHAPE)
     assert latents.shape == (2, *LATENT_SHAPE)
     assert torch.isfinite(latents).all()
     # Running again gives the same latents: set_timesteps resets multistep state.
-    torch.testing.assert_close(
-        sample_latents(unet, scheduler, cond, torch.zeros(77, TEXT_DIM), 3.0, [0, 1], 3, LATENT_SHAPE), latents
-    )
+    torch.testing.assert_close(sample_latents(unet, scheduler, rows, 3.0, [0, 1], 3, LATENT_SHAPE), latents)
 
 
 def test_unknown_scheduler_is_refused():
@@ -123,12 +131,13 @@ def test_decode_and_sample_images_give_uint8_grids(unet):
     latents = torch.randn(3, *LATENT_SHAPE)
     images = decode(vae, latents, 0.5)
     assert images.dtype == np.uint8 and images.shape == (3, 16, 16, 3)
-    scheduler = make_scheduler("dpmsolver++", training_scheduler().config)
-    prompts = torch.randn(3, 77, TEXT_DIM)
-    grid = sample_images(unet, vae, scheduler, prompts, torch.zeros(77, TEXT_DIM), 3.0, [0, 1], 2, LATENT_SHAPE, 0.5, 4)
+    config = training_scheduler().config
+    rows = ConditionRows(torch.randn(3, 77, TEXT_DIM), torch.zeros(77, TEXT_DIM))
+    sampling = Sampling(guidance_scale=3.0, seeds=(0, 1), steps=2, scheduler="dpmsolver++", batch_size=4)
+    grid = sample_images(unet, vae, config, rows, sampling, LATENT_SHAPE, 0.5)
     assert grid.shape == (3, 2, 16, 16, 3) and grid.dtype == np.uint8
     # Chunking into batches of 4 (over 6 images) matches one batch of 6.
-    whole = sample_images(unet, vae, scheduler, prompts, torch.zeros(77, TEXT_DIM), 3.0, [0, 1], 2, LATENT_SHAPE, 0.5, 6)
+    whole = sample_images(unet, vae, config, rows, replace(sampling, batch_size=6), LATENT_SHAPE, 0.5)
     assert np.abs(grid.astype(int) - whole.astype(int)).max() <= 1
 
 

@@ -31,8 +31,9 @@ def inception_file(tmp_path_factory):
 
 def test_clip_score_and_fid_per_guidance_scale(synthetic_run, model_dirs, clip_dir, inception_file):
     # Toy source without fid_reference: held-out toy images drawn with another seed are the reference.
-    config = sample_config(model_dirs, clip_model=str(clip_dir), fid_inception=str(inception_file),
-                           fid_reference_count=4, guidance_scales=[0.0, 7.5])  # fmt: skip
+    config = sample_config(
+        model_dirs, clip_model=str(clip_dir), fid_inception=str(inception_file), fid_reference_count=4, guidance_scales=[0.0, 7.5]
+    )
     validate.run_stage(config, synthetic_run)
     validation = synthetic_run.read_json(layout.SAMPLE_VALIDATION)
     for entry in validation["checkpoints"]:

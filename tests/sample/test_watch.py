@@ -48,12 +48,23 @@ def test_a_failed_validation_is_recorded_not_raised_and_the_watcher_goes_on(synt
 
 def test_exports_are_validated_while_the_train_stage_runs(tmp_path, ray_local, monkeypatch):
     run = write_latent_run(tmp_path / "run")
-    config = load_config("tiny", overrides=[
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size_per_worker=8", "train.warmup_steps=0",
-        "train.max_steps=8", "train.checkpoint_every=2", "train.log_every=4",
-        'sample.prompts=["a red circle on a green background"]', "sample.seeds=[0]", "sample.guidance_scales=[3.0]",
-        "sample.steps=2", "sample.watch_interval_s=0.5",
-    ])  # fmt: skip
+    config = load_config(
+        "tiny",
+        overrides=[
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.batch_size_per_worker=8",
+            "train.warmup_steps=0",
+            "train.max_steps=8",
+            "train.checkpoint_every=2",
+            "train.log_every=4",
+            'sample.prompts=["a red circle on a green background"]',
+            "sample.seeds=[0]",
+            "sample.guidance_scales=[3.0]",
+            "sample.steps=2",
+            "sample.watch_interval_s=0.5",
+        ],
+    )
     chain = runner.fingerprints(config)
     for name in ("ingest", "encode"):  # write_latent_run stands for them
         run.update_stage(name, status="done", fingerprint=chain[name][0], base_fingerprint=chain[name][1])

@@ -87,9 +87,13 @@ def test_latents_of_several_shapes_load_as_one_shard_per_raw_shard_and_bucket(tm
 
     assert data.bucketed and data.latent_shape == (4, 8, 8)
     assert [(s.name, s.bucket, len(s)) for s in data.shards] == [
-        ("00000:48x96", "48x96", 1), ("00000:64x64", "64x64", 2), ("00000:96x48", "96x48", 2),
-        ("00001:48x96", "48x96", 1), ("00001:64x64", "64x64", 2), ("00001:96x48", "96x48", 2),
-    ]  # fmt: skip
+        ("00000:48x96", "48x96", 1),
+        ("00000:64x64", "64x64", 2),
+        ("00000:96x48", "96x48", 2),
+        ("00001:48x96", "48x96", 1),
+        ("00001:64x64", "64x64", 2),
+        ("00001:96x48", "96x48", 2),
+    ]
     assert data.counts()["incomplete_samples"] == 2
     for shard in data.shards:
         assert shard.latents[layout.LATENT_KEY].shape[1:] == shapes[shard.bucket]
@@ -113,10 +117,16 @@ def test_class_labels_travel_with_bucketed_latents_into_batches(tmp_path):
     members += sample_members("0bad", np.zeros(shapes["64x64"], np.float16), text, "c") + [(f"0bad.{layout.CLASS_KEY}", b"7")]
     run = write_encode_output(tmp_path, [members, []])
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    run.write_json(layout.ENCODE_MANIFEST, {
-        **manifest, "buckets": [[64, 64], [96, 48]], "bucket_latent_shapes": shapes,
-        "class_field": "shape", "classes": ["circle", "square", "triangle"],
-    })  # fmt: skip
+    run.write_json(
+        layout.ENCODE_MANIFEST,
+        {
+            **manifest,
+            "buckets": [[64, 64], [96, 48]],
+            "bucket_latent_shapes": shapes,
+            "class_field": "shape",
+            "classes": ["circle", "square", "triangle"],
+        },
+    )
 
     data = load_latent_data(run)
 

@@ -33,8 +33,10 @@ class Recorder(torch.nn.Module):
 
 
 def record_steps(conditioning: str, probability: float = 0.1):
-    config = load_config("tiny", overrides=[f"train.conditioning={conditioning}", "encode.class_field=shape",
-                                            f"train.caption_dropout={probability}"])  # fmt: skip
+    config = load_config(
+        "tiny",
+        overrides=[f"train.conditioning={conditioning}", "encode.class_field=shape", f"train.caption_dropout={probability}"],
+    )
     recorder = Recorder()
     engine = PlainEngine(recorder, torch.optim.SGD(recorder.parameters(), lr=0.0))
     empty = torch.full(TEXT_SHAPE, 7.0)
@@ -47,8 +49,15 @@ def record_steps(conditioning: str, probability: float = 0.1):
             "text_embeddings": torch.randn((BATCH, *TEXT_SHAPE), generator=generator),
             "class_labels": torch.randint(0, CLASSES, (BATCH,), generator=generator),
         }
-        train_step(engine, batch, noise_scheduler, empty, config.train.caption_dropout,
-                   distributed.batch_generator(config.seed, 0, 0, index), **options)  # fmt: skip
+        train_step(
+            engine,
+            batch,
+            noise_scheduler,
+            empty,
+            config.train.caption_dropout,
+            distributed.batch_generator(config.seed, 0, 0, index),
+            **options,
+        )
     text = torch.stack([seen for seen, _ in recorder.seen])
     labels = torch.stack([labels for _, labels in recorder.seen])
     return (text == empty).all(dim=(2, 3)), labels
@@ -84,10 +93,20 @@ def test_class_unet_trains_with_class_embeddings():
     config = load_config("tiny", overrides=CLASS_OVERRIDES)
     engine = PlainEngine(unet, torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0))
     before = unet.class_embedding.weight.detach().clone()
-    batch = {"latents": torch.randn((4, 4, 8, 8)), "text_embeddings": torch.randn((4, *TEXT_SHAPE)),
-             "class_labels": torch.tensor([0, 1, 2, 0])}  # fmt: skip
-    result = train_step(engine, batch, make_noise_scheduler(config.train), torch.zeros(TEXT_SHAPE), 0.0,
-                        torch.Generator().manual_seed(0), **loss_options(config.train, CLASSES))  # fmt: skip
+    batch = {
+        "latents": torch.randn((4, 4, 8, 8)),
+        "text_embeddings": torch.randn((4, *TEXT_SHAPE)),
+        "class_labels": torch.tensor([0, 1, 2, 0]),
+    }
+    result = train_step(
+        engine,
+        batch,
+        make_noise_scheduler(config.train),
+        torch.zeros(TEXT_SHAPE),
+        0.0,
+        torch.Generator().manual_seed(0),
+        **loss_options(config.train, CLASSES),
+    )
     assert math.isfinite(result["loss"])
     changed = (unet.class_embedding.weight.detach() != before).any(dim=1)
     assert changed[:3].all() and not changed[3]  # the null class had no sample (dropout 0)
@@ -102,13 +121,15 @@ def test_class_embedding_count():
 
 def test_init_model_needs_the_same_class_count(tmp_path):
     config = load_config("tiny", overrides=[*CLASS_OVERRIDES, f"train.init_from={tmp_path}"]).train
-    (tmp_path / "config.json").write_text(json.dumps({"in_channels": 4, "out_channels": 4, "cross_attention_dim": 8,
-                                                      "num_class_embeds": None}))  # fmt: skip
+    (tmp_path / "config.json").write_text(
+        json.dumps({"in_channels": 4, "out_channels": 4, "cross_attention_dim": 8, "num_class_embeds": None})
+    )
     init = finetune.InitModel(tmp_path, None)
     with pytest.raises(finetune.InitModelError, match=r"num_class_embeds = None .* needs 4 \(3 classes \+ the null class\)"):
         finetune.check_init(init, config, [4, 8, 8], [77, 8], class_embeds=4)
-    (tmp_path / "config.json").write_text(json.dumps({"in_channels": 4, "out_channels": 4, "cross_attention_dim": 8,
-                                                      "num_class_embeds": 4}))  # fmt: skip
+    (tmp_path / "config.json").write_text(
+        json.dumps({"in_channels": 4, "out_channels": 4, "cross_attention_dim": 8, "num_class_embeds": 4})
+    )
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     finetune.check_init(init, config, [4, 8, 8], [77, 8], class_embeds=4)
     text = load_config("tiny", overrides=[f"train.init_from={tmp_path}"]).train

@@ -223,13 +223,19 @@ def test_a_raw_shard_split_into_parts_in_any_order_reads_as_the_same_shard(tmp_p
     a rerun: training must see the same samples in the same order either way."""
     rng = np.random.default_rng(3)
     samples = [
-        sample_members(f"k{index:03d}", rng.standard_normal(LATENT_SHAPE).astype(np.float16),
-                       rng.standard_normal(TEXT_SHAPE).astype(np.float16), f"caption {index}")
+        sample_members(
+            f"k{index:03d}",
+            rng.standard_normal(LATENT_SHAPE).astype(np.float16),
+            rng.standard_normal(TEXT_SHAPE).astype(np.float16),
+            f"caption {index}",
+        )
         for index in range(12)
     ]
 
     def load(root, parts: dict[str, list[int]]):
-        run = write_encode_output(root, [[member for index in indices for member in samples[index]] for indices in parts.values()])
+        run = write_encode_output(
+            root, [[member for index in indices for member in samples[index]] for indices in parts.values()]
+        )
         names = [f"{stem}.tar" for stem in parts]
         for index, name in enumerate(names):  # rename 00000.tar... to the part names encode gives
             run.write_bytes(f"{layout.ENCODE_SHARDS}/{name}", run.read_bytes(f"{layout.ENCODE_SHARDS}/{index:05d}.tar"))

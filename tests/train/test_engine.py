@@ -26,7 +26,9 @@ def test_deepspeed_config_follows_the_train_config():
 
 def test_zero3_keeps_whole_only_parameters_below_ten_hidden_sizes_unless_told_otherwise():
     assert deepspeed_config(train_config("train.zero_stage=3"), hidden_size=1280)["zero_optimization"] == {
-        "stage": 3, "stage3_param_persistence_threshold": 12800}
+        "stage": 3,
+        "stage3_param_persistence_threshold": 12800,
+    }
     assert deepspeed_config(train_config("train.zero_stage=2"), hidden_size=1280)["zero_optimization"] == {"stage": 2}
     told = train_config("train.zero_stage=3", "train.deepspeed.zero_optimization.stage3_param_persistence_threshold=100000")
     assert deepspeed_config(told, hidden_size=1280)["zero_optimization"]["stage3_param_persistence_threshold"] == 100000

@@ -64,6 +64,7 @@ def exported(run, step: int, unet: str = layout.EXPORT_UNET) -> dict[str, torch.
     return weights(Path(run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}")) / unet)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_finetuning_starts_from_the_export_and_trains_only_the_unfrozen_parameters(tmp_path, base_export, zero_stage):
     initial = weights(base_export / layout.EXPORT_UNET)  # the export's EMA weights: what sampling loads
@@ -212,7 +213,7 @@ def test_the_average_covers_only_trainable_parameters():
 
 
 def test_a_shifted_toy_set_keeps_only_the_chosen_colours():
-    """ingest.toy_colours: the shifted toy set the README fine-tunes the demo's model on."""
+    """ingest.toy_colours: the shifted toy set docs/training.md fine-tunes the demo's model on."""
     from pipeline.core.config import ConfigError, IngestConfig
     from pipeline.core.toy import PALETTE, all_specs, generate
 

@@ -108,6 +108,7 @@ def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, six_steps
         assert_same_weights(export_weights(run, 9, unet), export_weights(straight, 9, unet), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e  # a second train stage run end to end, under ZeRO-3: `make test-e2e`
 def test_zero_3_keeps_a_partitioned_average_that_resumes_and_matches_zero_2(tmp_path, six_steps):
     """ZeRO-3 partitions the weights and so the average; the math must not change: 3 steps, a
     resume to 6, and the step-6 export equals ZeRO-2's 6 steps in one go."""

@@ -14,14 +14,18 @@ from pipeline.core.rundir import RunDir
 
 # Messages as img2dataset 1.47 records them (urllib/http.client, cv2 4.14, Pillow), collected by
 # running its download_image and Resizer against a loopback server and crafted bytes.
-CV2_EMPTY = "OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:1310: error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'\n"  # fmt: skip
-CV2_BOMB = "OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'\n"  # fmt: skip
+CV2_EMPTY = "OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:1310: error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'\n"
+CV2_BOMB = "OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'\n"
 MESSAGES = [
     ("success", None, "success"),
     ("failed_to_download", "HTTP Error 404: Not Found", "http_error"),
     ("failed_to_download", "HTTP Error 403: Forbidden", "http_error"),
     ("failed_to_download", "HTTP Error 500: Internal Server Error", "http_error"),
-    ("failed_to_download", "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.\nThe last 30x error message was:\nFound", "http_error"),  # fmt: skip
+    (
+        "failed_to_download",
+        "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.\nThe last 30x error message was:\nFound",
+        "http_error",
+    ),
     ("failed_to_download", "timed out", "timeout"),
     ("failed_to_download", "<urlopen error timed out>", "timeout"),
     ("failed_to_download", "The read operation timed out", "timeout"),
@@ -32,7 +36,7 @@ MESSAGES = [
     ("failed_to_download", "Remote end closed connection without response", "connection_error"),
     ("failed_to_download", "IncompleteRead(3 bytes read, 997 more expected)", "connection_error"),
     ("failed_to_download", "[Errno 104] Connection reset by peer", "connection_error"),
-    ("failed_to_download", "<urlopen error [SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)>", "connection_error"),  # fmt: skip
+    ("failed_to_download", "<urlopen error [SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)>", "connection_error"),
     ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "opt_out"),
     ("failed_to_download", "<urlopen error refused non-public address 10.1.2.3 for host 10.1.2.3>", "refused_address"),
     ("failed_to_download", "refused non-public address 169.254.169.254", "refused_address"),
@@ -43,7 +47,11 @@ MESSAGES = [
     ("failed_to_resize", "image too small", "too_small"),
     ("failed_to_resize", "image area too large", "too_large"),
     ("failed_to_resize", CV2_BOMB, "too_large"),
-    ("failed_to_resize", "Image size (10000 pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS attack.", "too_large"),  # fmt: skip
+    (
+        "failed_to_resize",
+        "Image size (10000 pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS attack.",
+        "too_large",
+    ),
     ("failed_to_resize", "aspect ratio too large", "other"),
     ("failed_to_download", "hash mismatch", "other"),
     ("failed_to_download", "unknown url type: 'not a url'", "other"),
@@ -58,9 +66,17 @@ MESSAGES = [
 MESSAGES += [
     ("failed_to_download", "<urlopen error refused non-public address 10.1.2.3 for host '10.1.2.3'>", "refused_address"),
     ("failed_to_download", "<urlopen error refused URL scheme 'file': file:///etc/passwd>", "refused_address"),
-    ("failed_to_download", "<urlopen error refused redirect to non-http(s) URL 'ftp://x/timed out' (from http://a/)>", "refused_address"),  # fmt: skip
-    ("failed_to_download", "<urlopen error refused decompression bomb: 30000x30000, 900.0 MP over the 50 MP limit (http://a/x-robots-tag)>", "too_large"),  # fmt: skip
-    ("failed_to_download", "<urlopen error refused oversized response: more than 67108864 bytes from http://a/b>", "too_large"),  # fmt: skip
+    (
+        "failed_to_download",
+        "<urlopen error refused redirect to non-http(s) URL 'ftp://x/timed out' (from http://a/)>",
+        "refused_address",
+    ),
+    (
+        "failed_to_download",
+        "<urlopen error refused decompression bomb: 30000x30000, 900.0 MP over the 50 MP limit (http://a/x-robots-tag)>",
+        "too_large",
+    ),
+    ("failed_to_download", "<urlopen error refused oversized response: more than 67108864 bytes from http://a/b>", "too_large"),
     ("failed_to_download", "<urlopen error getaddrinfo returned no address for 'a.example'>", "connection_error"),
 ]
 
@@ -82,11 +98,21 @@ def test_classify_real_messages(status, message, reason):
 
 
 # ------------------------------------------------------------------ fake img2dataset shards
-SCHEMA = pa.schema([
-    ("url", pa.string()), ("caption", pa.string()), ("punsafe", pa.float64()), ("key", pa.string()),
-    ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("punsafe", pa.float64()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
 
 
 def write_shard(run: RunDir, shard: int, outcomes: list[tuple[str, str | None]], stats: bool = True, count: int | None = None):
@@ -97,11 +123,21 @@ def write_shard(run: RunDir, shard: int, outcomes: list[tuple[str, str | None]],
         for i, (status, message) in enumerate(outcomes):
             key = f"{shard:05d}{i:04d}"
             ok = status == "success"
-            rows.append({
-                "url": f"http://img.example.com/{key}.jpg", "caption": f"caption {key}", "punsafe": 0.1, "key": key,
-                "status": status, "error_message": message, "width": 64 if ok else None, "height": 64 if ok else None,
-                "original_width": 100 if ok else None, "original_height": 80 if ok else None, "sha256": "0" * 64 if ok else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "url": f"http://img.example.com/{key}.jpg",
+                    "caption": f"caption {key}",
+                    "punsafe": 0.1,
+                    "key": key,
+                    "status": status,
+                    "error_message": message,
+                    "width": 64 if ok else None,
+                    "height": 64 if ok else None,
+                    "original_width": 100 if ok else None,
+                    "original_height": 80 if ok else None,
+                    "sha256": "0" * 64 if ok else None,
+                }
+            )
             if ok:
                 for ext, data in (("jpg", b"\xff\xd8fakejpeg\xff\xd9"), ("txt", f"caption {key}".encode()), ("json", b"{}")):
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -116,24 +152,50 @@ def write_shard(run: RunDir, shard: int, outcomes: list[tuple[str, str | None]],
         for status, message in outcomes:
             label = "success" if status == "success" else message
             status_dict[label] = status_dict.get(label, 0) + 1
-        run.write_json(f"{layout.INGEST_SHARDS}/{name}_stats.json", {
-            "count": len(outcomes) if count is None else count, "successes": sum(s == "success" for s, _ in outcomes),
-            "failed_to_download": sum(s == "failed_to_download" for s, _ in outcomes),
-            "failed_to_resize": sum(s == "failed_to_resize" for s, _ in outcomes),
-            "duration": 1.5, "start_time": 1000.0, "end_time": 1001.5, "status_dict": status_dict,
-        })  # fmt: skip
+        run.write_json(
+            f"{layout.INGEST_SHARDS}/{name}_stats.json",
+            {
+                "count": len(outcomes) if count is None else count,
+                "successes": sum(s == "success" for s, _ in outcomes),
+                "failed_to_download": sum(s == "failed_to_download" for s, _ in outcomes),
+                "failed_to_resize": sum(s == "failed_to_resize" for s, _ in outcomes),
+                "duration": 1.5,
+                "start_time": 1000.0,
+                "end_time": 1001.5,
+                "status_dict": status_dict,
+            },
+        )
     return len(archive_bytes.getvalue())
 
 
 def test_aggregate_counts_complete_shards_only(tmp_path):
     run = RunDir(tmp_path / "run")
     ok = ("success", None)
-    size0 = write_shard(run, 0, [ok, ok, ok, ("failed_to_download", "HTTP Error 404: Not Found"),
-                                 ("failed_to_download", "timed out"), ("failed_to_resize", "Image decoding error")])
-    size1 = write_shard(run, 1, [ok, ok, ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive"),
-                                 ("failed_to_download", "<urlopen error refused non-public address 10.1.2.3>"),
-                                 ("failed_to_resize", "image too small"), ("failed_to_resize", "image area too large"),
-                                 ("failed_to_download", "HTTP Error 404: Not Found")])
+    size0 = write_shard(
+        run,
+        0,
+        [
+            ok,
+            ok,
+            ok,
+            ("failed_to_download", "HTTP Error 404: Not Found"),
+            ("failed_to_download", "timed out"),
+            ("failed_to_resize", "Image decoding error"),
+        ],
+    )
+    size1 = write_shard(
+        run,
+        1,
+        [
+            ok,
+            ok,
+            ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive"),
+            ("failed_to_download", "<urlopen error refused non-public address 10.1.2.3>"),
+            ("failed_to_resize", "image too small"),
+            ("failed_to_resize", "image area too large"),
+            ("failed_to_download", "HTTP Error 404: Not Found"),
+        ],
+    )
     write_shard(run, 2, [ok, ok, ("failed_to_download", "HTTP Error 500: Internal Server Error")], stats=False)  # killed
     # one sample the stats count but no parquet row records (img2dataset dropped it): 'other'
     size3 = write_shard(run, 3, [ok], count=2)
@@ -143,13 +205,21 @@ def test_aggregate_counts_complete_shards_only(tmp_path):
     assert stats == {
         "attempted": 6 + 7 + 2,
         "succeeded": 3 + 2 + 1,
-        "failed": {"http_error": 2, "timeout": 1, "not_an_image": 1, "too_small": 1, "too_large": 1,
-                   "opt_out": 1, "refused_address": 1, "other": 1},
+        "failed": {
+            "http_error": 2,
+            "timeout": 1,
+            "not_an_image": 1,
+            "too_small": 1,
+            "too_large": 1,
+            "opt_out": 1,
+            "refused_address": 1,
+            "other": 1,
+        },
         "prefiltered": {"malformed_url": 2, "duplicate_url": 1, "filtered:punsafe": 11},
         "shards": 3,
         "incomplete_shards": ["00002"],
         "bytes": size0 + size1 + size3,
-    }  # fmt: skip
+    }
     assert stats["succeeded"] + sum(stats["failed"].values()) == stats["attempted"]
     assert aggregate(run, prefilter["dropped"])["prefiltered"] == stats["prefiltered"]  # the dropped dict alone works too
     json.dumps(stats)  # stats.json content
@@ -166,8 +236,15 @@ def test_aggregate_falls_back_on_stats_when_the_parquet_is_unreadable(tmp_path):
 
 def test_aggregate_of_an_empty_run(tmp_path):
     stats = aggregate(RunDir(tmp_path / "run"), None)
-    assert stats == {"attempted": 0, "succeeded": 0, "failed": {}, "prefiltered": {}, "shards": 0,
-                     "incomplete_shards": [], "bytes": 0}  # fmt: skip
+    assert stats == {
+        "attempted": 0,
+        "succeeded": 0,
+        "failed": {},
+        "prefiltered": {},
+        "shards": 0,
+        "incomplete_shards": [],
+        "bytes": 0,
+    }
 
 
 def test_aggregate_on_a_memory_run():

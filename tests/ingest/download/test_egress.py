@@ -297,7 +297,7 @@ def test_redirect_to_another_scheme_is_refused(server, target):
 def test_direct_non_http_schemes_are_refused():
     egress.install(allow_loopback=False, allow_private=True, max_megapixels=89)
     for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "data:text/plain,hi"):
-        assert egress.REFUSED_SCHEME in refused(lambda: urllib.request.urlopen(url, timeout=5))
+        assert egress.REFUSED_SCHEME in refused(lambda url=url: urllib.request.urlopen(url, timeout=5))
 
 
 def test_a_dns_answer_mixing_public_and_private_addresses_is_refused(monkeypatch):
@@ -358,9 +358,7 @@ def _self_signed(hostname: str):
         .sign(key, hashes.SHA256())
     )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return cert_pem, key_pem
 
 
@@ -428,9 +426,7 @@ except cv2.error as err:
 def test_opencv_pixel_limit_needs_the_environment_before_cv2_is_imported(when):
     pytest.importorskip("cv2")
     env = {**os.environ, **egress.env_for(max_megapixels=1)}
-    result = subprocess.run(
-        [sys.executable, "-c", _CV2_SCRIPT, when], input=BOMB_PNG, env=env, capture_output=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", _CV2_SCRIPT, when], input=BOMB_PNG, env=env, capture_output=True, timeout=60)
     output = result.stdout.decode()
     if when == "before":
         assert output.startswith("refused") and egress.CV2_PIXEL_LIMIT_MESSAGE in output, output

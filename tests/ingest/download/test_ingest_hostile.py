@@ -29,6 +29,7 @@ def _png(image: Image.Image) -> bytes:
 
 def _bomb_png(side: int = 30000) -> bytes:
     """A valid PNG header declaring side x side pixels of 1-bit grey: tiny on the wire."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -115,20 +116,35 @@ def test_every_bad_row_is_counted_and_never_fatal(tmp_path, hostile_server, ray_
     ]
     url_list = tmp_path / "urls.parquet"
     pd.DataFrame(rows, columns=["URL", "TEXT", "punsafe"]).to_parquet(url_list, index=False)
-    config = load_config("tiny", overrides=[
-        "ingest.source='urls'", f"ingest.download.url_list='{url_list}'", "ingest.url_column='URL'",
-        "ingest.caption_column='TEXT'", "ingest.extra_columns=['punsafe']", "ingest.filters={punsafe={max=0.5}}",
-        "ingest.allow_loopback=true", "ingest.min_image_size=16", "ingest.max_megapixels=50", "ingest.timeout_s=3",
-        "ingest.samples_per_shard=10", "sample.judge='none'",
-    ])  # fmt: skip
+    config = load_config(
+        "tiny",
+        overrides=[
+            "ingest.source='urls'",
+            f"ingest.url_list='{url_list}'",
+            "ingest.url_column='URL'",
+            "ingest.caption_column='TEXT'",
+            "ingest.extra_columns=['punsafe']",
+            "ingest.filters={punsafe={max=0.5}}",
+            "ingest.allow_loopback=true",
+            "ingest.min_image_size=16",
+            "ingest.max_megapixels=50",
+            "ingest.timeout_s=3",
+            "ingest.samples_per_shard=10",
+            "sample.judge='none'",
+        ],
+    )
     run = RunDir(tmp_path / "run")
     run_stage(config, run)
 
     stats = run.read_json(layout.INGEST_STATS)
     assert stats["succeeded"] == GOOD
     assert stats["prefiltered"] == {
-        "duplicate_url": 1, "malformed_url": 2, "caption_too_short": 1, "caption_too_long": 1, "filtered:punsafe": 1,
-    }  # fmt: skip
+        "duplicate_url": 1,
+        "malformed_url": 2,
+        "caption_too_short": 1,
+        "caption_too_long": 1,
+        "filtered:punsafe": 1,
+    }
     failed = stats["failed"]
     assert failed.get("http_error") == 1
     assert failed.get("refused_address") == 2

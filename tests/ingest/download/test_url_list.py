@@ -50,23 +50,30 @@ KEPT = [
 
 def settings(url_list: str, **overrides) -> IngestConfig:
     values = dict(
-        source="urls", url_list=url_list, url_column="URL", caption_column="TEXT",
-        extra_columns=["WIDTH", "HEIGHT", "punsafe"], filters={"punsafe": {"max": 0.5}},
-        min_caption_chars=1, max_caption_chars=2000,
-    )  # fmt: skip
+        source="urls",
+        url_list=url_list,
+        url_column="URL",
+        caption_column="TEXT",
+        extra_columns=["WIDTH", "HEIGHT", "punsafe"],
+        filters={"punsafe": {"max": 0.5}},
+        min_caption_chars=1,
+        max_caption_chars=2000,
+    )
     values.update(overrides)
     return IngestConfig(**values)
 
 
 def write_parquet(path) -> None:
-    table = pa.table({
-        "URL": pa.array([row[0] for row in ROWS], pa.string()),
-        "TEXT": pa.array([row[1].encode() if isinstance(row[1], str) else row[1] for row in ROWS], pa.binary()),
-        "WIDTH": pa.array([row[2] for row in ROWS], pa.int64()),
-        "HEIGHT": pa.array([row[3] for row in ROWS], pa.int64()),
-        "punsafe": pa.array([str(row[4]) for row in ROWS], pa.string()),  # mixed: a number stored as text, "n/a"
-        "similarity": pa.array([0.3] * len(ROWS), pa.float64()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "URL": pa.array([row[0] for row in ROWS], pa.string()),
+            "TEXT": pa.array([row[1].encode() if isinstance(row[1], str) else row[1] for row in ROWS], pa.binary()),
+            "WIDTH": pa.array([row[2] for row in ROWS], pa.int64()),
+            "HEIGHT": pa.array([row[3] for row in ROWS], pa.int64()),
+            "punsafe": pa.array([str(row[4]) for row in ROWS], pa.string()),  # mixed: a number stored as text, "n/a"
+            "similarity": pa.array([0.3] * len(ROWS), pa.float64()),
+        }
+    )
     pq.write_table(table, path, row_group_size=4)  # several row groups: the batches are streamed
 
 
@@ -76,7 +83,9 @@ def csv_bytes() -> bytes:
     writer.writerow(["URL", "TEXT", "WIDTH", "HEIGHT", "punsafe", "similarity"])
     marker = "@@NOT_UTF8@@"
     for url, caption, width, height, punsafe in ROWS:
-        writer.writerow(["" if url is None else url, marker if isinstance(caption, bytes) else caption, width, height, punsafe, 0.3])
+        writer.writerow(
+            ["" if url is None else url, marker if isinstance(caption, bytes) else caption, width, height, punsafe, 0.3]
+        )
     return text.getvalue().encode("utf-8").replace(marker.encode(), b"\xff\xfe")
 
 
@@ -193,7 +202,9 @@ def test_reserved_extra_column_is_refused(tmp_path):
 def test_min_zero_keeps_empty_and_none_captions(tmp_path):
     source = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"URL": ["http://a.example/1", "http://a.example/2"], "TEXT": ["", None]}), source)
-    result = prepare_url_list(settings(str(source), extra_columns=[], filters={}, min_caption_chars=0), str(tmp_path / "o.parquet"))
+    result = prepare_url_list(
+        settings(str(source), extra_columns=[], filters={}, min_caption_chars=0), str(tmp_path / "o.parquet")
+    )
     assert result == {"rows": 2, "kept": 2, "dropped": {}, "nulled": {}}
     assert pq.read_table(tmp_path / "o.parquet").column("caption").to_pylist() == ["", ""]
 
@@ -214,12 +225,24 @@ def test_csv_extra_values_that_do_not_fit_are_nulled_and_counted(tmp_path, monke
         (" https://a.example:8443/x?q=1 ", "https://a.example:8443/x?q=1"),
         (b"http://a.example/b", "http://a.example/b"),
         ("http://a.example/caf\u00e9.jpg", "http://a.example/caf\u00e9.jpg"),
-        ("ftp://x", None), ("not a url", None), ("http://", None), ("javascript:alert(1)", None), (None, None),
-        (float("nan"), None), (42, None), ("", None), ("http://a.example/\tx", None), ("http://a.example/\x00", None),
-        ("http://a.example/" + "a" * 2048, None), ("http://[::1/x", None), ("http://a.example:99999/", None),
-        (b"http://a.example/\xff", None), ("http://a.example/\udcff", None), ("HTTP://A.EXAMPLE/x", "HTTP://A.EXAMPLE/x"),
+        ("ftp://x", None),
+        ("not a url", None),
+        ("http://", None),
+        ("javascript:alert(1)", None),
+        (None, None),
+        (float("nan"), None),
+        (42, None),
+        ("", None),
+        ("http://a.example/\tx", None),
+        ("http://a.example/\x00", None),
+        ("http://a.example/" + "a" * 2048, None),
+        ("http://[::1/x", None),
+        ("http://a.example:99999/", None),
+        (b"http://a.example/\xff", None),
+        ("http://a.example/\udcff", None),
+        ("HTTP://A.EXAMPLE/x", "HTTP://A.EXAMPLE/x"),
     ],
-)  # fmt: skip
+)
 def test_clean_url(value, expected):
     assert clean_url(value) == expected
 

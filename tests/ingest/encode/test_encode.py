@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from raw_shards import raw_samples, write_raw_bytes, write_raw_shard
 from webdataset import TarWriter
 
 from ingest.encode import progress as encode_progress
@@ -24,36 +25,6 @@ from pipeline.core.toy import generate
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def jpeg(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=95)
-    return out.getvalue()
-
-
-def raw_samples(prefix: str, count: int, seed: int = 0) -> list[dict]:
-    """Toy samples as img2dataset writes them (jpg, txt, json)."""
-    return [
-        {"__key__": f"{prefix}{index:04d}", "jpg": jpeg(image), "txt": spec.caption, "json": json.dumps({"key": index}).encode()}
-        for index, (spec, image) in enumerate(generate(count, 64, seed))
-    ]
-
-
-def write_raw_shard(run: RunDir, number: int, samples: list[dict]) -> str:
-    """A raw shard the way ingest leaves it: the tar, then its stats file."""
-    buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False) as writer:
-        for sample in samples:
-            writer.write({key: value.encode() if isinstance(value, str) and key != "__key__" else value for key, value in sample.items()})
-    return write_raw_bytes(run, number, buffer.getvalue())
-
-
-def write_raw_bytes(run: RunDir, number: int, data: bytes) -> str:
-    name = f"{number:05d}.tar"
-    run.write_bytes(f"{layout.INGEST_SHARDS}/{name}", data)
-    run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_STATS_SUFFIX}", {"successes": 0})
-    return name
-
-
 def read_latent_tars(run: RunDir) -> dict[str, dict[str, bytes]]:
     """Every sample of every latent tar, by key; a key seen twice fails the test."""
     samples: dict[str, dict[str, bytes]] = {}
@@ -107,10 +78,16 @@ def test_distribution_and_flip_members():
     image = np.asarray(generate(1, 64, 3)[0][1])
     pixels = encode.to_model_input(image[None])
     arrays = encode.encode_batch(pixels, ["x"], encoders, 0.5, config)
-    assert list(arrays)[:-1] == encode.latent_members(config) == ["latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy"]
+    assert (
+        list(arrays)[:-1]
+        == encode.latent_members(config)
+        == ["latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy"]
+    )
     posterior = encoders.vae.encode(pixels).latent_dist
     np.testing.assert_allclose(arrays["latent.npy"][0].astype(np.float32), 0.5 * posterior.mean[0].numpy(), atol=2e-3)
-    np.testing.assert_allclose(arrays["latent_std.npy"][0].astype(np.float32), 0.5 * posterior.std[0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        arrays["latent_std.npy"][0].astype(np.float32), 0.5 * posterior.std[0].numpy(), atol=2e-3, rtol=2e-3
+    )
     assert (arrays["latent_std.npy"] > 0).all()
     mirrored = encode.to_model_input(image[:, ::-1].copy()[None])
     flipped = encoders.vae.encode(mirrored).latent_dist.mean[0].numpy() * 0.5
@@ -125,21 +102,29 @@ def test_decode_shard_counts_undecodable_missing_and_damaged(tmp_path):
     samples[3]["jpg"] = samples[3]["jpg"][:120]  # a truncated JPEG
     del samples[4]["jpg"]
     name = write_raw_shard(run, 0, samples)
-    batches = list(encode_io.decode_shard(run, name, resolution=32, batch_size=2))
+    batches = list(encode_io.decode_shard(run, name, encode_io.DecodeOptions(resolution=32, batch_size=2)))
     assert [list(batch["__key__"]) for batch in batches] == [["a0000", "a0002"]]
     assert batches[0]["pixels"].shape == (2, 32, 32, 3)
     record = run.read_json(encode_progress.shard_record_path("00000"))
-    assert record == {"shard": "00000", "samples": 5, "valid": 2, "undecodable": 3, "truncated": False, "unreadable": False, "error": None}
+    assert record == {
+        "shard": "00000",
+        "samples": 5,
+        "valid": 2,
+        "undecodable": 3,
+        "truncated": False,
+        "unreadable": False,
+        "error": None,
+    }
 
     whole = run.read_bytes(f"{layout.INGEST_SHARDS}/{name}")
     write_raw_bytes(run, 1, whole[: len(whole) * 3 // 5])  # cut inside the fourth sample
-    kept = [key for batch in encode_io.decode_shard(run, "00001.tar", 32, 8) for key in batch["__key__"]]
+    kept = [key for batch in encode_io.decode_shard(run, "00001.tar", encode_io.DecodeOptions(32, 8)) for key in batch["__key__"]]
     record = run.read_json(encode_progress.shard_record_path("00001"))
     assert record["truncated"] and not record["unreadable"] and record["error"]
     assert kept and set(kept) <= {"a0000", "a0002"} and record["valid"] == len(kept)
 
     write_raw_bytes(run, 2, b"this is not a tar file at all" * 50)
-    assert list(encode_io.decode_shard(run, "00002.tar", 32, 8)) == []
+    assert list(encode_io.decode_shard(run, "00002.tar", encode_io.DecodeOptions(32, 8))) == []
     record = run.read_json(encode_progress.shard_record_path("00002"))
     assert record["unreadable"] and record["samples"] == 0 and record["valid"] == 0
 
@@ -149,7 +134,7 @@ def test_captions_that_are_not_utf8_are_replaced_not_fatal(tmp_path):
     samples = raw_samples("b", 2)
     samples[0]["txt"] = b"caf\xe9 \xff"
     write_raw_shard(run, 0, samples)
-    (batch,) = encode_io.decode_shard(run, "00000.tar", 32, 8)
+    (batch,) = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(32, 8))
     assert batch["txt"][0] == "caf\ufffd \ufffd" and len(batch["txt"]) == 2
 
 
@@ -220,7 +205,13 @@ def test_encode_stage_stores_distribution_and_flips_for_training(tmp_path, ray_l
     from train.data import load_latent_data
 
     config = load_config(
-        "tiny", overrides=["encode.store_distribution=true", "encode.flip_copies=true", "encode.batch_size=16", "ingest.samples_per_shard=20"]
+        "tiny",
+        overrides=[
+            "encode.store_distribution=true",
+            "encode.flip_copies=true",
+            "encode.batch_size=16",
+            "ingest.samples_per_shard=20",
+        ],
     )
     run = RunDir(tmp_path)
     for number in range(2):
@@ -233,7 +224,10 @@ def test_encode_stage_stores_distribution_and_flips_for_training(tmp_path, ray_l
     assert manifest["bytes_per_sample"] == 2 * (4 * 4 * 8 * 8 + 77 * 64)
     samples = read_latent_tars(run)
     assert len(samples) == 40
-    assert all(set(sample) == {"latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy", "text.npy", "json"} for sample in samples.values())
+    assert all(
+        set(sample) == {"latent.npy", "latent_std.npy", "latent_flip.npy", "latent_flip_std.npy", "text.npy", "json"}
+        for sample in samples.values()
+    )
     data = load_latent_data(run)
     assert data.counts()["samples"] == 40 and data.counts()["incomplete_samples"] == 0
 
@@ -242,20 +236,42 @@ def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):
     run = RunDir(tmp_path)
     for number in range(2):
         write_raw_shard(run, number, raw_samples(f"s{number}", 3, seed=number))
-        run.write_json(encode_progress.shard_record_path(f"{number:05d}"), {"shard": f"{number:05d}", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None})
+        run.write_json(
+            encode_progress.shard_record_path(f"{number:05d}"),
+            {
+                "shard": f"{number:05d}",
+                "samples": 3,
+                "valid": 0,
+                "undecodable": 3,
+                "truncated": False,
+                "unreadable": False,
+                "error": None,
+            },
+        )
     run.write_json(encode_progress.MODELS, {"vae": {"weights_sha256": "old"}})
     todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
     assert todo == ["00000", "00001"] and found["kept_shards"] == 0
     assert run.read_json(encode_progress.MODELS) == {"vae": {"weights_sha256": "new"}}
     # With the same models, shards whose records add up are kept.
-    run.write_json(encode_progress.shard_record_path("00000"), {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None})
+    run.write_json(
+        encode_progress.shard_record_path("00000"),
+        {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None},
+    )
     todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
     assert todo == ["00001"] and found["kept_shards"] == 1
 
 
 def test_progress_kept_by_name_is_dropped_once_the_weights_turn_out_different(tmp_path):
     run = RunDir(tmp_path)
-    record = {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None}
+    record = {
+        "shard": "00000",
+        "samples": 3,
+        "valid": 0,
+        "undecodable": 3,
+        "truncated": False,
+        "unreadable": False,
+        "error": None,
+    }
     run.write_json(encode_progress.shard_record_path("00000"), record)
     names = {"vae": {"id": "v", "subfolder": None}}
     run.write_json(encode_progress.MODELS, {"vae": {**names["vae"], "weights_sha256": "old"}})

@@ -19,8 +19,10 @@ from pipeline.core.arrays import to_base64_npy
 from pipeline.core.rundir import RunDir
 
 TEXT_SHAPE = [4, 8]
-IDENTITY = {"text_encoder": {"id": "te", "subfolder": None, "weights_sha256": "aa"},
-            "tokenizer": {"id": "tok", "subfolder": None, "vocab_sha256": "bb"}}  # fmt: skip
+IDENTITY = {
+    "text_encoder": {"id": "te", "subfolder": None, "weights_sha256": "aa"},
+    "tokenizer": {"id": "tok", "subfolder": None, "vocab_sha256": "bb"},
+}
 
 
 def text(seed: int) -> np.ndarray:
@@ -33,8 +35,10 @@ def encoded_at_64(run: RunDir) -> None:
     run.write_bytes(f"{layout.ENCODE_SHARDS}/00000-0123abcd.tar", shard_bytes(members))
     run.write_json(f"{encode_progress.PARTS}/00000-0123abcd.json", {"shard": "00000", "part": "00000-0123abcd", "samples": 3})
     run.write_json(encode_progress.shard_record_path("00000"), {"shard": "00000", "samples": 3, "valid": 3})
-    run.write_json(layout.ENCODE_MANIFEST, {"resolution": 64, **IDENTITY, "text_embedding_shape": TEXT_SHAPE,
-                                            "empty_caption_embedding": to_base64_npy(text(99))})  # fmt: skip
+    run.write_json(
+        layout.ENCODE_MANIFEST,
+        {"resolution": 64, **IDENTITY, "text_embedding_shape": TEXT_SHAPE, "empty_caption_embedding": to_base64_npy(text(99))},
+    )
 
 
 def test_previous_latents_are_recorded_first_kept_while_encoding_and_deleted_last(tmp_path):
@@ -79,7 +83,7 @@ def test_decode_tasks_attach_each_samples_previous_embedding_by_key(tmp_path):
             writer.write({"__key__": key, "jpg": image.getvalue(), "txt": f"caption {key}".encode(), "json": b"{}"})
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", buffer.getvalue())
 
-    (batch,) = encode_io.decode_shard(run, "00000.tar", resolution=32, batch_size=8, previous=previous)
+    (batch,) = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=8, previous=previous))
     assert batch[reuse.REUSED].tolist() == [True, True, False]
     embeddings = batch[layout.TEXT_EMBEDDING_KEY]
     assert np.array_equal(embeddings[0], text(2)) and np.array_equal(embeddings[1], text(0)) and not embeddings[2].any()

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 POSITIVE = "ratio samples_per_s wall_ratio wall_samples_per_s steady_seconds bare_samples_per_s stage_seconds bare_seconds peak_rss_mb peak_rss_mb_half_shards memory_growth_2x"
 
 
+@pytest.mark.e2e
 def test_bench_encode_prints_ratio_json_last():
     command = [str(Path(sys.executable).parent / "pipeline"), "bench", "encode", "--images", "200"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}

@@ -19,6 +19,7 @@ POSITIVE = (
 )
 
 
+@pytest.mark.e2e
 def test_bench_train_prints_ratio_and_zero3_memory_json_last():
     command = [str(Path(sys.executable).parent / "pipeline"), "bench", "train", "--images", "256"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}

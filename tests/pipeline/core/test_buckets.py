@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
-from test_encode import jpeg, write_raw_shard
+from raw_shards import jpeg, write_raw_shard
 
 from ingest.encode import progress as encode_progress
 from ingest.encode import shard_io as encode_io
@@ -44,7 +44,17 @@ def test_config_resolves_auto_and_validates_explicit_buckets_naming_the_key():
     config = load_config("tiny", overrides=[KEEP_RATIO, "encode.buckets='auto'"])
     assert config.encode.buckets == [(48, 96), (48, 80), (64, 64), (80, 48), (96, 48)]
     assert "buckets = [[48, 96], [48, 80], [64, 64], [80, 48], [96, 48]]" in to_toml(config)
-    sd = load_config("tiny", overrides=[KEEP_RATIO, "encode.buckets='auto'", "encode.resolution=256", "ingest.image_size=256", "ingest.toy_image_size=256", 'train.unet="sd15"'])
+    sd = load_config(
+        "tiny",
+        overrides=[
+            KEEP_RATIO,
+            "encode.buckets='auto'",
+            "encode.resolution=256",
+            "ingest.image_size=256",
+            "ingest.toy_image_size=256",
+            'train.unet="sd15"',
+        ],
+    )
     assert sd.encode.buckets == buckets.auto_buckets(256, 64)
     assert load_config("tiny").encode.buckets is None  # unset: square centre crop, as before
 
@@ -111,7 +121,7 @@ def test_decode_shard_yields_one_bucket_per_batch_and_records_the_crop(tmp_path)
     drawn = generate(12, 64, 1, aspect_ratios=[1.0, 2.0, 0.5])
     samples = [{"__key__": f"k{i:02d}", "jpg": jpeg(image), "txt": spec.caption} for i, (spec, image) in enumerate(drawn)]
     name = write_raw_shard(run, 0, samples)
-    batches = list(encode_io.decode_shard(run, name, resolution=64, batch_size=3, buckets=found))
+    batches = list(encode_io.decode_shard(run, name, encode_io.DecodeOptions(resolution=64, batch_size=3, buckets=found)))
     expected = {
         key: buckets.nearest_bucket(*image.size, found) for key, (_, image) in zip([s["__key__"] for s in samples], drawn)
     }

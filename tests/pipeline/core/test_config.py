@@ -115,7 +115,9 @@ def test_train_options_round_trip_and_are_validated():
 )
 def test_encoding_above_the_ingested_size_is_refused_naming_both_keys(overrides, key):
     """Encode would upscale: a multi-resolution schedule ingests once at its largest resolution."""
-    with pytest.raises(ConfigError, match=rf"encode\.resolution \(128\) is larger than {key.replace('(', '[(]').replace(')', '[)]')}"):
+    with pytest.raises(
+        ConfigError, match=rf"encode\.resolution \(128\) is larger than {key.replace('(', '[(]').replace(')', '[)]')}"
+    ):
         load_config("tiny", overrides=overrides)
     sizes = ["ingest.image_size=128", "ingest.toy_image_size=128"]
     assert load_config("tiny", overrides=[*sizes, "encode.resolution=64"]).encode.resolution == 64  # encoding smaller is fine

@@ -22,12 +22,17 @@ def fill_other_stages(run: RunDir, config) -> None:
     """What the other stages leave behind: run.json, config.toml, train/metrics.jsonl."""
     run.write_text(layout.CONFIG, to_toml(config) + '# <script>alert("not escaped")</script>\n')
     stages = {
-        "ingest": {"status": "done", "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:09+00:00",
-                   "seconds": 9.2, "counts": {"succeeded": 3000, "failed": 2}},
+        "ingest": {
+            "status": "done",
+            "started": "2026-01-01T00:00:00+00:00",
+            "finished": "2026-01-01T00:00:09+00:00",
+            "seconds": 9.2,
+            "counts": {"succeeded": 3000, "failed": 2},
+        },
         "encode": {"status": "done", "seconds": 20.0, "samples": 2998},
         "train": {"status": "done", "seconds": 300.5, "steps": 20},
         "sample": {"status": "running"},
-    }  # fmt: skip
+    }
     run.write_json(layout.RUN_MANIFEST, {"stages": stages})
     lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 0.5, "samples_per_s": 200.0}) for s in range(1, 41)]
     run.write_text(layout.TRAIN_METRICS, "\n".join(lines) + '\n{"step": 41, "lo')  # torn last line

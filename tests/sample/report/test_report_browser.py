@@ -21,8 +21,15 @@ from sample.validate import stage as validate
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS", Path(__file__).resolve().parents[3] / "test-artifacts"))
 # This machine has no network: without these, Chromium keeps trying to reach Google's hosts.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 IMAGES_STATE = """() => Array.from(document.images).map(image => ({
     src: image.currentSrc.slice(0, 40), loaded: image.complete && image.naturalWidth > 0,
@@ -76,4 +83,3 @@ def test_every_image_of_the_report_loads_in_chromium(synthetic_run, model_dirs, 
     broken.write_text(html[: start + 40] + html[html.index('"', start) :])
     images, _ = open_in_chromium(broken)
     assert sum(not image["loaded"] for image in images) == 1
-

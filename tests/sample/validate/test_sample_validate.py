@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 import torch
@@ -47,13 +48,14 @@ def test_validates_every_committed_export_and_writes_grids(synthetic_run, model_
     assert summary["best"] == best
 
 
-def test_is_incremental(synthetic_run, model_dirs, tmp_path, capsys):
+def test_is_incremental(synthetic_run, model_dirs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
     validate.run_stage(sample_config(model_dirs), synthetic_run)
     before = synthetic_run.read_text(layout.SAMPLE_VALIDATION)
 
     assert validate.run_stage(sample_config(model_dirs), synthetic_run)["validated"] == []
     assert synthetic_run.read_text(layout.SAMPLE_VALIDATION) == before
-    assert "already validated" in capsys.readouterr().out
+    assert "already validated" in caplog.text
 
     export_step(synthetic_run, 30, tmp_path)
     assert validate.run_stage(sample_config(model_dirs), synthetic_run)["validated"] == [30]
@@ -143,11 +145,17 @@ def test_runs_on_the_shipped_builtin_models(tmp_path):
 
     channels, side, _ = manifest["latent_shape"]
     unet = UNet2DConditionModel(
-        sample_size=side, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=manifest["text_embedding_shape"][1],
-        attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
+        sample_size=side,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=manifest["text_embedding_shape"][1],
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
     unet.save_pretrained(tmp_path / "export" / "unet")
     training_scheduler().save_pretrained(tmp_path / "export" / "scheduler")
     run.put_dir(tmp_path / "export", f"{layout.TRAIN_EXPORT}/{layout.step_name(5)}")
