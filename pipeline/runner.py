@@ -221,7 +221,7 @@ def _run_one(
 ) -> None:
     """`beside(keeps_output)`, if given, is a context the stage function runs inside (the sample watcher)."""
     output, needs_ray = STAGE_SPECS[name].output, STAGE_SPECS[name].needs_ray
-    fingerprint, base, phase = stage_fingerprints
+    _, base, phase = stage_fingerprints
     mode = continuation(entry, base, phase, force)
     if mode == "start":
         run.remove(output)  # stale or forced: start from an empty folder
@@ -230,16 +230,7 @@ def _run_one(
     if needs_ray:
         ensure_ray(config.ray)
     started = time.monotonic()
-    run.update_stage(
-        name,
-        status="running",
-        started=now(),
-        finished=None,
-        fingerprint=fingerprint,
-        base_fingerprint=base,
-        phase_fingerprint=phase,
-        error=None,
-    )
+    _mark_running(run, name, stage_fingerprints)
     try:
         function = stage_function(name)  # imported before a watcher thread imports too: diffusers' lazy imports race
         with beside(mode != "start") if beside else contextlib.nullcontext():
@@ -251,6 +242,21 @@ def _run_one(
     run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": seconds})
     counts = ", ".join(f"{key} {value}" for key, value in (summary.get("counts") or {}).items())
     logger.info(f"done in {seconds:.1f} s" + (f": {counts}" if counts else ""))
+
+
+def _mark_running(run: RunDir, name: str, stage_fingerprints: tuple[str, str, str]) -> None:
+    """run.json: the stage is running, with the fingerprints (full, base, phase) of the config it runs."""
+    fingerprint, base, phase = stage_fingerprints
+    run.update_stage(
+        name,
+        status="running",
+        started=now(),
+        finished=None,
+        fingerprint=fingerprint,
+        base_fingerprint=base,
+        phase_fingerprint=phase,
+        error=None,
+    )
 
 
 def _record_failure(name: str, run: RunDir, error: BaseException, seconds: float) -> None:
@@ -288,19 +294,10 @@ def _sample_watcher(
     starts over), and the stage's entry then says the stage resumes it."""
     from sample.watch import Watcher
 
-    fingerprint, base, phase = sample_fingerprints
+    _, base, phase = sample_fingerprints
     if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
         run.remove(STAGE_SPECS["sample"].output)
-    run.update_stage(
-        "sample",
-        status="running",
-        started=now(),
-        finished=None,
-        fingerprint=fingerprint,
-        base_fingerprint=base,
-        phase_fingerprint=phase,
-        error=None,
-    )
+    _mark_running(run, "sample", sample_fingerprints)
     watcher = Watcher(config, run).start()
     try:
         yield

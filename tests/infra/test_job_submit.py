@@ -153,6 +153,7 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.e2e  # starts a Ray head of its own (`ray start`): `make test-e2e`, with the job it runs
 def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
     job = {"entrypoint": "echo hello"}
     assert ray_head.request("/api/jobs/", job, token=None)[0] == 401

@@ -1,14 +1,11 @@
 """`pipeline bench sample`: the fewest steps at which each scheduler matches the DDPM reference,
 on a synthetic run with random tiny models (accuracy ~0, so the JSON's shape is what is checked)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from sample_support import PROMPTS, sample_config
+from typer.testing import CliRunner
 
+from pipeline import cli as pipeline_cli
 from pipeline.bench.sample import SCHEDULERS, first_hit, run_bench
 from pipeline.core import layout
 from pipeline.core.config import to_toml
@@ -73,19 +70,13 @@ def test_first_hit_stops_at_the_first_rung_that_reaches_the_bar_even_if_a_later_
     assert first_hit(lambda n: (accuracies[n], 0.1), [1, 3], threshold=0.8) == (None, {1: (0.2, 0.1), 3: (0.5, 0.1)})
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "pipeline"), "bench", *args]
-    return subprocess.run(
-        command, check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-
-
 def test_cli_fails_clearly_without_a_trained_run(tmp_path):
+    """`pipeline bench` in this process (typer's CliRunner): failing early needs no fresh interpreter."""
     missing = tmp_path / "no-such-run"
-    result = cli("sample", "--run", str(missing))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert str(missing / layout.CONFIG) in result.stderr and "make demo" in result.stderr
+    result = CliRunner().invoke(pipeline_cli.app, ["bench", "sample", "--run", str(missing)])
+    assert result.exit_code == 2, result.output[-3000:]
+    assert str(missing / layout.CONFIG) in result.output and "make demo" in result.output
     assert not missing.exists()  # nothing trained or written
 
-    result = cli("encode", "--run", str(missing))
-    assert result.returncode == 2 and "bench encode takes no --run" in result.stderr
+    result = CliRunner().invoke(pipeline_cli.app, ["bench", "encode", "--run", str(missing)])
+    assert result.exit_code == 2 and "bench encode takes no --run" in result.output
