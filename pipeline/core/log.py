@@ -41,10 +41,14 @@ _log_file: Path | None = None  # set by setup_driver
 
 
 class _StageFormatter(logging.Formatter):
-    """FORMAT with `stage`: the logger's name below ROOT (pipeline.encode -> encode)."""
+    """FORMAT with `stage`: the logger's name below ROOT (pipeline.encode -> encode); for another library's
+    logger, the library (ray.data._internal... -> ray)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        record.stage = record.name.removeprefix(ROOT + ".") if record.name != ROOT else "run"
+        if record.name.startswith(ROOT + "."):
+            record.stage = record.name.removeprefix(ROOT + ".")
+        else:
+            record.stage = "run" if record.name == ROOT else record.name.split(".")[0]
         return super().format(record)
 
 
@@ -188,9 +192,10 @@ def quiet_ray_driver() -> None:
 
 class _ProgressRate(logging.Filter):
     """Lets errors through, and Ray Data's "Total Progress: N/M" lines (logged every few seconds when
-    stdout is not a terminal) with the rows per second since the previous one."""
+    stdout is not a terminal) as "Ray Data progress N/M" with the rate since the previous one. N counts
+    the rows of the dataset's input: for encode, raw shards."""
 
-    PATTERN = re.compile(r"Total Progress: (\d+)/")
+    PATTERN = re.compile(r"Total Progress: (\d+)/(\S+)")
 
     def __init__(self) -> None:
         super().__init__()
@@ -203,9 +208,10 @@ class _ProgressRate(logging.Filter):
         if not found:
             return False
         rows = int(found.group(1))
+        message = f"Ray Data progress {rows}/{found.group(2)}"
         if self.last and record.created > self.last[0]:
-            rate = (rows - self.last[1]) / (record.created - self.last[0])
-            record.msg, record.args = f"{record.getMessage()} rows ({rate:.1f} rows/s)", None
+            message += f" ({(rows - self.last[1]) / (record.created - self.last[0]):.2f}/s)"
+        record.msg, record.args = message, None
         self.last = (record.created, rows)
         return True
 

@@ -80,4 +80,7 @@ def test_ray_data_progress_lines_get_a_rate_and_other_ray_info_stays_off_the_con
     second.created = first.created + 10
     other = logging.LogRecord("ray.data", logging.INFO, "", 0, "Execution plan of Dataset ...", None, None)
     assert rate.filter(first) and rate.filter(second) and not rate.filter(other)
-    assert second.getMessage() == "Total Progress: 300/? rows (20.0 rows/s)"
+    assert first.getMessage() == "Ray Data progress 100/?"
+    assert second.getMessage() == "Ray Data progress 300/? (20.00/s)"
+    line = log._handler(None, logging.INFO).format(second)
+    assert line.endswith(" ray    Ray Data progress 300/? (20.00/s)")
