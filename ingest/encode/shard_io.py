@@ -21,9 +21,9 @@ from PIL import Image
 
 from ingest.encode import progress, reuse
 from ingest.encode.class_labels import label_of
+from ingest.encode.crop import Crop, crop_to_bucket, shard_summary
 from pipeline.core import faults, layout
 from pipeline.core.arrays import to_npy_bytes
-from pipeline.core.buckets import Crop, crop_to_bucket, shard_summary
 from pipeline.core.rundir import RunDir
 
 KEY = "__key__"
@@ -86,7 +86,7 @@ def decode_sample(sample: dict[str, bytes], resolution: int, max_pixels: int = M
     """The centre crop of a sample's image, or None if it has none, it does not decode, or its
     header declares more than `max_pixels` pixels (then nothing is decoded).
 
-    With `buckets` (encode.buckets): (its crop to the nearest bucket, an `pipeline.core.buckets.Crop`) instead."""
+    With `buckets` (encode.buckets): (its crop to the nearest bucket, an `ingest.encode.crop.Crop`) instead."""
     data = sample.get(layout.IMAGE_KEY)
     if data is None:
         return None

@@ -25,10 +25,11 @@ import torch
 
 from ingest.encode import progress, reuse
 from ingest.encode.class_labels import find_classes
+from ingest.encode.crop import manifest_summary
 from ingest.encode.shard_io import KEY, PIXELS, SHARD, DecodeOptions, decode_shards, latent_sink
 from pipeline.core import faults, layout
 from pipeline.core.arrays import to_base64_npy
-from pipeline.core.buckets import bucket_name, check_buckets, manifest_summary
+from pipeline.core.buckets import bucket_name, check_buckets
 from pipeline.core.config import EncodeConfig, PipelineConfig
 from pipeline.core.identity import configured_names
 from pipeline.core.log import get_logger
