@@ -15,7 +15,7 @@ import numpy as np
 
 from ingest.encode.stage import latent_members
 from pipeline.core import layout
-from pipeline.core.arrays import to_base64_npy, to_npy_bytes
+from pipeline.core.arrays import from_npy_bytes, to_base64_npy, to_npy_bytes
 from pipeline.core.config import EncodeConfig
 from pipeline.core.identity import Encoders
 from pipeline.core.rundir import RunDir
@@ -53,11 +53,37 @@ def builtin_encoder_records() -> dict:
     return Encoders.load(config).records(config)
 
 
+def latent_shard_entries(names: list[str], shards: list[list[tuple[str, bytes]]], manifest: dict) -> list[dict]:
+    """The manifest's `latent_shards` for tars `names` holding `shards` (each tar is one raw shard's
+    only part): samples are the keys with a latent member; with manifest["bucket_latent_shapes"], also
+    per bucket by latent shape (a latent of no bucket's shape counts in no bucket)."""
+    bucket_of_shape = {tuple(shape): name for name, shape in manifest.get("bucket_latent_shapes", {}).items()}
+    entries = []
+    for name, members in sorted(zip(names, shards)):
+        latents = [data for member, data in members if member.endswith(f".{layout.LATENT_KEY}")]
+        entry = {"name": name.removesuffix(".tar"), "parts": [name], "samples": len(latents)}
+        if bucket_of_shape:
+            counts: dict[str, int] = {}
+            for data in latents:
+                bucket = bucket_of_shape.get(from_npy_bytes(data).shape)
+                if bucket is not None:
+                    counts[bucket] = counts.get(bucket, 0) + 1
+            entry["buckets"] = dict(sorted(counts.items()))
+            entry["samples"] = sum(counts.values())  # encode writes no latent outside a bucket
+        entries.append(entry)
+    return entries
+
+
 def write_encode_output(
-    root, shards: list[list[tuple[str, bytes]]], encode: EncodeConfig | None = None, encoder_records: dict | None = None
+    root,
+    shards: list[list[tuple[str, bytes]]],
+    encode: EncodeConfig | None = None,
+    encoder_records: dict | None = None,
+    manifest_fields: dict | None = None,
 ) -> RunDir:
     """Write `shards` (each a list of tar members) as 00000.tar, ... and the manifest the encode
-    stage would write for them under `encode`'s options; `encoder_records` default to the builtin ones."""
+    stage would write for them under `encode`'s options; `encoder_records` default to the builtin ones.
+    `manifest_fields` (such as buckets and bucket_latent_shapes) are added to the manifest."""
     encode = encode or EncodeConfig()
     run = RunDir(root)
     names = [f"{index:05d}.tar" for index in range(len(shards))]
@@ -74,7 +100,9 @@ def write_encode_output(
         "samples": samples,
         "shards": names,
         "empty_caption_embedding": to_base64_npy(np.zeros(TEXT_SHAPE, np.float16)),
+        **(manifest_fields or {}),
     }
+    manifest["latent_shards"] = latent_shard_entries(names, shards, manifest)
     run.write_json(layout.ENCODE_MANIFEST, manifest)
     return run
 

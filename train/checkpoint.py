@@ -25,8 +25,8 @@ from pipeline.core import faults, layout
 from pipeline.core.config import TrainConfig
 from pipeline.core.rundir import RunDir, now
 from train import distributed, phases
-from train.data import BatchPosition
 from train.ema import ExponentialMovingAverage, weights_replaced
+from train.order import BatchPosition
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
@@ -38,14 +38,15 @@ class TrainState:
     """What a checkpoint must add to the engine state for the run to continue exactly."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # the data order resumes at (epoch, batch_index): the next batch to take
-    batch_index: int = 0
+    epoch: int = 0  # the data order resumes at (epoch, taken): samples taken from each stream (train.order)
+    taken: int = 0
+    streams: int = 0  # the data order's streams, fixed for the run (0: not chosen yet)
     skipped_nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     skipped_in_a_row: int = 0  # the current streak of them; a finite loss resets it
     phases: list[dict] = field(default_factory=list)  # resolution and first step of each phase (train.phases)
 
     def advance(self, position: BatchPosition, skipped: bool, step: int) -> None:
-        self.epoch, self.batch_index = position.epoch, position.index + 1
+        self.epoch, self.taken = position.epoch, position.next_taken
         self.skipped_nonfinite += int(skipped)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         self.step = step
@@ -121,7 +122,9 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
     if distributed.is_rank_zero():
         resumes = run.read_json(layout.TRAIN_RESUMES) if run.exists(layout.TRAIN_RESUMES) else []
         run.write_json(layout.TRAIN_RESUMES, [*resumes, {"step": state.step, "at": now()}])
-    distributed.log(f"resumed from {run.path(relative)} at step {state.step} (epoch {state.epoch}, batch {state.batch_index})")
+    distributed.log(
+        f"resumed from {run.path(relative)} at step {state.step} (epoch {state.epoch}, {state.taken} samples into each of {state.streams} data streams)"
+    )
     return state
 
 

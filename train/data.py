@@ -1,25 +1,21 @@
-"""Latent shards in memory, and the data order that makes resume exact.
+"""Reading latent shards: the encode manifest, one shard's samples, and batches of them.
 
 The encode stage writes `RUN/encode/shards/*.tar` (webdataset: KEY.latent.npy, KEY.text.npy,
 KEY.json, and with the encode options the posterior's std, a mirrored copy and the class label
-KEY.cls: see `pipeline.core.layout`). Every worker reads all of them into memory once (the tiny demo's 3000
-samples take ~30 MB) as one shard per raw shard, samples sorted by key; the order in which a
-rank visits them is a pure function of (seed, epoch, rank, world size), so a checkpoint needs
-only (epoch, next batch index):
+KEY.cls: see `pipeline.core.layout`) and `encode/manifest.json`, whose `latent_shards` lists each
+raw shard's parts and sample counts. Training plans its order from those counts alone
+(`train.order`) and streams only the shards its batches need (`train.stream`); `load_latent_data`
+reads every shard into memory, for tests and benchmarks.
 
-1. per epoch, a permutation of the shards seeded by (seed, epoch);
-2. shards dealt to ranks round-robin; the remainder (shards % world size) sits the epoch out;
-3. inside each shard a shuffle seeded by (seed, epoch, shard);
-4. every rank takes the same number of batches: the fewest any rank can fill. What is
-   left over is counted (`EpochPlan.samples_dropped`), never silently lost.
+A raw shard reads as its parts merged, samples sorted by key (per bucket with encode.buckets), so
+the same latents give the same order however encode split them. Index i of a shard is its i-th
+sample counting bucket by bucket in bucket-name order. A sample counted by encode that proves
+unusable on reading (damaged since, or non-finite) is replaced by another of the same shard and
+bucket, and counted: every rank still takes a full batch in step with the others.
 
-Flip choices and posterior draws come from the batch's own generator (`LatentData.batch`),
-so they too are recomputed, not stored, on resume.
-
-With encode.buckets, latents come in one shape per bucket: `train.bucket_order` reads them and
-deals single-bucket batches instead (same position, same resume).
-
-Arrays are read with `allow_pickle=False` and metadata as JSON: no pickle ever runs.
+Flip choices and posterior draws come from the batch's own generator (`assemble`), so they too
+are recomputed, not stored, on resume. Arrays are read with `allow_pickle=False` and metadata as
+JSON: no pickle ever runs.
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +31,7 @@ import torch
 from pipeline.core import layout
 from pipeline.core.arrays import from_base64_npy, from_npy_bytes
 from pipeline.core.rundir import RunDir
+from train.order import ShardCounts
 
 # webdataset's rule: the key is the path up to the first dot of the file name.
 _MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
@@ -43,7 +39,7 @@ _MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 
 @dataclass
 class LatentShard:
-    """One shard's complete samples (fp16): text embeddings [n, 77, D] and, by member name,
+    """Samples of one shard and bucket (fp16): text embeddings [n, 77, D] and, by member name,
     latents [n, 4, h, w] (`layout.LATENT_KEY`, plus the std and flipped members if encoded)."""
 
     name: str
@@ -59,22 +55,35 @@ class LatentShard:
         return len(self.text_embeddings)
 
 
-@dataclass
-class LatentData:
-    """Everything training reads from the encode stage."""
+@dataclass(frozen=True)
+class ShardEntry:
+    """One latent shard of the manifest's `latent_shards`: a raw shard's parts and counts."""
 
-    shards: list[LatentShard]
-    empty_caption_embedding: np.ndarray  # [77, D]
+    name: str
+    parts: tuple[str, ...]
+    counts: ShardCounts
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What the encode manifest says training needs: shapes, members, classes and the shard table."""
+
+    shards: tuple[ShardEntry, ...]
+    empty_caption_embedding: np.ndarray  # [77, D] fp16
     latent_shape: tuple[int, ...]  # [4, h, w]
     text_embedding_shape: tuple[int, ...]  # [77, D]
     latent_members: tuple[str, ...] = (layout.LATENT_KEY,)
-    bucketed: bool = False  # encode.buckets: batch one bucket at a time (train.buckets.BucketOrder)
+    bucket_latent_shapes: dict[str, tuple[int, ...]] | None = None  # encode.buckets: bucket -> latent shape
     classes: list[str] | None = None  # class names in label order (encode.class_field); None: no labels
     class_field: str | None = None
 
     @property
-    def shard_sizes(self) -> tuple[int, ...]:
-        return tuple(len(shard) for shard in self.shards)
+    def bucketed(self) -> bool:
+        return self.bucket_latent_shapes is not None
+
+    @property
+    def shard_counts(self) -> tuple[ShardCounts, ...]:
+        return tuple(entry.counts for entry in self.shards)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -92,43 +101,110 @@ class LatentData:
     def stores_distribution(self) -> bool:
         return layout.LATENT_STD_KEY in self.latent_members
 
+    @property
+    def class_count(self) -> int | None:
+        return None if self.classes is None else len(self.classes)
+
+
+@dataclass
+class LoadedShard:
+    """One latent shard read whole: its usable samples per bucket ("" without buckets)."""
+
+    entry: ShardEntry
+    by_bucket: dict[str, LatentShard]
+    incomplete_samples: int = 0
+    truncated: bool = False
+
+    @property
+    def usable(self) -> int:
+        return sum(len(part) for part in self.by_bucket.values())
+
+    @property
+    def replaced(self) -> int:
+        """Counted samples this shard no longer yields (each is replaced by another of its bucket)."""
+        return max(self.entry.counts.samples - self.usable, 0)
+
+    def locate(self, index: int) -> tuple[LatentShard, int]:
+        """The samples and row that index `index` of the shard reads (see the module docstring)."""
+        buckets = self.entry.counts.buckets or (("", self.entry.counts.samples),)
+        for bucket, count in buckets:
+            if index < count:
+                part = self.by_bucket.get(bucket)
+                if part is None or len(part) == 0:
+                    raise ValueError(
+                        f"latent shard {self.entry.name} ({', '.join(self.entry.parts)}): encode counted {count} sample(s)"
+                        f"{' of bucket ' + bucket if bucket else ''} but none is readable now; encode it again"
+                    )
+                return part, index % len(part)
+            index -= count
+        raise IndexError(f"latent shard {self.entry.name} has {self.entry.counts.samples} samples, not {index + 1}+")
+
+
+def assemble(
+    rows: list[tuple[LatentShard, int]], spec: LatentSpec, generator: torch.Generator | None = None, pin: bool = False
+) -> dict[str, torch.Tensor]:
+    """Stack (samples, row) pairs into tensors: `latents` and `text_embeddings` fp16 (cast on the
+    device, not here), `class_labels` with classes.
+
+    With flip copies each sample takes its mirrored latent with probability 0.5; with stored
+    distributions its latent is drawn as mean + std * noise (then fp32). Both come from
+    `generator` (flips first, then noise), so a batch is a pure function of (rows, generator
+    state), which is what makes resume exact. Without either option nothing is drawn. `pin`
+    collates into page-locked memory, for non-blocking copies to a GPU.
+    """
+    flipped = (torch.rand(len(rows), generator=generator) < 0.5).tolist() if spec.flip_copies else [False] * len(rows)
+    latents = _stack([part.latents[_member(layout.LATENT_KEY, flip)][row] for (part, row), flip in zip(rows, flipped)], pin)
+    if spec.stores_distribution:
+        std = _stack([part.latents[_member(layout.LATENT_STD_KEY, flip)][row] for (part, row), flip in zip(rows, flipped)])
+        latents = latents.float() + std.float() * torch.randn(latents.shape, generator=generator)
+    batch = {"latents": latents, "text_embeddings": _stack([part.text_embeddings[row] for part, row in rows], pin)}
+    if spec.classes is not None:
+        batch["class_labels"] = torch.tensor([int(part.class_labels[row]) for part, row in rows])
+    return batch
+
+
+def _member(member: str, flipped: bool) -> str:
+    return (
+        {layout.LATENT_KEY: layout.LATENT_FLIP_KEY, layout.LATENT_STD_KEY: layout.LATENT_FLIP_STD_KEY}[member]
+        if flipped
+        else member
+    )
+
+
+def _stack(arrays: list[np.ndarray], pin: bool = False) -> torch.Tensor:
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.float16, pin_memory=pin)
+    np.stack(arrays, out=out.numpy())
+    return out
+
+
+@dataclass
+class LatentData:
+    """Every latent shard in memory (tests and benchmarks; training streams them: `train.stream`)."""
+
+    spec: LatentSpec
+    shards: list[LoadedShard]
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        return tuple(entry.counts.samples for entry in self.spec.shards)
+
     def batch(self, samples: list[tuple[int, int]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Stack (shard, index) pairs into float32 tensors `latents` and `text_embeddings`.
-
-        With flip copies each sample takes its mirrored latent with probability 0.5; with stored
-        distributions its latent is drawn as mean + std * noise. Both come from `generator`
-        (flips first, then noise), so a batch is a pure function of (samples, generator state),
-        which is what makes resume exact. Without either option nothing is drawn.
-        """
-        flipped = self._flip_choices(len(samples), generator)
-        latents = self._stack(samples, flipped, layout.LATENT_KEY, layout.LATENT_FLIP_KEY)
-        if self.stores_distribution:
-            std = self._stack(samples, flipped, layout.LATENT_STD_KEY, layout.LATENT_FLIP_STD_KEY)
-            latents = latents + std * torch.randn(latents.shape, generator=generator)
-        text = np.stack([self.shards[shard].text_embeddings[index] for shard, index in samples])
-        batch = {"latents": latents, "text_embeddings": torch.from_numpy(text.astype(np.float32))}
-        if self.classes is not None:
-            batch["class_labels"] = torch.tensor([int(self.shards[shard].class_labels[index]) for shard, index in samples])
-        return batch
-
-    def _flip_choices(self, count: int, generator: torch.Generator | None) -> list[bool]:
-        if not self.flip_copies:
-            return [False] * count
-        return (torch.rand(count, generator=generator) < 0.5).tolist()
-
-    def _stack(self, samples: list[tuple[int, int]], flipped: list[bool], member: str, flip_member: str) -> torch.Tensor:
-        rows = [
-            self.shards[shard].latents[flip_member if flip else member][index] for (shard, index), flip in zip(samples, flipped)
-        ]
-        return torch.from_numpy(np.stack(rows).astype(np.float32))
+        """`assemble` of (shard, index) pairs."""
+        return assemble([self.shards[shard].locate(index) for shard, index in samples], self.spec, generator)
 
     def counts(self) -> dict[str, int]:
-        return {
-            "shards": len(self.shards),
-            "samples": sum(self.shard_sizes),
-            "incomplete_samples": sum(shard.incomplete_samples for shard in self.shards),
-            "truncated_shards": sum(shard.truncated for shard in self.shards),
-        }
+        return read_counts(self.shards)
+
+
+def read_counts(shards: list[LoadedShard]) -> dict[str, int]:
+    """What reading these shards found: shards, usable samples, and what was damaged."""
+    return {
+        "shards": len(shards),
+        "samples": sum(shard.usable for shard in shards),
+        "incomplete_samples": sum(shard.incomplete_samples for shard in shards),
+        "truncated_shards": sum(shard.truncated for shard in shards),
+        "replaced_samples": sum(shard.replaced for shard in shards),
+    }
 
 
 def manifest_latent_members(manifest: dict) -> tuple[str, ...]:
@@ -152,93 +228,95 @@ def manifest_latent_members(manifest: dict) -> tuple[str, ...]:
     return tuple(members)
 
 
-def latent_shard_names(run: RunDir, manifest: dict) -> list[str]:
-    """The manifest's list of latent tars; older manifests have none: every tar in the folder."""
-    if "shards" in manifest:
-        return list(manifest["shards"])
-    return run.list(layout.ENCODE_SHARDS, suffix=".tar")
-
-
-def load_latent_data(run: RunDir) -> LatentData:
-    """Read the encode manifest and every latent shard of `run`."""
+def read_spec(run: RunDir) -> LatentSpec:
+    """The encode manifest of `run`, checked, as a `LatentSpec`; raises naming the file if it cannot feed training."""
+    where = run.path(layout.ENCODE_MANIFEST)
     if not run.exists(layout.ENCODE_MANIFEST):
-        raise FileNotFoundError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
+        raise FileNotFoundError(f"{where} is missing: run the encode stage first")
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    latent_shape = tuple(manifest["latent_shape"])
-    text_shape = tuple(manifest["text_embedding_shape"])
-    members = manifest_latent_members(manifest)
+    latent_shape, text_shape = tuple(manifest["latent_shape"]), tuple(manifest["text_embedding_shape"])
     empty = from_base64_npy(manifest["empty_caption_embedding"])
     if tuple(empty.shape) != text_shape:
-        raise ValueError(f"empty_caption_embedding has shape {list(empty.shape)}, expected {list(text_shape)}")
-    classes = manifest.get("classes")
-    names = latent_shard_names(run, manifest)
-    if not names:
-        raise FileNotFoundError(f"no latent shards (*.tar) under {run.path(layout.ENCODE_SHARDS)}")
-    if manifest.get("buckets"):  # encode.buckets: one shard per raw shard and bucket (train.buckets)
-        from train.bucket_order import read_bucketed_shards
-
-        shards = read_bucketed_shards(run, names, manifest, text_shape, members, None if classes is None else len(classes))
-        return LatentData(
-            shards,
-            empty.astype(np.float16),
-            latent_shape,
-            text_shape,
-            members,
-            True,
-            classes=classes,
-            class_field=manifest.get("class_field"),
+        raise ValueError(f"{where}: empty_caption_embedding has shape {list(empty.shape)}, expected {list(text_shape)}")
+    if "latent_shards" not in manifest:
+        raise ValueError(
+            f"{where} has no per-shard sample counts (latent_shards), which training plans its order from: run the "
+            "encode stage again (it keeps every encoded shard and rewrites the manifest)"
         )
-    shards = []
-    for raw_shard, parts in sorted(parts_by_raw_shard(names).items()):
-        class_count = None if classes is None else len(classes)
-        read = [
-            read_latent_shard(
-                io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), name, latent_shape, text_shape, members, class_count
-            )
-            for name in parts
-        ]
-        shards.append(merge_by_key(raw_shard, read))
-    return LatentData(
-        shards,
-        empty.astype(np.float16),
-        latent_shape,
-        text_shape,
-        members,
-        classes=classes,
+    bucket_shapes = manifest.get("bucket_latent_shapes") if manifest.get("buckets") else None
+    entries = tuple(_shard_entry(entry, bucket_shapes is not None, where) for entry in manifest["latent_shards"])
+    if not entries:
+        raise FileNotFoundError(f"{where} lists no latent shard: encode wrote nothing to train on")
+    return LatentSpec(
+        shards=entries,
+        empty_caption_embedding=empty.astype(np.float16),
+        latent_shape=latent_shape,
+        text_embedding_shape=text_shape,
+        latent_members=manifest_latent_members(manifest),
+        bucket_latent_shapes=None if bucket_shapes is None else {name: tuple(shape) for name, shape in bucket_shapes.items()},
+        classes=manifest.get("classes"),
         class_field=manifest.get("class_field"),
     )
 
 
-# Encode names a part `STEM-xxxxxxxx.tar` after the raw shard it came from.
-_PART_NAME = re.compile(r"^(.+)-[0-9a-f]{8}\.tar$")
+def _shard_entry(entry: dict, bucketed: bool, where: str) -> ShardEntry:
+    buckets = tuple(sorted((str(name), int(count)) for name, count in entry.get("buckets", {}).items() if count))
+    if bucketed and sum(count for _, count in buckets) != entry["samples"]:
+        raise ValueError(f"{where}: latent shard {entry['name']}'s bucket counts do not add up to its {entry['samples']} samples")
+    return ShardEntry(str(entry["name"]), tuple(entry["parts"]), ShardCounts(int(entry["samples"]), buckets))
 
 
-def parts_by_raw_shard(names: list[str]) -> dict[str, list[str]]:
-    """Latent tar names grouped by the raw shard they came from (a name that is not a part is its own group)."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        match = _PART_NAME.match(name)
-        groups.setdefault(match.group(1) if match else name.removesuffix(".tar"), []).append(name)
-    return groups
+def read_shard(run: RunDir, spec: LatentSpec, entry: ShardEntry) -> LoadedShard:
+    """One latent shard: its parts read and merged, by bucket."""
+    wanted = {*spec.latent_members, layout.TEXT_EMBEDDING_KEY, *([layout.CLASS_KEY] if spec.classes is not None else [])}
+    shape_bucket = {shape: name for name, shape in (spec.bucket_latent_shapes or {"": spec.latent_shape}).items()}
+    rows: dict[str, list[tuple[str, dict]]] = {}
+    incomplete, truncated = 0, False
+    for part in entry.parts:
+        with run.open_read(f"{layout.ENCODE_SHARDS}/{part}") as handle:
+            samples, cut = read_tar_members(io.BytesIO(handle.read()), wanted)
+        truncated |= cut
+        for key, members in samples.items():
+            bucket = shape_bucket.get(_latent_shape(members)) if spec.bucketed else ""
+            shape = spec.bucket_latent_shapes[bucket] if spec.bucketed and bucket is not None else spec.latent_shape
+            arrays = (
+                None
+                if bucket is None
+                else decode_sample(members, spec.latent_members, shape, spec.text_embedding_shape, spec.class_count)
+            )
+            if arrays is None:
+                incomplete += 1
+            else:
+                rows.setdefault(bucket, []).append((key, arrays))
+    by_bucket = {bucket: _latent_shard(entry.name, bucket, found, spec) for bucket, found in sorted(rows.items())}
+    return LoadedShard(entry, by_bucket, incomplete, truncated)
 
 
-def merge_by_key(name: str, parts: list[LatentShard]) -> LatentShard:
-    """One shard of all `parts`' samples, sorted by key.
+def _latent_shape(members: dict[str, bytes]) -> tuple | None:
+    try:
+        return from_npy_bytes(members[layout.LATENT_KEY]).shape
+    except (KeyError, ValueError, OSError, EOFError):
+        return None
 
-    How encode's write tasks split and ordered a raw shard's samples varies from run to run
-    (and after a resume); sorted by key, the same latents give the same training order.
-    """
-    keys = [key for part in parts for key in part.keys]
-    order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, int)
+
+def _latent_shard(name: str, bucket: str, rows: list[tuple[str, dict]], spec: LatentSpec) -> LatentShard:
+    """Samples sorted by key: however encode's write tasks split a raw shard, the same latents give the same order."""
+    rows = sorted(rows, key=lambda row: row[0])
+    labels = None if spec.classes is None else np.array([arrays[layout.CLASS_KEY] for _, arrays in rows], dtype=np.int64)
     return LatentShard(
-        name=name,
-        latents={member: np.concatenate([part.latents[member] for part in parts])[order] for member in parts[0].latents},
-        text_embeddings=np.concatenate([part.text_embeddings for part in parts])[order],
-        incomplete_samples=sum(part.incomplete_samples for part in parts),
-        truncated=any(part.truncated for part in parts),
-        keys=tuple(keys[index] for index in order),
-        class_labels=None if parts[0].class_labels is None else np.concatenate([part.class_labels for part in parts])[order],
+        name=f"{name}:{bucket}" if bucket else name,
+        latents={member: np.stack([arrays[member] for _, arrays in rows]) for member in spec.latent_members},
+        text_embeddings=np.stack([arrays[layout.TEXT_EMBEDDING_KEY] for _, arrays in rows]),
+        keys=tuple(key for key, _ in rows),
+        bucket=bucket or None,
+        class_labels=labels,
     )
+
+
+def load_latent_data(run: RunDir) -> LatentData:
+    """The encode manifest and every latent shard of `run`, in memory."""
+    spec = read_spec(run)
+    return LatentData(spec, [read_shard(run, spec, entry) for entry in spec.shards])
 
 
 def read_latent_shard(
@@ -313,75 +391,3 @@ def decode_sample(
             return None
         arrays[member] = array.astype(np.float16)
     return arrays
-
-
-# -- data order ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchPosition:
-    """Where a batch sits in the order, and the (shard, index) pairs it holds."""
-
-    epoch: int
-    index: int
-    samples: list[tuple[int, int]] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    shards_by_rank: list[list[int]]
-    shards_dropped: list[int]
-    steps: int  # batches every rank takes this epoch
-    samples_dropped: int  # samples no rank sees this epoch (dropped shards and uneven tails)
-
-
-@dataclass(frozen=True)
-class DataOrder:
-    """The recomputable order of batches for every rank (see the module docstring)."""
-
-    shard_sizes: tuple[int, ...]
-    world_size: int
-    batch_size: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if len(self.shard_sizes) < self.world_size:
-            raise ValueError(
-                f"{len(self.shard_sizes)} latent shard(s) for {self.world_size} training workers: every worker "
-                "needs at least one shard per epoch. Encode into more shards (lower ingest.samples_per_shard) "
-                "or use fewer train.num_workers."
-            )
-        if self.plan(0).steps == 0:
-            raise ValueError(
-                f"no rank can fill one batch of {self.batch_size} from its shards "
-                f"(shard sizes {list(self.shard_sizes)}, {self.world_size} workers): lower train.batch_size_per_worker"
-            )
-
-    def plan(self, epoch: int) -> EpochPlan:
-        world, shards = self.world_size, len(self.shard_sizes)
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(shards).tolist()
-        dealt = shards - shards % world
-        by_rank = [permutation[rank:dealt:world] for rank in range(world)]
-        samples_per_rank = [sum(self.shard_sizes[shard] for shard in ranked) for ranked in by_rank]
-        steps = min(samples_per_rank) // self.batch_size
-        used = steps * self.batch_size * world
-        return EpochPlan(by_rank, permutation[dealt:], steps, sum(self.shard_sizes) - used)
-
-    def rank_samples(self, epoch: int, rank: int) -> list[tuple[int, int]]:
-        """(shard, index) pairs rank `rank` visits in `epoch`, before cutting into batches."""
-        samples = []
-        for shard in self.plan(epoch).shards_by_rank[rank]:
-            order = np.random.default_rng([self.seed, epoch, shard]).permutation(self.shard_sizes[shard])
-            samples.extend((shard, int(index)) for index in order)
-        return samples
-
-    def batches(self, rank: int, epoch: int = 0, index: int = 0) -> Iterator[BatchPosition]:
-        """Endless batches for `rank`, starting at batch `index` of `epoch` (past the end: next epoch)."""
-        while True:
-            steps = self.plan(epoch).steps
-            if steps == 0:
-                raise ValueError(f"epoch {epoch}: no rank can fill a batch of {self.batch_size}")
-            samples = self.rank_samples(epoch, rank)
-            for batch in range(index, steps):
-                yield BatchPosition(epoch, batch, samples[batch * self.batch_size : (batch + 1) * self.batch_size])
-            epoch, index = epoch + 1, 0

@@ -51,13 +51,13 @@ def seed_initial_weights(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_generator(seed: int, worker_rank: int, epoch: int, batch_index: int) -> torch.Generator:
+def batch_generator(seed: int, worker_rank: int, epoch: int, taken: int) -> torch.Generator:
     """The CPU generator for one micro-batch's dropout, timesteps and noise.
 
     Seeded by the batch's place in the data order (and the rank), so a resumed run draws
     exactly what the original would have, with no generator state in the checkpoint.
     """
-    state = np.random.SeedSequence([seed, worker_rank, epoch, batch_index]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([seed, worker_rank, epoch, taken]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -15,15 +15,16 @@ from pipeline.core import faults, layout
 from pipeline.core.config import PipelineConfig
 from pipeline.core.rundir import RunDir
 from train import distributed
-from train.bucket_order import BucketOrder, make_order
 from train.checkpoint import TrainState, classes_record, export_model, is_due, resume, save_checkpoint
-from train.data import DataOrder, LatentData, load_latent_data
+from train.data import LatentSpec, read_spec
 from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
 from train.finetune import freeze, load_unet, worker_folder
 from train.metrics import LogWindow, MetricsLog
+from train.order import DataOrder
 from train.phases import begin_phase, latent_resolution
 from train.step import loss_options, make_noise_scheduler, train_step
+from train.stream import ShardStream
 from train.unet import build_unet, class_embedding_count, parameter_count
 
 
@@ -37,10 +38,8 @@ class WorkerContext:
     """The run directory."""
     rank: int
     """This worker's rank, 0 to world size - 1."""
-    data: LatentData
-    """The encode stage's latent shards, loaded once."""
-    order: DataOrder | BucketOrder
-    """Which samples each rank's batches hold, epoch by epoch."""
+    spec: LatentSpec
+    """The encode manifest: shapes, members, classes and every latent shard's sample counts."""
     engine: Any
     """The fresh DeepSpeed engine around the UNet and its optimizer (resumed by the caller)."""
     parameter_count: int
@@ -48,12 +47,11 @@ class WorkerContext:
 
 
 def setup_worker(loop_config: dict) -> WorkerContext:
-    """A worker up to its fresh engine: config, data, data order, UNet and engine."""
+    """A worker up to its fresh engine: config, the encode manifest, UNet and engine (no latent read yet)."""
     config = PipelineConfig.model_validate(loop_config["config"])
     train, run = config.train, RunDir(loop_config["run_url"])
     distributed.setup(train)
-    data = load_latent_data(run)
-    order = make_order(data, distributed.world_size(), train.batch_size_per_worker, config.seed)  # by bucket with encode.buckets
+    data = read_spec(run)
     distributed.seed_initial_weights(config.seed)
     if train.init_from:  # fine-tuning; the driver checked that it fits (train.stage.check_inputs)
         unet = load_unet(worker_folder(train, loop_config.get("init_folder")), data.sample_size)
@@ -66,12 +64,12 @@ def setup_worker(loop_config: dict) -> WorkerContext:
         f"UNet {'from ' + train.init_from if train.init_from else 'built fresh'}: "
         f"{counts['trainable']:,} trainable and {counts['frozen']:,} frozen parameters"
     )
-    return WorkerContext(config, run, distributed.rank(), data, order, make_engine(unet, train), parameters)
+    return WorkerContext(config, run, distributed.rank(), data, make_engine(unet, train), parameters)
 
 
 def train_worker(loop_config: dict) -> None:
     worker = setup_worker(loop_config)
-    config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.data, worker.engine
+    config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.spec, worker.engine
     train = config.train
     ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
     state = resume(engine, run, ema)
@@ -83,17 +81,20 @@ def train_worker(loop_config: dict) -> None:
     classes = classes_record(train, data.classes, data.class_field)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
-    _log_start(worker, state)
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
         export_model(engine, run, train, 0, ema, classes)  # the starting point, validated like the exports after it
 
-    batches = worker.order.batches(rank, state.epoch, state.batch_index)
+    order = data_order(worker, state)
+    world, batch_size = distributed.world_size(), train.batch_size_per_worker
+    stream = ShardStream(run, data, pin=train.use_gpu)
+    _log_start(worker, state, order)
+    batches = order.batches(rank, world, batch_size, state.epoch, state.taken)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
     while state.step < train.max_steps:
         position = next(batches)
-        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
-        batch = data.batch(position.samples, generator)  # flips and posterior draws, then train_step's draws
+        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.taken)
+        batch = stream.batch(position, generator)  # flips and posterior draws, then train_step's draws
         result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **options)
         previous_step = state.step
         state.advance(position, result["skipped"], engine.global_steps)
@@ -115,6 +116,8 @@ def train_worker(loop_config: dict) -> None:
             _save(engine, run, config, state, metrics, ema, classes)
             window.restart()
 
+    stream.close()
+    distributed.log(f"latent shards read by rank 0: {stream.counts()}")
     _finish(state, metrics, run, stopped)
 
 
@@ -159,11 +162,28 @@ def _summary(state: TrainState, metrics: MetricsLog) -> dict:
     }
 
 
-def _log_start(worker: WorkerContext, state: TrainState) -> None:
-    data, plan = worker.data, worker.order.plan(state.epoch)
-    buckets = f"; batches per bucket {plan.batches_by_bucket}, left out {plan.dropped_by_bucket}" if data.bucketed else ""
+def data_order(worker: WorkerContext, state: TrainState) -> DataOrder:
+    """The run's data order; a fresh run fixes its number of streams (train.data_streams, or the worker count)."""
+    train = worker.config.train
+    if not state.streams:
+        state.streams = train.data_streams or distributed.world_size()
+    elif train.data_streams and train.data_streams != state.streams:
+        raise ValueError(
+            f"train.data_streams = {train.data_streams}, but this run's order has {state.streams} streams since its "
+            "first step; unset it (or set it back) to go on, or start a new run directory"
+        )
+    order = DataOrder(worker.spec.shard_counts, state.streams, train.shuffle_window_shards, worker.config.seed)
+    order.check(distributed.world_size(), train.batch_size_per_worker)
+    return order
+
+
+def _log_start(worker: WorkerContext, state: TrainState, order: DataOrder) -> None:
+    world, batch = distributed.world_size(), worker.config.train.batch_size_per_worker
+    plan = order.plan(state.epoch, world, batch)
+    buckets = f"; bucket remainders left out {plan.dropped_by_bucket}" if plan.dropped_by_bucket else ""
     distributed.log(
-        f"{worker.parameter_count / 1e6:.1f}M-parameter UNet, {distributed.world_size()} workers; data {data.counts()}; "
-        f"epoch {state.epoch}: {plan.steps} batches per rank, {len(plan.shards_dropped)} shard(s) and "
-        f"{plan.samples_dropped} sample(s) left out{buckets}; starting at step {state.step}"
+        f"{worker.parameter_count / 1e6:.1f}M-parameter UNet, {world} workers; {len(order.shards)} latent shards "
+        f"({order.total_samples} samples) in {order.streams} streams, windows of {order.window} shards; epoch "
+        f"{state.epoch}: {plan.steps} steps, {len(plan.shards_dropped)} shard(s) and {plan.samples_dropped} sample(s) "
+        f"left out{buckets}; starting at step {state.step}"
     )

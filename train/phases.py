@@ -37,7 +37,7 @@ def begin_phase(state, resolution: int | None) -> bool:
     if state.phases[-1]["resolution"] == resolution:
         return False
     state.phases = [*state.phases, {"resolution": resolution, "start_step": state.step}]
-    state.epoch, state.batch_index = state.epoch + (state.batch_index > 0), 0
+    state.epoch, state.taken = state.epoch + (state.taken > 0), 0
     return True
 
 

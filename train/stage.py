@@ -17,8 +17,9 @@ from pipeline.core.config import PipelineConfig
 from pipeline.core.identity import EncoderMismatchError, check_run_encoders
 from pipeline.core.rundir import RunDir
 from train import finetune, phases
-from train.data import latent_shard_names, parts_by_raw_shard
+from train.data import read_spec
 from train.loop import train_worker
+from train.order import DataOrder, OrderError
 from train.unet import class_embedding_count
 
 if TYPE_CHECKING:
@@ -104,15 +105,7 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> dict:
     if not run.exists(layout.ENCODE_MANIFEST):
         raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    # Training reads one shard per raw shard (its parts merged), so count those, as DataOrder does.
-    shards = parts_by_raw_shard(latent_shard_names(run, manifest))
-    workers = config.train.num_workers
-    if len(shards) < workers:
-        raise TrainStageError(
-            f"{len(shards)} latent shard(s) under {run.path(layout.ENCODE_SHARDS)} for train.num_workers = {workers}: "
-            "every worker needs at least one shard. Encode into more shards (lower ingest.samples_per_shard) "
-            "or lower train.num_workers."
-        )
+    check_order(config, run)
     stuck = phases.check_new_phase(run, config.train.max_steps)
     if stuck:
         raise TrainStageError(stuck)
@@ -122,6 +115,22 @@ def check_inputs(config: PipelineConfig, run: RunDir) -> dict:
     except EncoderMismatchError as error:
         raise TrainStageError(str(error)) from error
     return check_model(config, manifest)
+
+
+def check_order(config: PipelineConfig, run: RunDir) -> None:
+    """The latents can be ordered for this worker count and batch (with the run's streams, if it has begun)."""
+    train = config.train
+    try:
+        spec = read_spec(run)
+    except (ValueError, FileNotFoundError) as error:
+        raise TrainStageError(str(error)) from error
+    streams = (phases.newest_state(run) or {}).get("streams") or train.data_streams or train.num_workers
+    try:
+        DataOrder(spec.shard_counts, streams, train.shuffle_window_shards, config.seed).check(
+            train.num_workers, train.batch_size_per_worker
+        )
+    except OrderError as error:
+        raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)}: {error}") from error
 
 
 def check_model(config: PipelineConfig, manifest: dict) -> dict:

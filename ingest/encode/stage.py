@@ -171,6 +171,37 @@ def bucket_counts(state: dict[str, progress.ShardProgress], buckets: list) -> di
     return manifest_summary(records, [tuple(bucket) for bucket in buckets])
 
 
+def latent_shards(state: dict[str, progress.ShardProgress], bucketed: bool) -> list[dict[str, Any]]:
+    """Per complete raw shard, by stem: its latent tars and samples (per bucket too with `bucketed`),
+    so that training can plan its data order from the manifest without reading a tar."""
+    entries = []
+    for stem in sorted(stem for stem, shard in state.items() if shard.complete):
+        shard = state[stem]
+        entry = {"name": stem, "parts": sorted(f"{part['part']}.tar" for part in shard.parts), "samples": shard.written}
+        if bucketed:
+            entry["buckets"] = shard_bucket_counts(shard)
+        entries.append(entry)
+    return entries
+
+
+def shard_bucket_counts(shard: progress.ShardProgress) -> dict[str, int]:
+    """A complete shard's samples per bucket, from its progress record; raises naming the shard if
+    the record has none (written before encode counted buckets) or they miss the samples written."""
+    where = progress.shard_record_path(shard.stem)
+    counts = shard.record.get("buckets")
+    if counts is None:
+        raise RuntimeError(
+            f"encode: raw shard {shard.stem} has no per-bucket counts in {where} (an older run's record): "
+            "remove that file and run the encode stage again to encode the shard anew"
+        )
+    if sum(counts.values()) != shard.written:
+        raise RuntimeError(
+            f"encode: raw shard {shard.stem}'s per-bucket counts in {where} add up to {sum(counts.values())} "
+            f"samples, but its latent tars hold {shard.written}"
+        )
+    return dict(sorted(counts.items()))
+
+
 def build_manifest(config: EncodeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model identity records, the manifest's other fixed fields), computed once on the driver."""
     from pipeline.core.identity import Encoders
@@ -279,12 +310,15 @@ def encode_manifest(
     this_run: dict[str, Any],
 ) -> dict[str, Any]:
     """encode/manifest.json: `fixed` (model identity, shapes, classes), the counts over complete
-    shards, per-bucket counts, where the text embeddings came from, then `this_run` (resume, speed)."""
+    shards, per-bucket counts, each raw shard's parts and samples (`latent_shards`), where the text
+    embeddings came from, then `this_run` (resume, speed)."""
     reused = progress.text_reused(state)
     manifest = {
         **fixed,
         **counts,
         **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
+        # Per raw shard: its parts and samples (and per bucket), for planning without reading data.
+        "latent_shards": latent_shards(state, bucketed=bool(settings.buckets)),
         # Captions whose embeddings came from the previous resolution's latents, not the text encoder.
         "text_embeddings": {
             "reused": reused,

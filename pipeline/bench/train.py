@@ -123,7 +123,11 @@ def write_synthetic_latents(config: PipelineConfig, run: RunDir, samples: int) -
                     archive.addfile(info, io.BytesIO(data))
         names.append(f"{shard:05d}.tar")
         run.write_bytes(f"{layout.ENCODE_SHARDS}/{names[-1]}", buffer.getvalue())
-    run.write_json(layout.ENCODE_MANIFEST, {**records, **fixed, "samples": samples, "shards": names})
+    entries = [
+        {"name": name.removesuffix(".tar"), "parts": [name], "samples": len(indices)}
+        for name, indices in zip(names, np.array_split(np.arange(samples), shards))
+    ]
+    run.write_json(layout.ENCODE_MANIFEST, {**records, **fixed, "samples": samples, "shards": names, "latent_shards": entries})
     return shards
 
 
@@ -135,21 +139,23 @@ class BareLoop:
 
     def __init__(self, config: PipelineConfig, run: RunDir):
         from train import distributed
-        from train.data import DataOrder, load_latent_data
+        from train.data import load_latent_data
+        from train.order import DataOrder
         from train.step import PlainEngine, make_noise_scheduler
         from train.unet import build_unet
 
         train = self.train = config.train
         self.seed = config.seed
         self.data = load_latent_data(run)
-        order = DataOrder(self.data.shard_sizes, 1, train.batch_size_per_worker, config.seed)
-        self.positions = order.batches(0)
+        spec = self.data.spec
+        order = DataOrder(spec.shard_counts, 1, train.shuffle_window_shards, config.seed)
+        self.positions = order.batches(0, 1, train.batch_size_per_worker)
         distributed.seed_initial_weights(config.seed)
-        unet = build_unet(train.unet, self.data.cross_attention_dim, self.data.sample_size)
+        unet = build_unet(train.unet, spec.cross_attention_dim, spec.sample_size)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.engine = PlainEngine(unet, optimizer, train.grad_clip)
         self.noise_scheduler = make_noise_scheduler(train)
-        self.empty_caption = torch.from_numpy(self.data.empty_caption_embedding).float()
+        self.empty_caption = torch.from_numpy(spec.empty_caption_embedding).float()
 
     def timed(self, steps: int, warmup_steps: int) -> float:
         """Seconds of `steps` steps after `warmup_steps` untimed ones; batches are stacked first."""
@@ -159,7 +165,7 @@ class BareLoop:
         batches = []
         for _ in range(warmup_steps + steps):
             position = next(self.positions)
-            generator = batch_generator(self.seed, 0, position.epoch, position.index)
+            generator = batch_generator(self.seed, 0, position.epoch, position.taken)
             batches.append((self.data.batch(position.samples, generator), generator))
         dropout, objective = self.train.caption_dropout, loss_options(self.train)
         with torch_threads(self.train.threads_per_worker):
@@ -224,19 +230,22 @@ def memory_worker(loop_config: dict) -> None:
     """Build the engine as `train.loop.train_worker` does, take the config's few steps, and write
     this rank's `held_bytes` to `loop_config["held_bytes"]`, with `{rank}` filled in."""
     from train import distributed
-    from train.loop import setup_worker
+    from train.checkpoint import TrainState
+    from train.loop import data_order, setup_worker
     from train.step import loss_options, make_noise_scheduler, train_step
+    from train.stream import ShardStream
 
     worker = setup_worker(loop_config)
-    config, data, engine, rank = worker.config, worker.data, worker.engine, worker.rank
+    config, spec, engine, rank = worker.config, worker.spec, worker.engine, worker.rank
     train = config.train
     noise_scheduler = make_noise_scheduler(train)
-    empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
-    batches = worker.order.batches(rank)
+    empty_caption = torch.from_numpy(spec.empty_caption_embedding).float()
+    stream = ShardStream(worker.run, spec)
+    batches = data_order(worker, TrainState()).batches(rank, distributed.world_size(), train.batch_size_per_worker)
     for _ in range(train.max_steps):
         position = next(batches)
-        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.index)
-        batch = data.batch(position.samples, generator)
+        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.taken)
+        batch = stream.batch(position, generator)
         train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **loss_options(train))
     held = {"parameter_count": worker.parameter_count, **held_bytes(engine)}
     worker.run.write_json(loop_config["held_bytes"].format(rank=rank), held)

@@ -177,6 +177,18 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Training precision.")
     batch_size_per_worker: int = Field(32, ge=1, description="Micro-batch per worker.")
+    shuffle_window_shards: int = Field(
+        4,
+        ge=1,
+        description="Latent shards whose samples are shuffled together (train.order): a batch mixes them, and a worker holds "
+        "about twice this many shards per data stream in memory.",
+    )
+    data_streams: int | None = Field(
+        None,
+        ge=1,
+        description="Streams the data order deals shards to, fixed for a run; unset: the first attempt's num_workers. A "
+        "resume may use any worker count whose num_workers x batch_size_per_worker is a multiple of it.",
+    )
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     lr: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")

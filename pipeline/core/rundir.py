@@ -3,6 +3,10 @@
 Files are published atomically: on a local filesystem they are written under a temporary
 name and renamed; object stores publish a put atomically by themselves. Directories that
 must appear whole (checkpoints, exports) carry a commit marker written last.
+
+Other processes and nodes write into the same run, so every read (listing, existence check,
+open) first drops what the filesystem cached about that path: s3fs keeps folder listings, and
+answers exists/info (a file's size and ETag, checked on open) from them, for good.
 """
 
 from __future__ import annotations
@@ -49,12 +53,18 @@ class RunDir:
     def _fs_path(self, relative: str) -> str:
         return f"{self.root}/{relative}".rstrip("/") if relative else self.root
 
+    def _fresh_path(self, relative: str) -> str:
+        """`_fs_path`, with the filesystem's cached listings of it and of its parents dropped."""
+        path = self._fs_path(relative)
+        self.fs.invalidate_cache(path)  # s3fs drops the path and every parent; a no-op locally
+        return path
+
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self._fs_path(relative))
+        return self.fs.exists(self._fresh_path(relative))
 
     def list(self, relative: str, suffix: str = "") -> list[str]:
         """Names (not paths) directly inside `relative`, sorted; [] if it does not exist."""
-        folder = self._fs_path(relative)
+        folder = self._fresh_path(relative)
         if not self.fs.exists(folder):
             return []
         names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(folder, detail=False)]
@@ -71,18 +81,18 @@ class RunDir:
 
     # reading and writing -----------------------------------------------------------------
     def read_bytes(self, relative: str) -> bytes:
-        with self.fs.open(self._fs_path(relative), "rb") as handle:
+        with self.fs.open(self._fresh_path(relative), "rb") as handle:
             return handle.read()
 
     def open_read(self, relative: str) -> IO[bytes]:
         """A streaming binary handle (for files too large to hold in memory at once)."""
-        return self.fs.open(self._fs_path(relative), "rb")
+        return self.fs.open(self._fresh_path(relative), "rb")
 
     def read_many(self, relatives: list[str]) -> dict[str, bytes]:
         """Several small files at once (concurrently on object stores), by relative path."""
         if not relatives:
             return {}
-        paths = {self._fs_path(relative): relative for relative in relatives}
+        paths = {self._fresh_path(relative): relative for relative in relatives}
         found = self.fs.cat(list(paths), on_error="raise")
         return {paths[path]: data for path, data in found.items()}
 
@@ -151,14 +161,14 @@ class RunDir:
         """Local copy of `relative` (the folder itself when the run is local)."""
         if self.is_local:
             return Path(self._fs_path(relative))
-        self.fs.get(self._fs_path(relative) + "/", str(local_dir), recursive=True)
+        self.fs.get(self._fresh_path(relative) + "/", str(local_dir), recursive=True)
         return Path(local_dir)
 
     def makedirs(self, relative: str) -> None:
         self.fs.makedirs(self._fs_path(relative), exist_ok=True)
 
     def remove(self, relative: str) -> None:
-        target = self._fs_path(relative)
+        target = self._fresh_path(relative)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
 

@@ -17,8 +17,8 @@ from pipeline.core.buckets import bucket_name, nearest_bucket
 from pipeline.core.config import load_config
 from pipeline.core.rundir import RunDir
 from pipeline.core.toy import generate
-from train.bucket_order import BucketOrder, make_order
 from train.data import load_latent_data
+from train.order import DataOrder
 from train.stage import run_stage as train
 
 # An end-to-end run of `make test-e2e`, not of `make test` (which runs tests/e2e/test_end_to_end.py only).
@@ -82,11 +82,11 @@ def test_buckets_encode_by_shape_train_one_bucket_per_batch_and_resume_exactly(t
                     assert latent.shape == (4, height // 8, width // 8)
 
     data = load_latent_data(run)
-    order = make_order(data, world_size=2, batch_size=8, seed=config.seed)
-    assert isinstance(order, BucketOrder) and order.plan(0).steps >= 4
+    order = DataOrder(data.spec.shard_counts, 2, config.train.shuffle_window_shards, config.seed)
+    assert order.bucketed and order.check(2, 8).steps >= 4
     for rank in range(2):  # what the workers take: one bucket per micro-batch (stacking would fail otherwise)
-        for position, _ in zip(order.batches(rank), range(4)):
-            assert len({data.shards[shard].bucket for shard, _ in position.samples}) == 1
+        for position, _ in zip(order.batches(rank, 2, 8), range(4)):
+            assert len({data.shards[shard].locate(index)[0].bucket for shard, index in position.samples}) == 1
 
     train(config, run)
     straight = losses(run)

@@ -103,9 +103,10 @@ def latents_by_key(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     data = load_latent_data(RunDir(str(out)))
     rows = {}
     for shard in data.shards:
-        for index, key in enumerate(shard.keys):
-            assert key not in rows, f"{key} is in the latent shards twice"
-            rows[key] = (shard.latents[layout.LATENT_KEY][index], shard.text_embeddings[index])
+        for part in shard.by_bucket.values():
+            for index, key in enumerate(part.keys):
+                assert key not in rows, f"{key} is in the latent shards twice"
+                rows[key] = (part.latents[layout.LATENT_KEY][index], part.text_embeddings[index])
     return rows
 
 

@@ -1,10 +1,10 @@
 """Fewer latent shards than training workers: a clear error before any worker starts, and
 never a hang in a collective if the workers get that far.
 
-Training has no data-loader workers: every rank holds all latents in memory and takes whole
-shards (one per raw shard, its parts merged) round-robin, so the bound is shards >= workers.
-More shards than workers rebalance per epoch: the remainder sits out, counted as dropped
-(tests/train/test_data.py::test_remainder_shards_and_uneven_tails_are_dropped_and_counted).
+The order deals whole shards (one per raw shard, its parts merged) to data streams, one per
+worker by default, so the bound is shards >= streams. More shards than streams rebalance per
+epoch: the remainder sits out, counted as dropped
+(tests/train/test_order.py::test_remainder_shards_and_uneven_tails_are_dropped_and_counted).
 One plain shard for two workers: tests/train/test_stage.py::test_too_few_shards_fails_before_any_worker_starts.
 """
 
@@ -45,7 +45,16 @@ def as_parts(run, groups: list[list[str]]) -> None:
             Path(run.path(f"{layout.ENCODE_SHARDS}/{tar}")).rename(run.path(f"{layout.ENCODE_SHARDS}/{name}"))
             names.append(name)
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": names})
+    counts = {entry["name"]: entry["samples"] for entry in manifest["latent_shards"]}
+    entries = [
+        {
+            "name": f"{raw:05d}",
+            "parts": [n for n in names if n.startswith(f"{raw:05d}-")],
+            "samples": sum(counts[t.removesuffix(".tar")] for t in tars),
+        }
+        for raw, tars in enumerate(groups)
+    ]
+    run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": names, "latent_shards": entries})
 
 
 @pytest.fixture
@@ -64,9 +73,9 @@ def no_workers(monkeypatch):
 def test_one_raw_shard_written_in_two_parts_fails_before_any_worker_starts(tmp_path, no_workers):
     run = write_latent_run(tmp_path / "run", shards=2, per_shard=8)
     as_parts(run, [["00000.tar", "00001.tar"]])  # two tars, but one shard to training
-    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) .* train.num_workers = 2") as error:
+    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) for 2 data streams") as error:
         run_stage(config(2), run)
-    assert "lower ingest.samples_per_shard" in str(error.value) and "lower train.num_workers" in str(error.value)
+    assert "lower ingest.samples_per_shard" in str(error.value) and "fewer workers" in str(error.value)
 
 
 @pytest.mark.timeout(60)
@@ -84,5 +93,5 @@ def test_workers_given_too_few_shards_fail_together_instead_of_hanging(tmp_path,
     before its first collective: the stage fails, it does not wait forever."""
     run = write_latent_run(tmp_path / "run", shards=1, per_shard=8)
     monkeypatch.setattr(stage, "check_inputs", lambda config, run: {})  # check_inputs returns the UNet summary
-    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) for 2 training workers"):
+    with pytest.raises(TrainStageError, match=r"1 latent shard\(s\) for 2 data streams"):
         run_stage(config(2), run)

@@ -7,33 +7,35 @@ import pytest
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
 from train.checkpoint import STATE_FILE, TrainState, is_due, resume
-from train.data import BatchPosition
+from train.order import BatchPosition
 
 
 def test_checkpoint_cadence_and_train_state():
     assert [step for step in range(1, 11) if is_due(step, 4, 10)] == [4, 8, 10]
     state = TrainState()
-    state.advance(BatchPosition(epoch=2, index=5, samples=[]), skipped=True, step=7)
-    assert (state.step, state.epoch, state.batch_index, state.skipped_nonfinite) == (7, 2, 6, 1)
+    state.advance(BatchPosition(epoch=2, taken=40, next_taken=48, samples=[]), skipped=True, step=7)
+    assert (state.step, state.epoch, state.taken, state.skipped_nonfinite) == (7, 2, 48, 1)
 
 
 def test_a_long_run_of_non_finite_losses_stops_training():
     state = TrainState()
     for index in range(4):
-        state.advance(BatchPosition(epoch=0, index=index, samples=[]), skipped=True, step=0)
+        state.advance(BatchPosition(epoch=0, taken=index, next_taken=index + 1, samples=[]), skipped=True, step=0)
         assert state.nonfinite_streak_error(max_streak=5) is None
-    state.advance(BatchPosition(epoch=0, index=4, samples=[]), skipped=False, step=1)  # a finite loss resets the streak
+    state.advance(
+        BatchPosition(epoch=0, taken=4, next_taken=5, samples=[]), skipped=False, step=1
+    )  # a finite loss resets the streak
     assert state.skipped_in_a_row == 0 and state.skipped_nonfinite == 4
     for index in range(5, 10):
         assert state.nonfinite_streak_error(max_streak=5) is None
-        state.advance(BatchPosition(epoch=0, index=index, samples=[]), skipped=True, step=1)
+        state.advance(BatchPosition(epoch=0, taken=index, next_taken=index + 1, samples=[]), skipped=True, step=1)
     error = state.nonfinite_streak_error(max_streak=5)
     assert "5 micro-batches in a row after step 1" in error and "train.max_nonfinite_streak = 5" in error
 
 
 def test_resuming_with_another_number_of_workers_is_refused(tmp_path):
     run = RunDir(str(tmp_path))
-    state = {"step": 6, "epoch": 0, "batch_index": 6, "skipped_nonfinite": 0, "skipped_in_a_row": 0, "world_size": 4}
+    state = {"step": 6, "epoch": 0, "taken": 6, "streams": 4, "skipped_nonfinite": 0, "skipped_in_a_row": 0, "world_size": 4}
     run.write_json(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{STATE_FILE}", state)
     run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{layout.COMMIT_MARKER}", "t\n")
     with pytest.raises(RuntimeError, match="written by 4 workers.*num_workers = 4"):

@@ -1,9 +1,8 @@
-"""Latent shards in memory and the recomputable data order (train.data)."""
+"""Reading latent shards and assembling batches (train.data); the order is in test_order.py."""
 
 from __future__ import annotations
 
 import io
-from itertools import islice
 
 import numpy as np
 import pytest
@@ -12,97 +11,51 @@ from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, sample_members, shard_by
 
 from pipeline.core import layout
 from pipeline.core.config import EncodeConfig
-from train.data import DataOrder, load_latent_data, read_latent_shard
+from train.data import load_latent_data, read_latent_shard
 
 BOTH_OPTIONS = EncodeConfig(store_distribution=True, flip_copies=True)
-
-
-def epoch_samples(order: DataOrder, epoch: int) -> list[tuple[int, int]]:
-    """Every (shard, index) any rank trains on in `epoch`."""
-    steps = order.plan(epoch).steps
-    seen = []
-    for rank in range(order.world_size):
-        for position in islice(order.batches(rank, epoch), steps):
-            assert position.epoch == epoch
-            seen.extend(position.samples)
-    return seen
-
-
-def test_same_arguments_give_the_same_order_and_another_seed_does_not():
-    def first_batches(seed):
-        order = DataOrder((16, 16, 16, 16), world_size=2, batch_size=4, seed=seed)
-        return [position.samples for position in islice(order.batches(rank=1), 10)]
-
-    assert first_batches(0) == first_batches(0)
-    assert first_batches(0) != first_batches(1)
-
-
-def test_every_sample_once_per_epoch_across_ranks_and_epochs_reshuffle():
-    order = DataOrder((8, 8, 8, 8), world_size=2, batch_size=4, seed=3)
-    for epoch in range(3):
-        seen = epoch_samples(order, epoch)
-        assert sorted(seen) == [(shard, index) for shard in range(4) for index in range(8)]
-        assert order.plan(epoch).samples_dropped == 0
-    assert epoch_samples(order, 0) != epoch_samples(order, 1)
-
-
-def test_remainder_shards_and_uneven_tails_are_dropped_and_counted():
-    sizes = (10, 7, 9, 12, 5)
-    order = DataOrder(sizes, world_size=2, batch_size=4, seed=0)
-    for epoch in range(4):
-        plan = order.plan(epoch)
-        seen = epoch_samples(order, epoch)
-        assert len(seen) == len(set(seen)) == plan.steps * 4 * 2  # no repeats; ranks in step
-        assert len(plan.shards_dropped) == 1
-        assert plan.samples_dropped == sum(sizes) - len(seen)
-        assert not {shard for shard, _ in seen} & set(plan.shards_dropped)
-
-
-def test_resuming_at_epoch_and_batch_continues_the_same_order():
-    order = DataOrder((6, 6, 6, 6), world_size=2, batch_size=4, seed=7)  # 3 batches per epoch
-    uninterrupted = list(islice(order.batches(rank=0), 10))
-    for cut in (1, 3, 4, 8):
-        at = uninterrupted[cut - 1]  # the last batch before the checkpoint
-        resumed = islice(order.batches(rank=0, epoch=at.epoch, index=at.index + 1), 10 - cut)
-        assert list(resumed) == uninterrupted[cut:]
-
-
-def test_fewer_shards_than_workers_fails_fast():
-    with pytest.raises(ValueError, match="1 latent shard.*2 training workers"):
-        DataOrder((100,), world_size=2, batch_size=4, seed=0)
-
-
-def test_batch_larger_than_a_rank_can_fill_fails_fast():
-    with pytest.raises(ValueError, match="batch_size_per_worker"):
-        DataOrder((4, 4), world_size=2, batch_size=8, seed=0)
 
 
 def test_load_latent_data_reads_shards_and_manifest(latent_run):
     data = load_latent_data(latent_run)
     assert data.shard_sizes == (32, 32, 32, 32)
-    assert data.latent_shape == LATENT_SHAPE and data.text_embedding_shape == TEXT_SHAPE
-    assert data.cross_attention_dim == 64 and data.sample_size == 8
-    assert data.empty_caption_embedding.shape == TEXT_SHAPE
-    assert not data.flip_copies and not data.stores_distribution
+    assert data.spec.latent_shape == LATENT_SHAPE and data.spec.text_embedding_shape == TEXT_SHAPE
+    assert data.spec.cross_attention_dim == 64 and data.spec.sample_size == 8
+    assert data.spec.empty_caption_embedding.shape == TEXT_SHAPE
+    assert not data.spec.flip_copies and not data.spec.stores_distribution
     batch = data.batch([(0, 0), (3, 31)])
     assert batch["latents"].shape == (2, *LATENT_SHAPE)
     assert batch["text_embeddings"].shape == (2, *TEXT_SHAPE)
-    stored = [data.shards[0].latents[layout.LATENT_KEY][0], data.shards[3].latents[layout.LATENT_KEY][31]]
-    assert torch.equal(batch["latents"], torch.from_numpy(np.stack(stored).astype(np.float32)))  # nothing drawn
+    stored = [
+        data.shards[0].by_bucket[""].latents[layout.LATENT_KEY][0],
+        data.shards[3].by_bucket[""].latents[layout.LATENT_KEY][31],
+    ]
+    assert batch["latents"].dtype == torch.float16  # cast on the device, not on the host
+    assert torch.equal(batch["latents"], torch.from_numpy(np.stack(stored)))  # nothing drawn
     assert data.counts()["incomplete_samples"] == 0
 
 
-def test_the_manifests_shard_list_is_read_and_old_manifests_list_the_folder(latent_run):
+def test_only_the_manifests_shards_are_read_and_a_manifest_without_counts_is_refused(latent_run):
     latent_run.write_bytes(f"{layout.ENCODE_SHARDS}/zz-leftover.tar", b"not a tar")
     assert load_latent_data(latent_run).counts()["truncated_shards"] == 0  # not listed: not read
 
     manifest = latent_run.read_json(layout.ENCODE_MANIFEST)
-    for key in ("latent_storage", "flip_copies", "members", "shards"):
-        del manifest[key]
+    del manifest["latent_shards"]
+    latent_run.write_json(layout.ENCODE_MANIFEST, manifest)
+    with pytest.raises(ValueError, match="latent_shards.*run the encode stage again"):
+        load_latent_data(latent_run)
+
+
+def test_a_counted_sample_unreadable_now_is_replaced_by_another_of_its_shard(latent_run):
+    """Every rank must still take a full batch: the missing row reads another sample, and is counted."""
+    good = load_latent_data(latent_run)
+    manifest = latent_run.read_json(layout.ENCODE_MANIFEST)
+    manifest["latent_shards"][1]["samples"] += 2  # encode counted two more than the tar holds now
     latent_run.write_json(layout.ENCODE_MANIFEST, manifest)
     data = load_latent_data(latent_run)
-    assert data.latent_members == (layout.LATENT_KEY,)
-    assert [shard.name for shard in data.shards][-1] == "zz-leftover" and data.counts()["truncated_shards"] == 1
+    assert data.counts()["replaced_samples"] == 2 and data.shard_sizes[1] == 34
+    replaced = data.batch([(1, 32), (1, 33)])["latents"]
+    assert torch.equal(replaced, good.batch([(1, 0), (1, 1)])["latents"])
 
 
 def test_members_that_contradict_the_flags_are_refused(latent_run):
@@ -115,8 +68,8 @@ def test_members_that_contradict_the_flags_are_refused(latent_run):
 
 def test_augmented_batch_is_a_pure_function_of_samples_and_generator(tmp_path):
     data = load_latent_data(write_latent_run(tmp_path / "run", encode=BOTH_OPTIONS))
-    assert data.flip_copies and data.stores_distribution
-    assert all(latents.dtype == np.float16 for shard in data.shards for latents in shard.latents.values())
+    assert data.spec.flip_copies and data.spec.stores_distribution
+    assert all(latents.dtype == np.float16 for shard in data.shards for latents in shard.by_bucket[""].latents.values())
     samples = [(shard, index) for shard in range(4) for index in range(0, 32, 4)]
 
     def batch(seed):
@@ -135,7 +88,8 @@ def test_flip_copies_alone_pick_the_stored_or_the_mirrored_latent(tmp_path):
     flipped = []
     for row, (shard, index) in zip(latents, samples):
         stored = {
-            name: torch.from_numpy(data.shards[shard].latents[name][index].astype(np.float32)) for name in data.latent_members
+            name: torch.from_numpy(data.shards[shard].by_bucket[""].latents[name][index].astype(np.float32))
+            for name in data.spec.latent_members
         }
         assert torch.equal(row, stored[layout.LATENT_KEY]) or torch.equal(row, stored[layout.LATENT_FLIP_KEY])
         flipped.append(not torch.equal(row, stored[layout.LATENT_KEY]))
@@ -241,12 +195,15 @@ def test_a_raw_shard_split_into_parts_in_any_order_reads_as_the_same_shard(tmp_p
             run.write_bytes(f"{layout.ENCODE_SHARDS}/{name}", run.read_bytes(f"{layout.ENCODE_SHARDS}/{index:05d}.tar"))
             run.remove(f"{layout.ENCODE_SHARDS}/{index:05d}.tar")
         manifest = run.read_json(layout.ENCODE_MANIFEST)
-        run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": sorted(names)})
+        entry = {"name": "00000", "parts": sorted(names), "samples": 12}
+        run.write_json(layout.ENCODE_MANIFEST, {**manifest, "shards": sorted(names), "latent_shards": [entry]})
         return load_latent_data(run)
 
     whole = load(tmp_path / "a", {"00000-0123abcd": list(range(12))})
     split = load(tmp_path / "b", {"00000-ffff0000": [7, 2, 9, 0, 11], "00000-00001111": [5, 1, 10, 3, 8, 6, 4]})
-    assert [shard.name for shard in split.shards] == ["00000"] and split.shard_sizes == whole.shard_sizes == (12,)
-    assert split.shards[0].keys == tuple(f"k{index:03d}" for index in range(12))
-    np.testing.assert_array_equal(split.shards[0].latents[layout.LATENT_KEY], whole.shards[0].latents[layout.LATENT_KEY])
-    np.testing.assert_array_equal(split.shards[0].text_embeddings, whole.shards[0].text_embeddings)
+    assert [shard.entry.name for shard in split.shards] == ["00000"] and split.shard_sizes == whole.shard_sizes == (12,)
+    assert split.shards[0].by_bucket[""].keys == tuple(f"k{index:03d}" for index in range(12))
+    np.testing.assert_array_equal(
+        split.shards[0].by_bucket[""].latents[layout.LATENT_KEY], whole.shards[0].by_bucket[""].latents[layout.LATENT_KEY]
+    )
+    np.testing.assert_array_equal(split.shards[0].by_bucket[""].text_embeddings, whole.shards[0].by_bucket[""].text_embeddings)

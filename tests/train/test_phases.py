@@ -12,21 +12,21 @@ def test_a_checkpoint_of_another_resolution_starts_a_new_phase_at_the_next_epoch
     state = TrainState()
     assert not begin_phase(state, 64)  # a fresh run: its first phase
     assert state.phases == [{"resolution": 64, "start_step": 0}]
-    state.step, state.epoch, state.batch_index = 400, 3, 17
+    state.step, state.epoch, state.taken = 400, 3, 17
     assert not begin_phase(state, 64)  # a rerun at the same resolution resumes mid-epoch
-    assert (state.epoch, state.batch_index, len(state.phases)) == (3, 17, 1)
+    assert (state.epoch, state.taken, len(state.phases)) == (3, 17, 1)
     assert begin_phase(state, 128)
     assert state.phases == [{"resolution": 64, "start_step": 0}, {"resolution": 128, "start_step": 400}]
-    assert (state.step, state.epoch, state.batch_index) == (400, 4, 0)  # steps go on; the data order starts afresh
-    state.epoch, state.batch_index = 7, 0
-    assert begin_phase(state, 256) and (state.epoch, state.batch_index) == (7, 0)  # epoch 7 had not begun
+    assert (state.step, state.epoch, state.taken) == (400, 4, 0)  # steps go on; the data order starts afresh
+    state.epoch, state.taken = 7, 0
+    assert begin_phase(state, 256) and (state.epoch, state.taken) == (7, 0)  # epoch 7 had not begun
     assert [phase["start_step"] for phase in state.phases] == [0, 400, 400]
 
 
 def test_a_checkpoint_older_than_phases_counts_as_one_phase_at_the_current_resolution():
-    state = TrainState(step=500, epoch=2, batch_index=3)
+    state = TrainState(step=500, epoch=2, taken=3)
     assert not begin_phase(state, 64)
-    assert state.phases == [{"resolution": 64, "start_step": 0}] and (state.epoch, state.batch_index) == (2, 3)
+    assert state.phases == [{"resolution": 64, "start_step": 0}] and (state.epoch, state.taken) == (2, 3)
 
 
 def test_a_new_phase_without_steps_left_is_refused_naming_max_steps(tmp_path):

@@ -132,7 +132,7 @@ def test_zero_3_keeps_a_partitioned_average_that_resumes_and_matches_zero_2(tmp_
 
 def test_too_few_shards_fails_before_any_worker_starts(tmp_path):
     run = write_latent_run(tmp_path / "run", shards=1)
-    with pytest.raises(TrainStageError, match="1 latent shard.*num_workers = 2"):
+    with pytest.raises(TrainStageError, match="1 latent shard.*2 data streams.*num_workers"):
         check_inputs(config(6), run)
 
 

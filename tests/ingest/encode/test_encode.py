@@ -39,6 +39,25 @@ def read_latent_tars(run: RunDir) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def check_latent_shards(manifest: dict) -> None:
+    """manifest["latent_shards"] names each raw shard once, its parts are the manifest's tars of
+    that stem and its samples (and per-bucket counts, if bucketed) add up to the manifest's."""
+    entries = manifest["latent_shards"]
+    grouped: dict[str, list[str]] = {}
+    for name in manifest["shards"]:
+        grouped.setdefault(encode_progress.stem(name).split("-")[0], []).append(name)
+    names = [entry["name"] for entry in entries]
+    assert names == sorted(set(names)) and len(names) == manifest["raw_shards"] and set(grouped) <= set(names)
+    assert all(entry["parts"] == sorted(grouped.get(entry["name"], [])) for entry in entries)
+    assert sum(entry["samples"] for entry in entries) == manifest["samples"]
+    if "bucket_counts" in manifest:
+        assert all(sum(entry["buckets"].values()) == entry["samples"] for entry in entries)
+        totals = {name: sum(entry["buckets"].get(name, 0) for entry in entries) for name in manifest["bucket_counts"]}
+        assert totals == manifest["bucket_counts"]
+    else:
+        assert all("buckets" not in entry for entry in entries)
+
+
 # -- pure core --------------------------------------------------------------------------------
 def test_center_crop_takes_the_middle_square():
     image = Image.new("RGB", (120, 60), (255, 0, 0))
@@ -165,6 +184,9 @@ def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path
     assert manifest["skipped_undecodable"] == 1 and "x0002" not in samples
     assert manifest["truncated_shards"] == ["00004"] and manifest["unreadable_shards"] == ["00005"]
     assert manifest["raw_shards"] == 6 and sorted(manifest["shards"]) == run.list(layout.ENCODE_SHARDS, ".tar")
+    check_latent_shards(manifest)
+    assert [entry["name"] for entry in manifest["latent_shards"]] == [f"{number:05d}" for number in range(6)]
+    assert [entry["samples"] for entry in manifest["latent_shards"]] == [50, 50, 50, 5, kept_from_truncated, 0]
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_embedding_shape"] == [77, 64]
     assert manifest["latent_storage"] == "mode" and manifest["members"] == ["latent.npy"]
     assert manifest["vae"]["scaling_factor"] == pytest.approx(vae_scaling_factor(Encoders.load(config.encode).vae))
@@ -196,6 +218,7 @@ def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path
     assert {name: os.stat(tmp_path / layout.ENCODE_SHARDS / name).st_mtime_ns for name in untouched} == untouched
     assert read_latent_tars(run).keys() == samples.keys()  # every sample exactly once
     assert manifest["samples"] == len(samples)
+    check_latent_shards(manifest)
 
     # Nothing left to do: no Ray Data pipeline runs, the manifest is rebuilt from the records.
     assert encode.run_stage(config, run)["counts"]["resumed_shards"] == 6
@@ -230,6 +253,47 @@ def test_encode_stage_stores_distribution_and_flips_for_training(tmp_path, ray_l
     )
     data = load_latent_data(run)
     assert data.counts()["samples"] == 40 and data.counts()["incomplete_samples"] == 0
+
+
+def test_bucketed_manifest_counts_each_raw_shards_samples_per_bucket_and_refuses_records_without():
+    def shard(stem: str, parts: dict[str, int], buckets: dict[str, int] | None) -> encode_progress.ShardProgress:
+        record = {"shard": stem, "samples": sum(parts.values()) + 1, "valid": sum(parts.values()), "undecodable": 1}
+        record.update({"truncated": False, "unreadable": False, "error": None})
+        record.update({"buckets": buckets} if buckets is not None else {})
+        return encode_progress.ShardProgress(stem, record, [{"shard": stem, "part": p, "samples": n} for p, n in parts.items()])
+
+    state = {
+        "00001": shard("00001", {"00001-bbbb0000": 4}, {"96x48": 4}),
+        "00000": shard("00000", {"00000-ffff0000": 3, "00000-0000aaaa": 2}, {"96x48": 1, "64x64": 4}),
+        "00002": shard("00002", {}, {}),  # unreadable: nothing written
+    }
+    state["00003"] = encode_progress.ShardProgress("00003", None, [{"shard": "00003", "part": "00003-cccc0000", "samples": 2}])
+    settings = EncodeConfig(buckets=[(64, 64), (96, 48)])
+
+    def manifest_of(state):
+        return encode.encode_manifest({}, state, encode_progress.totals(state), settings, None, {})
+
+    manifest = manifest_of(state)
+    check_latent_shards(manifest)
+    assert manifest["latent_shards"] == [  # 00003 is incomplete (no record): not listed, as not in "shards"
+        {
+            "name": "00000",
+            "parts": ["00000-0000aaaa.tar", "00000-ffff0000.tar"],
+            "samples": 5,
+            "buckets": {"64x64": 4, "96x48": 1},
+        },
+        {"name": "00001", "parts": ["00001-bbbb0000.tar"], "samples": 4, "buckets": {"96x48": 4}},
+        {"name": "00002", "parts": [], "samples": 0, "buckets": {}},
+    ]
+    unbucketed = encode.encode_manifest({}, state, encode_progress.totals(state), EncodeConfig(), None, {})
+    assert [entry.keys() for entry in unbucketed["latent_shards"]] == [{"name", "parts", "samples"}] * 3
+
+    with pytest.raises(RuntimeError, match="raw shard 00001 has no per-bucket counts in encode/progress/shards/00001.json"):
+        manifest_of({**state, "00001": shard("00001", {"00001-bbbb0000": 4}, None)})
+    with pytest.raises(
+        RuntimeError, match="raw shard 00000's per-bucket counts .* add up to 4 samples, but its latent tars hold 5"
+    ):
+        manifest_of({**state, "00000": shard("00000", {"00000-ffff0000": 3, "00000-0000aaaa": 2}, {"64x64": 4})})
 
 
 def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):

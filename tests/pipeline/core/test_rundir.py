@@ -55,3 +55,42 @@ def test_put_dir_replaces_an_existing_folder_whole(tmp_path):
     run.put_dir(second, "export/step-0000001")
     assert sorted(os.listdir(tmp_path / "run" / "export" / "step-0000001")) == ["COMMITTED", "new.bin"]
     assert os.listdir(tmp_path / "run" / "export") == ["step-0000001"]
+
+
+def test_s3_listings_see_what_another_process_wrote(s3_server):
+    """s3fs caches listings for good; objects another process (here boto3) writes must still show."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="rundir-fresh")
+
+    def put(key: str, body: bytes = b"1") -> None:
+        s3.put_object(Bucket="rundir-fresh", Key=f"run/{key}", Body=body)
+
+    run = RunDir("s3://rundir-fresh/run")
+    run.write_json(layout.RUN_MANIFEST, {"stages": {}})
+    run.write_text(f"export/{layout.step_name(1)}/{layout.COMMIT_MARKER}", "t\n")
+    put(f"export/{layout.step_name(3)}/weights.bin")  # not committed yet
+    put("shards/00000.tar")
+    # fill the listing cache: the run's root, and every folder the checks below read
+    assert run.list("") == ["export", "run.json", "shards"]
+    assert run.list("export") == [layout.step_name(1), layout.step_name(3)]
+    assert run.list(f"export/{layout.step_name(3)}") == ["weights.bin"]
+    assert run.list("shards") == ["00000.tar"]
+    assert run.committed_steps("export") == [1]
+    assert "rundir-fresh/run/shards" in run.fs.dircache  # the cache the checks below must not trust
+
+    put(f"export/{layout.step_name(2)}/{layout.COMMIT_MARKER}")
+    put(f"export/{layout.step_name(3)}/{layout.COMMIT_MARKER}")
+    put("shards/00001.tar")
+    put("scratch/leftover.bin")
+    put(layout.RUN_MANIFEST, b'{"stages": {"ingest": {"status": "done"}}}')
+
+    assert run.list("") == ["export", "run.json", "scratch", "shards"]
+    assert run.list("shards") == ["00000.tar", "00001.tar"]
+    assert run.exists("shards/00001.tar")
+    assert run.exists("scratch")
+    assert run.committed_steps("export") == [1, 2, 3]
+    assert run.stage("ingest") == {"status": "done"}  # the rewritten manifest, not its cached size
+    run.remove("scratch")
+    assert "Contents" not in s3.list_objects_v2(Bucket="rundir-fresh", Prefix="run/scratch/")
