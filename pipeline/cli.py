@@ -156,6 +156,8 @@ BENCHES = {
     "ingest": "pipeline.bench.ingest:run_bench",
     "encode": "pipeline.bench.encode:run_bench",
     "train": "pipeline.bench.train:run_bench",
+    "readers": "pipeline.bench.readers:run_bench",
+    "scale-train": "pipeline.bench.scale_train:run_bench",
     "sample": "pipeline.bench.sample:run_bench",
 }
 

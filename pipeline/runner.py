@@ -65,7 +65,19 @@ def storage_error(error: BaseException | None) -> OSError | None:
 RESUMABLE_KEYS: dict[str, set[str]] = {
     "encode": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "cpus_per_decode_task"},
     # How far to go and how to survive failures; not what is trained.
-    "train": {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures", "max_nonfinite_streak"},
+    # ... and where: a checkpoint resumes on another number of workers (train.checkpoint.make_universal).
+    "train": {
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "max_failures",
+        "max_nonfinite_streak",
+        "num_workers",
+        "cpus_per_worker",
+        "threads_per_worker",
+        "record_samples",
+    },
 }
 
 # Keys whose change upstream starts a new phase of the same run instead of a new run: train at 256 px, then go on
@@ -291,18 +303,30 @@ def _sample_watcher(
 ):
     """sample.watch: validate exports while training runs (sample.watch.Watcher), stopped and joined before
     the sample stage. sample/ is first kept or emptied as the sample stage would (emptied too when training
-    starts over), and the stage's entry then says the stage resumes it."""
-    from sample.watch import Watcher
+    starts over), and the stage's entry then says the stage resumes it. A watcher whose reservation does not fit
+    beside training's (sample.watch.crowded_out) is not started: the stage then validates every export."""
+    import ray
+
+    from sample.watch import Watcher, crowded_out
 
     _, base, phase = sample_fingerprints
     if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
         run.remove(STAGE_SPECS["sample"].output)
     _mark_running(run, "sample", sample_fingerprints)
+    # Without Ray (tests) the watcher validates in this process and reserves nothing.
+    crowded = crowded_out(config, ray.cluster_resources()) if ray.is_initialized() else None
+    if crowded:
+        get_logger("watch").warning(
+            f"validation watcher not started: {crowded}; every export is validated after training instead"
+        )
+        run.update_stage("sample", status="partial", watch={"started": False, "reason": crowded, "validated": [], "errors": {}})
+        yield
+        return
     watcher = Watcher(config, run).start()
     try:
         yield
     finally:
-        run.update_stage("sample", status="partial", watch=watcher.stop())
+        run.update_stage("sample", status="partial", watch={"started": True, **watcher.stop()})
 
 
 def _print_summary(run: RunDir) -> None:

@@ -13,7 +13,11 @@ left. A failed validation is logged and remembered, never raised into training; 
 stage retries that export and reports the error if it persists.
 
 The actor reserves `sample.watch_cpus` and `sample.watch_gpus`; the default 0 CPUs lets it
-run while training holds every CPU Ray has (the 2-core demo), with one torch thread.
+run while training holds every CPU Ray has (the 2-core demo), with one torch thread. Before
+training starts, the runner asks `crowded_out` whether that reservation fits beside training's
+on the cluster; where it does not, the actor would wait for resources training never frees, or
+take one a training worker needs (64 one-GPU workers on 64 GPUs wait forever beside a one-GPU
+watcher), so the watcher is not started and the sample stage validates every export afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +34,45 @@ from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 
 logger = get_logger("watch")
+
+
+def training_reservation(config: PipelineConfig) -> dict[str, float]:
+    """What the train stage's Ray Train run reserves in all: its workers, as train/stage.py asks for them, and
+    Ray Train's own trainer/controller actor, which ScalingConfig.total_resources counts (none in Ray Train V2,
+    whose controller takes 0 CPUs)."""
+    from ray.train import ScalingConfig
+
+    train = config.train
+    per_worker = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=per_worker)
+    return {resource: float(amount) for resource, amount in scaling.total_resources.items()}
+
+
+def crowded_out(config: PipelineConfig, cluster: dict[str, float]) -> str | None:
+    """Why the watcher's reservation (sample.watch_cpus / watch_gpus) does not fit beside training's on a cluster
+    of these totals (`ray.cluster_resources()`), naming the numbers and keys; None where it fits. Whether
+    training itself fits is not judged here."""
+    sample, train = config.sample, config.train
+    asks = [("GPU", sample.watch_gpus, "sample.watch_gpus"), ("CPU", sample.watch_cpus, "sample.watch_cpus")]
+    asks = [ask for ask in asks if ask[1] > 0]
+    if not asks:  # a watcher that reserves nothing always runs, sharing what training holds
+        return None
+    training = training_reservation(config)
+    workers = {
+        "GPU": f"train.num_workers = {train.num_workers}, one GPU each" if train.use_gpu else "train.use_gpu = false",
+        "CPU": f"train.num_workers = {train.num_workers} x train.cpus_per_worker = {train.cpus_per_worker:g}",
+    }
+    reasons = []
+    for resource, asked, key in asks:
+        total, taken = float(cluster.get(resource, 0.0)), training.get(resource, 0.0)
+        if taken + asked <= total + 1e-9:  # fractional CPUs add up with rounding errors
+            continue
+        trainer = taken - (train.num_workers * (train.cpus_per_worker if resource == "CPU" else float(train.use_gpu)))
+        how = workers[resource] + (f", plus {trainer:g} for Ray Train's trainer" if trainer > 1e-9 else "")
+        reasons.append(
+            f"training takes {taken:g} of {total:g} {resource}s ({how}) and the watcher asks for {asked:g} ({key})"
+        )
+    return "; ".join(reasons) or None
 
 
 class Validating:

@@ -17,7 +17,9 @@ DeepSpeed's own files are unpickled with `weights_only=False`, so only this run 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from train.order import BatchPosition
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed_universal"  # the same state, each parameter whole: loads at any world size
 STATE_FILE = phases.STATE_FILE
 
 
@@ -98,34 +101,108 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
     used either: its controller registers a report some time after the workers made it, so a run
     killed in between would resume from an older checkpoint, or from none. A checkpoint saved
     without an EMA starts one from the weights it holds.
+
+    Each rank copies only its part of the folder (`rank_files`). A checkpoint written by another
+    number of workers is loaded from its universal form (`make_universal`, which the train stage's
+    driver runs first): DeepSpeed reshards the weights and the optimizer state, and `ema` its average.
     """
     steps = run.committed_steps(layout.TRAIN_CHECKPOINTS)
     if not steps:
         return TrainState()
     relative = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(steps[-1])}"
+    saved = run.read_json(f"{relative}/{STATE_FILE}")
+    saved_world, world = saved.pop("world_size"), distributed.world_size()
+    elastic = saved_world != world
+    if elastic and not run.exists(f"{relative}/{UNIVERSAL_TAG}/{layout.COMMIT_MARKER}"):
+        raise RuntimeError(
+            f"{run.path(relative)} was written by {saved_world} workers and has no universal form for {world}: "
+            "the train stage makes it before the workers start (train.checkpoint.make_universal)"
+        )
+    state = TrainState(**saved)
+    keep = rank_files(distributed.rank(), saved_world if not elastic else None)
     with tempfile.TemporaryDirectory(prefix="resume-", ignore_cleanup_errors=True) as scratch:
-        local = run.get_dir(relative, scratch)  # the folder itself on local storage
-        saved = json.loads(Path(local, STATE_FILE).read_text())
-        saved_world = saved.pop("world_size")
-        if saved_world != distributed.world_size():
-            raise RuntimeError(
-                f"{run.path(relative)} was written by {saved_world} workers; resume it with train.num_workers = "
-                f"{saved_world} (ZeRO partitions and the data order depend on it), or start a new run directory"
-            )
-        state = TrainState(**saved)
-        loaded, _ = engine.load_checkpoint(str(local), tag=DEEPSPEED_TAG)
-        if ema is not None and not ema.load(str(local)):
+        local = run.get_dir(relative, scratch, keep)  # the folder itself on local storage
+        if elastic:
+            engine._config.load_universal_checkpoint = True  # read once, at this load only
+        try:
+            loaded, _ = engine.load_checkpoint(str(local), tag=UNIVERSAL_TAG if elastic else DEEPSPEED_TAG)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if ema is not None and not ema.load(str(local), saved_world):
             ema.restart()
             distributed.log(f"{run.path(relative)} has no EMA of the weights; starting one from its weights")
     if loaded is None or engine.global_steps != state.step:
         raise RuntimeError(f"checkpoint {run.path(relative)} could not be loaded (engine at step {engine.global_steps})")
     if distributed.is_rank_zero():
         resumes = run.read_json(layout.TRAIN_RESUMES) if run.exists(layout.TRAIN_RESUMES) else []
-        run.write_json(layout.TRAIN_RESUMES, [*resumes, {"step": state.step, "at": now()}])
+        run.write_json(layout.TRAIN_RESUMES, [*resumes, {"step": state.step, "at": now(), "workers": [saved_world, world]}])
+    resharded = f", resharded from {saved_world} workers to {world}" if elastic else ""
     distributed.log(
-        f"resumed from {run.path(relative)} at step {state.step} (epoch {state.epoch}, {state.taken} samples into each of {state.streams} data streams)"
+        f"resumed from {run.path(relative)} at step {state.step} (epoch {state.epoch}, {state.taken} samples into each of "
+        f"{state.streams} data streams){resharded}"
     )
     return state
+
+
+_RANK_FILE = re.compile(r"(?:^|/)(?:zero_pp_rank_|rank-)(\d+)[_.]")
+
+
+def rank_files(rank: int, saved_world: int | None) -> Callable[[str], bool]:
+    """Which files of a checkpoint folder rank `rank` copies to resume.
+
+    Same world size (`saved_world` given): the shared files and its own ZeRO partition and EMA
+    part, never another rank's or the universal form. Another world size (None): the universal
+    form, the shared files and every rank's EMA part (to reshard it), nothing of DeepSpeed's own.
+    """
+
+    def keep(name: str) -> bool:
+        if name.startswith(f"{UNIVERSAL_TAG}/"):
+            return saved_world is None
+        match = _RANK_FILE.search(name)
+        if name.startswith(f"{DEEPSPEED_TAG}/"):
+            return saved_world is not None and (match is None or int(match.group(1)) == rank)
+        return match is None or saved_world is None or int(match.group(1)) == rank
+
+    return keep
+
+
+def make_universal(run: RunDir, world: int) -> str | None:
+    """If the newest committed checkpoint was written by another number of workers than `world`,
+    write its universal form (DeepSpeed's `ds_to_universal`: each parameter's fp32 weights and
+    optimizer state whole) into it, once; returns what was done, or None.
+
+    Runs where it is called (the train stage runs it as a Ray task before the workers start): it
+    reads every rank's partition, which only a change of world size needs.
+    """
+    steps = run.committed_steps(layout.TRAIN_CHECKPOINTS)
+    if not steps:
+        return None
+    relative = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(steps[-1])}"
+    saved_world = run.read_json(f"{relative}/{STATE_FILE}")["world_size"]
+    if saved_world == world or run.exists(f"{relative}/{UNIVERSAL_TAG}/{layout.COMMIT_MARKER}"):
+        return None
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    with tempfile.TemporaryDirectory(prefix="universal-", ignore_cleanup_errors=True) as scratch:
+        source = run.get_dir(f"{relative}/{DEEPSPEED_TAG}", Path(scratch, "in"))
+        target = Path(scratch, "out")
+        arguments = argparse.Namespace(
+            input_folder=str(source),
+            output_folder=str(target),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # our engines are not Megatron's: the layout it needs is plain
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are not ours to show
+            ds_to_universal(arguments)
+        run.put_dir(target, f"{relative}/{UNIVERSAL_TAG}")
+    return f"{run.path(relative)}: written by {saved_world} workers, universal form made for {world}"
 
 
 def classes_record(config: TrainConfig, classes: list[str] | None, class_field: str | None) -> dict | None:

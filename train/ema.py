@@ -83,12 +83,29 @@ class ExponentialMovingAverage:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.state_dict(), path)
 
-    def load(self, folder: str | Path) -> bool:
-        """Read this rank's part from a checkpoint folder; False (and nothing changed) if it has none."""
-        path = Path(folder, EMA_DIR, self._file_name())
-        if not path.exists():
+    def load(self, folder: str | Path, saved_world: int | None = None) -> bool:
+        """Read this rank's part from a checkpoint folder; False (and nothing changed) if it has none.
+
+        Under ZeRO-3 a checkpoint of `saved_world` ranks other than this world's is resharded: each
+        parameter's parts are joined in rank order, cut to its size and split anew."""
+        world = distributed.world_size()
+        if not self.partitioned or saved_world in (None, world):
+            path = Path(folder, EMA_DIR, self._file_name())
+            if not path.exists():
+                return False
+            self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return True
+        paths = [Path(folder, EMA_DIR, f"rank-{rank}.pt") for rank in range(saved_world)]
+        if not all(path.exists() for path in paths):
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        saved = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
+        averages = []
+        for index, (average, parameter) in enumerate(zip(self.averages, self.parameters)):
+            whole = torch.cat([part["averages"][index].flatten() for part in saved])[: parameter.ds_numel]
+            size = average.numel()
+            mine = whole[distributed.rank() * size : (distributed.rank() + 1) * size]
+            averages.append(torch.cat([mine, mine.new_zeros(size - mine.numel())]).view_as(average))
+        self.load_state_dict({"updates": saved[0]["updates"], "averages": averages})
         return True
 
     def _file_name(self) -> str:

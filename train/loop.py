@@ -6,6 +6,7 @@ data (the run URL and the config as JSON), so the same call works on any cluster
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ def train_worker(loop_config: dict) -> None:
     _log_start(worker, state, order)
     batches = order.batches(rank, world, batch_size, state.epoch, state.taken)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
+    recorded: list[dict] = []  # train.record_samples: the steps since the last checkpoint
     while state.step < train.max_steps:
         position = next(batches)
         generator = distributed.batch_generator(config.seed, rank, position.epoch, position.taken)
@@ -98,6 +100,8 @@ def train_worker(loop_config: dict) -> None:
         result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **options)
         previous_step = state.step
         state.advance(position, result["skipped"], engine.global_steps)
+        if train.record_samples:
+            recorded.append({"step": state.step, "epoch": position.epoch, "keys": stream.keys(position)})
         window.add(result["loss"], len(position.samples))
         stopped = state.nonfinite_streak_error(train.max_nonfinite_streak)
         if stopped:
@@ -114,6 +118,10 @@ def train_worker(loop_config: dict) -> None:
                 stopped = f"the weights are not finite after step {state.step}: training diverged; not saving them"
                 break
             _save(engine, run, config, state, metrics, ema, classes)
+            if recorded:
+                rows = "".join(json.dumps(row) + "\n" for row in recorded)
+                run.write_text(f"{layout.TRAIN_SAMPLES}/{layout.step_name(state.step)}-rank-{rank}.jsonl", rows)
+                recorded.clear()
             window.restart()
 
     stream.close()

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
 from pipeline.core.identity import EncoderMismatchError, check_run_encoders
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 from train import finetune, phases
+from train.checkpoint import make_universal
 from train.data import read_spec
 from train.loop import train_worker
 from train.order import DataOrder, OrderError
@@ -25,6 +27,7 @@ from train.unet import class_embedding_count
 if TYPE_CHECKING:
     from ray.train import RunConfig
 
+logger = get_logger("train")
 CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
 
 
@@ -48,11 +51,26 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         run_config=run_config(config, run),
     )
     run.remove(layout.TRAIN_STOPPED)  # from an earlier attempt
+    resharded = reshard_checkpoint(run, train.num_workers)
+    if resharded:
+        logger.info(resharded)
     try:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep its message, which names the rank
         raise TrainStageError(f"training failed ({type(error).__name__}): {error}") from error
     return {**stage_summary(result.metrics or {}, run), **model}
+
+
+def reshard_checkpoint(run: RunDir, workers: int) -> str | None:
+    """The newest checkpoint's universal form when it was written by another number of workers
+    (`train.checkpoint.make_universal`), made by one Ray task: it reads every rank's partition once."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0.1)(_make_universal).remote(run.url, workers))
+
+
+def _make_universal(run_url: str, workers: int) -> str | None:
+    return make_universal(RunDir(run_url), workers)
 
 
 def run_config(config: PipelineConfig, run: RunDir) -> RunConfig:

@@ -53,6 +53,11 @@ class ShardStream:
         self.want(position.shards_ahead)
         return assemble([self.shard(shard).locate(index) for shard, index in position.samples], self.spec, generator, self.pin)
 
+    def keys(self, position: BatchPosition) -> list[str]:
+        """The sample keys the batch at `position` reads (a replaced sample: the key of the one read instead)."""
+        rows = [self.shard(shard).locate(index) for shard, index in position.samples]
+        return [part.keys[row] for part, row in rows]
+
     def counts(self) -> dict[str, int]:
         """What reading found in the shards read so far (`train.data.read_counts`)."""
         done = [future.result() for future in self._held.values() if future.done() and not future.exception()]

@@ -33,10 +33,9 @@ elements, 44% of the tiny UNet stayed whole and the ratio was 0.648 instead of a
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import tarfile
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ import torch
 
 from pipeline.bench.common import SAMPLES_PER_SHARD, Stopwatch, logger, ratio, ray_session, torch_threads
 from pipeline.core import layout
-from pipeline.core.arrays import to_npy_bytes
+from pipeline.core.arrays import from_base64_npy, to_base64_npy, to_npy_bytes
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.rundir import RunDir
 
@@ -101,32 +100,47 @@ def _memory_config(config: PipelineConfig, zero_stage: int, cpus: int) -> Pipeli
 # -- data ------------------------------------------------------------------------------------
 
 
-def write_synthetic_latents(config: PipelineConfig, run: RunDir, samples: int) -> int:
+def write_synthetic_latents(
+    config: PipelineConfig,
+    run: RunDir,
+    samples: int,
+    samples_per_shard: int = SAMPLES_PER_SHARD,
+    text_width: int | None = None,
+) -> int:
     """Encode-stage output of `samples` random latents and text embeddings, in shards of at most
-    SAMPLES_PER_SHARD (at least 2); the manifest is the one encode writes for `config.encode`'s
-    encoders, so the train stage's identity check passes. Returns the number of shards."""
+    `samples_per_shard` (at least 2), written as encode's latent sink writes them (webdataset's
+    TarWriter: KEY.latent.npy, KEY.text.npy, KEY.json); the manifest is the one encode writes for
+    `config.encode`'s encoders, so the train stage's identity check passes. `text_width` narrows
+    the text embeddings (and the empty caption's) to that many columns, for smaller data sets.
+    Returns the number of shards."""
+    from webdataset import TarWriter
+
+    from ingest.encode.shard_io import KEY
     from ingest.encode.stage import build_manifest
 
     records, fixed = build_manifest(config.encode)
+    if text_width is not None:
+        empty = from_base64_npy(fixed["empty_caption_embedding"])[:, :text_width]
+        fixed["text_embedding_shape"] = list(empty.shape)
+        fixed["empty_caption_embedding"] = to_base64_npy(empty)
+        fixed["bytes_per_sample"] = 2 * (len(fixed["members"]) * math.prod(fixed["latent_shape"]) + math.prod(empty.shape))
     latent_shape, text_shape = tuple(fixed["latent_shape"]), tuple(fixed["text_embedding_shape"])
-    shards = max(2, -(-samples // SAMPLES_PER_SHARD))  # one at least per memory-run worker
+    shards = max(2, -(-samples // samples_per_shard))  # one at least per memory-run worker
     rng = np.random.default_rng(config.seed)
-    names = []
+    entries = []
     for shard, indices in enumerate(np.array_split(np.arange(samples), shards)):
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as archive:
+        name = f"{shard:05d}.tar"
+        with run.open_write(f"{layout.ENCODE_SHARDS}/{name}") as handle:
+            writer = TarWriter(handle, encoder=False, mtime=0)
             for index in indices:
+                sample = {KEY: f"{index:08d}"}
                 for member, shape in ((layout.LATENT_KEY, latent_shape), (layout.TEXT_EMBEDDING_KEY, text_shape)):
-                    data = to_npy_bytes(rng.standard_normal(shape).astype(np.float16))
-                    info = tarfile.TarInfo(f"{index:08d}.{member}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        names.append(f"{shard:05d}.tar")
-        run.write_bytes(f"{layout.ENCODE_SHARDS}/{names[-1]}", buffer.getvalue())
-    entries = [
-        {"name": name.removesuffix(".tar"), "parts": [name], "samples": len(indices)}
-        for name, indices in zip(names, np.array_split(np.arange(samples), shards))
-    ]
+                    sample[member] = to_npy_bytes(rng.standard_normal(shape).astype(np.float16))
+                sample[layout.META_KEY] = json.dumps({"caption": f"synthetic {index}"}).encode()
+                writer.write(sample)
+            writer.close()
+        entries.append({"name": name.removesuffix(".tar"), "parts": [name], "samples": len(indices)})
+    names = [entry["parts"][0] for entry in entries]
     run.write_json(layout.ENCODE_MANIFEST, {**records, **fixed, "samples": samples, "shards": names, "latent_shards": entries})
     return shards
 

@@ -183,6 +183,11 @@ class TrainConfig(Section):
         description="Latent shards whose samples are shuffled together (train.order): a batch mixes them, and a worker holds "
         "about twice this many shards per data stream in memory.",
     )
+    record_samples: bool = Field(
+        False,
+        description="Write every rank's sample keys, step by step, to RUN/train/samples/step-N-rank-R.jsonl with each "
+        "checkpoint N: an audit of the data order (large at scale).",
+    )
     data_streams: int | None = Field(
         None,
         ge=1,

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -157,11 +157,18 @@ class RunDir:
             self.fs.put(str(local_dir).rstrip("/") + "/", target, recursive=True)
         self.write_text(f"{relative}/{layout.COMMIT_MARKER}", now() + "\n")
 
-    def get_dir(self, relative: str, local_dir: str | os.PathLike) -> Path:
-        """Local copy of `relative` (the folder itself when the run is local)."""
+    def get_dir(self, relative: str, local_dir: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Path:
+        """Local copy of `relative` (the folder itself when the run is local); with `keep`, only the
+        files whose path inside the folder it accepts are copied (a rank's part of a checkpoint)."""
         if self.is_local:
             return Path(self._fs_path(relative))
-        self.fs.get(self._fresh_path(relative) + "/", str(local_dir), recursive=True)
+        base = self._fresh_path(relative)
+        names = [path[len(base) + 1 :] for path in self.fs.find(base)]
+        wanted = [name for name in names if keep is None or keep(name)]
+        if wanted:  # one call: concurrent on object stores
+            for name in wanted:
+                Path(local_dir, name).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get([f"{base}/{name}" for name in wanted], [str(Path(local_dir, name)) for name in wanted])
         return Path(local_dir)
 
     def makedirs(self, relative: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
-from train.checkpoint import STATE_FILE, TrainState, is_due, resume
+from train.checkpoint import STATE_FILE, TrainState, is_due, rank_files, resume
 from train.order import BatchPosition
 
 
@@ -33,12 +33,12 @@ def test_a_long_run_of_non_finite_losses_stops_training():
     assert "5 micro-batches in a row after step 1" in error and "train.max_nonfinite_streak = 5" in error
 
 
-def test_resuming_with_another_number_of_workers_is_refused(tmp_path):
+def test_another_number_of_workers_needs_the_universal_form(tmp_path):
     run = RunDir(str(tmp_path))
     state = {"step": 6, "epoch": 0, "taken": 6, "streams": 4, "skipped_nonfinite": 0, "skipped_in_a_row": 0, "world_size": 4}
     run.write_json(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{STATE_FILE}", state)
     run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(6)}/{layout.COMMIT_MARKER}", "t\n")
-    with pytest.raises(RuntimeError, match="written by 4 workers.*num_workers = 4"):
+    with pytest.raises(RuntimeError, match="written by 4 workers and has no universal form for 1"):
         resume(engine=None, run=run)
 
 
@@ -54,3 +54,35 @@ def test_only_committed_checkpoints_are_resumed_from(tmp_path):
     run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(4)}/{layout.COMMIT_MARKER}", "t\n")
     with pytest.raises(RuntimeError, match="step-0000004 was written by 3 workers"):  # step 4 it is, not 8
         resume(engine=None, run=run)
+
+
+def test_a_rank_copies_only_its_part_of_a_checkpoint():
+    names = [
+        "train_state.json",
+        "deepspeed/mp_rank_00_model_states.pt",
+        "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "deepspeed/zero_pp_rank_10_mp_rank_00_model_states.pt",
+        "ema/whole.pt",
+        "ema/rank-0.pt",
+        "ema/rank-1.pt",
+        "deepspeed_universal/zero/conv_in.weight/fp32.pt",
+        "deepspeed_universal/mp_rank_00_model_states.pt",
+    ]
+    same = [name for name in names if rank_files(1, saved_world=2)(name)]
+    assert same == [
+        "train_state.json",
+        "deepspeed/mp_rank_00_model_states.pt",
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "ema/whole.pt",
+        "ema/rank-1.pt",
+    ]
+    other = [name for name in names if rank_files(0, saved_world=None)(name)]
+    assert other == [
+        "train_state.json",
+        "ema/whole.pt",
+        "ema/rank-0.pt",
+        "ema/rank-1.pt",
+        "deepspeed_universal/zero/conv_in.weight/fp32.pt",
+        "deepspeed_universal/mp_rank_00_model_states.pt",
+    ]
