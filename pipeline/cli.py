@@ -159,6 +159,7 @@ BENCHES = {
     "readers": "pipeline.bench.readers:run_bench",
     "scale-train": "pipeline.bench.scale_train:run_bench",
     "sample": "pipeline.bench.sample:run_bench",
+    "gpu": "pipeline.bench.gpu:run_bench",
 }
 
 
@@ -170,6 +171,7 @@ def bench(
     run_url: str | None = typer.Option(
         None, "--run", metavar="RUN", help="Run directory the bench reads (sample: default runs/demo)."
     ),
+    tiny: bool = typer.Option(False, "--tiny", help="gpu: tiny shapes that run on a CPU, instead of SD-1.5 at 256 px."),
 ) -> None:
     """Measure a stage against a bare baseline in the same run; the last line is one JSON object."""
     import importlib
@@ -183,7 +185,7 @@ def bench(
     log.setup_driver()
     module, function_name = BENCHES[name].split(":")
     function = getattr(importlib.import_module(module), function_name)
-    options = {key: value for key, value in {"images": images, "run": run_url}.items() if value is not None}
+    options = {key: value for key, value in {"images": images, "run": run_url, "tiny": tiny or None}.items() if value is not None}
     unknown = sorted(set(options) - set(inspect.signature(function).parameters))
     if unknown:
         _fail(f"bench {name} takes no --{', --'.join(unknown)}")

@@ -69,9 +69,7 @@ def crowded_out(config: PipelineConfig, cluster: dict[str, float]) -> str | None
             continue
         trainer = taken - (train.num_workers * (train.cpus_per_worker if resource == "CPU" else float(train.use_gpu)))
         how = workers[resource] + (f", plus {trainer:g} for Ray Train's trainer" if trainer > 1e-9 else "")
-        reasons.append(
-            f"training takes {taken:g} of {total:g} {resource}s ({how}) and the watcher asks for {asked:g} ({key})"
-        )
+        reasons.append(f"training takes {taken:g} of {total:g} {resource}s ({how}) and the watcher asks for {asked:g} ({key})")
     return "; ".join(reasons) or None
 
 

@@ -19,7 +19,7 @@ import torch
 from pipeline.core.config import TrainConfig
 from train import distributed
 
-EMA_DIR = "ema"  # in a checkpoint folder: rank-R.pt per rank under ZeRO-3, whole.pt (rank 0's) otherwise
+EMA_DIR = "ema"  # in a checkpoint folder: rank-R.pt, each rank's part (see `save`)
 
 
 def warmed_up_decay(decay: float, updates: int) -> float:
@@ -77,39 +77,63 @@ class ExponentialMovingAverage:
         self.averages = [s.to(a.device, torch.float32) for s, a in zip(saved, self.averages)]
 
     def save(self, folder: str | Path) -> None:
-        """Write this rank's part under `folder/ema/` (under ZeRO 0-2 rank 0 writes for all)."""
-        if self.partitioned or distributed.is_rank_zero():
-            path = Path(folder, EMA_DIR, self._file_name())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.state_dict(), path)
+        """Write this rank's part under `folder/ema/rank-R.pt`: its ZeRO-3 partition, or under ZeRO 0-2
+        its 1/world slice of each flattened average (so that a resume reads 1/world of the average)."""
+        path = Path(folder, EMA_DIR, f"rank-{distributed.rank()}.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = self.averages if self.partitioned else [self._slice(average.flatten()) for average in self.averages]
+        torch.save({"updates": self.updates, "averages": parts}, path)
 
     def load(self, folder: str | Path, saved_world: int | None = None) -> bool:
-        """Read this rank's part from a checkpoint folder; False (and nothing changed) if it has none.
+        """Read the average from a checkpoint folder; False (and nothing changed) if it has none.
 
-        Under ZeRO-3 a checkpoint of `saved_world` ranks other than this world's is resharded: each
-        parameter's parts are joined in rank order, cut to its size and split anew."""
-        world = distributed.world_size()
-        if not self.partitioned or saved_world in (None, world):
-            path = Path(folder, EMA_DIR, self._file_name())
-            if not path.exists():
-                return False
-            self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        With this world size a rank reads its own part (under ZeRO 0-2 the parts are then gathered
+        whole, a collective). A checkpoint of `saved_world` other ranks is resharded: each
+        parameter's parts are joined in rank order, cut to its size and split anew. `whole.pt`
+        (checkpoints before parts) is read as it is.
+        """
+        world, rank = distributed.world_size(), distributed.rank()
+        whole = Path(folder, EMA_DIR, "whole.pt")
+        if not self.partitioned and whole.exists():
+            self.load_state_dict(torch.load(whole, map_location="cpu", weights_only=True))
             return True
-        paths = [Path(folder, EMA_DIR, f"rank-{rank}.pt") for rank in range(saved_world)]
+        saved_world = saved_world or world
+        ranks = [rank] if saved_world == world else list(range(saved_world))
+        paths = [Path(folder, EMA_DIR, f"rank-{number}.pt") for number in ranks]
         if not all(path.exists() for path in paths):
             return False
         saved = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
+        self._check_fits(saved[0]["averages"], saved_world)
         averages = []
-        for index, (average, parameter) in enumerate(zip(self.averages, self.parameters)):
-            whole = torch.cat([part["averages"][index].flatten() for part in saved])[: parameter.ds_numel]
-            size = average.numel()
-            mine = whole[distributed.rank() * size : (distributed.rank() + 1) * size]
-            averages.append(torch.cat([mine, mine.new_zeros(size - mine.numel())]).view_as(average))
+        for index, average in enumerate(self.averages):
+            if saved_world == world and self.partitioned:
+                averages.append(saved[0]["averages"][index])
+                continue
+            parts = (
+                [part["averages"][index] for part in saved]
+                if saved_world != world
+                else distributed.all_gather(saved[0]["averages"][index].to(average.device))
+            )
+            flat = torch.cat([part.flatten().to(average.device) for part in parts])
+            if self.partitioned:
+                flat = flat[: self.parameters[index].ds_numel]
+                averages.append(self._slice(flat, average.numel()).view_as(average))
+            else:
+                averages.append(flat[: average.numel()].view_as(average))
         self.load_state_dict({"updates": saved[0]["updates"], "averages": averages})
         return True
 
-    def _file_name(self) -> str:
-        return f"rank-{distributed.rank()}.pt" if self.partitioned else "whole.pt"
+    def _check_fits(self, parts: list[torch.Tensor], saved_world: int) -> None:
+        numels = [p.ds_numel if self.partitioned else a.numel() for p, a in zip(self.parameters, self.averages)]
+        if len(parts) != len(numels) or any(part.numel() != -(-n // saved_world) for part, n in zip(parts, numels)):
+            raise RuntimeError("the checkpoint's EMA does not fit this UNet (another model or ZeRO stage)")
+
+    @staticmethod
+    def _slice(flat: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """This rank's `size` elements of `flat` (ceil(len / world) by default), zero-padded at the end."""
+        size = size or -(-flat.numel() // distributed.world_size())
+        mine = flat[distributed.rank() * size : (distributed.rank() + 1) * size]
+        return torch.cat([mine, mine.new_zeros(size - mine.numel())])
 
     def full_weights(self) -> list[torch.Tensor] | None:
         """The whole averaged parameters, in `averaged_parameters(module)` order, on rank 0 (None elsewhere).

@@ -146,7 +146,6 @@ def test_stopping_does_not_wait_for_an_actor_that_never_got_its_resources(synthe
     assert not synthetic_run.exists(layout.SAMPLE_VALIDATION)
 
 
-
 def test_the_trainer_reserves_nothing_beyond_its_workers_in_this_ray_version():
     config = load_config("tiny", overrides=["train.num_workers=3", "train.cpus_per_worker=0.5", "train.use_gpu=true"])
     # Ray Train V2's controller actor takes 0 CPUs (ScalingConfig.total_resources would count it otherwise).

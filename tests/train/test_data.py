@@ -207,3 +207,33 @@ def test_a_raw_shard_split_into_parts_in_any_order_reads_as_the_same_shard(tmp_p
         split.shards[0].by_bucket[""].latents[layout.LATENT_KEY], whole.shards[0].by_bucket[""].latents[layout.LATENT_KEY]
     )
     np.testing.assert_array_equal(split.shards[0].by_bucket[""].text_embeddings, whole.shards[0].by_bucket[""].text_embeddings)
+
+
+def test_plain_tars_are_read_from_their_headers_as_tarfile_reads_them():
+    """The fast reader (plain ustar members) and tarfile (anything else) find the same members; a
+    damaged header, a cut or a long name falls back to tarfile, which says how far the archive is good."""
+    from train.data import _plain_tar_members, _tarfile_members
+
+    rng = np.random.default_rng(1)
+    members = []
+    for index in range(5):
+        key = f"k{index}" if index != 3 else "d/" + "x" * 120  # a long name: GNU/pax headers
+        members += sample_members(
+            key, rng.standard_normal(LATENT_SHAPE).astype(np.float16), np.zeros(TEXT_SHAPE, np.float16), "c"
+        )
+    wanted = {layout.LATENT_KEY, layout.TEXT_EMBEDDING_KEY}
+    plain = shard_bytes([member for member in members if "xxx" not in member[0]])
+    assert _plain_tar_members(plain, wanted) == _tarfile_members(io.BytesIO(plain), wanted)
+    assert len(_plain_tar_members(plain, wanted)[0]) == 4
+
+    for data in (shard_bytes(members), plain[:5000], plain[:600] + b"\xff" + plain[601:]):
+        found, truncated = read_latent_members(data, wanted)
+        assert (found, truncated) == _tarfile_members(io.BytesIO(data), wanted)
+    assert len(read_latent_members(shard_bytes(members), wanted)[0]) == 5
+    assert read_latent_members(plain[:5000], wanted)[1]  # cut inside a member
+
+
+def read_latent_members(data: bytes, wanted: set[str]):
+    from train.data import read_tar_members
+
+    return read_tar_members(io.BytesIO(data), wanted)

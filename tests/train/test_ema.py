@@ -93,6 +93,54 @@ def test_under_zero_3_the_average_is_kept_on_the_partition_and_gathered_whole():
     torch.testing.assert_close(whole, (torch.arange(6.0) + 9.0).view(3, 2))
 
 
+def as_rank(monkeypatch, rank: int, world: int) -> None:
+    from train import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+
+
+def test_an_average_saved_by_two_ranks_loads_whole_on_one(tmp_path, monkeypatch):
+    """ZeRO 0-2: each of 2 ranks saves half of each flattened average; 1 rank joins them (elastic resume)."""
+    layer = torch.nn.Linear(3, 3)  # 9 + 3 elements: odd halves are padded
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(9.0).view(3, 3))
+        layer.bias.copy_(torch.tensor([-1.0, -2.0, -3.0]))
+    ema = ExponentialMovingAverage(layer, decay=0.9)
+    ema.updates = 5
+    for rank in (0, 1):
+        as_rank(monkeypatch, rank, 2)
+        ema.save(tmp_path)
+    as_rank(monkeypatch, 0, 1)
+    restored = ExponentialMovingAverage(torch.nn.Linear(3, 3), decay=0.9)
+    assert restored.load(tmp_path, saved_world=2) and restored.updates == 5
+    for a, b in zip(restored.averages, ema.averages):
+        assert torch.equal(a, b)
+
+
+def test_a_zero_3_average_is_resharded_for_another_world_size(tmp_path, monkeypatch):
+    """ZeRO-3 partitions of 2 ranks (3 + 3 of 5 elements, the last padded) become 3 ranks' partitions of 2."""
+    whole = torch.arange(1.0, 6.0)
+
+    def partitioned(rank: int, world: int) -> torch.nn.Linear:
+        layer = torch.nn.Linear(5, 1, bias=False)
+        size = -(-5 // world)
+        part = whole[rank * size : (rank + 1) * size]
+        layer.weight.ds_numel, layer.weight.ds_shape = 5, (1, 5)
+        layer.weight.ds_tensor = torch.cat([part, part.new_zeros(size - part.numel())])
+        return layer
+
+    for rank in (0, 1):
+        as_rank(monkeypatch, rank, 2)
+        ExponentialMovingAverage(partitioned(rank, 2), decay=0.9).save(tmp_path)
+    for rank, expected in enumerate([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]):
+        as_rank(monkeypatch, rank, 3)
+        ema = ExponentialMovingAverage(partitioned(rank, 3), decay=0.9)
+        ema.averages = [torch.full_like(ema.averages[0], -1.0)]
+        assert ema.load(tmp_path, saved_world=2)
+        assert ema.averages[0].tolist() == expected
+
+
 def test_the_tiny_preset_keeps_an_average_and_zero_turns_it_off():
     layer = linear(1.0)
     assert load_config("tiny").train.ema_decay == 0.999

@@ -81,7 +81,7 @@ def test_train_stage_checkpoints_exports_and_resumes_exactly(tmp_path, six_steps
         checkpoint = f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(step)}"
         assert run.exists(f"{checkpoint}/{layout.COMMIT_MARKER}")
         assert run.read_json(f"{checkpoint}/{STATE_FILE}")["step"] == step
-        assert run.list(f"{checkpoint}/ema") == ["whole.pt"]  # ZeRO-2: every rank holds the same average
+        assert run.list(f"{checkpoint}/ema") == ["rank-0.pt", "rank-1.pt"]  # each rank saves half of the average
         export = f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"
         assert run.exists(f"{export}/{layout.COMMIT_MARKER}")
         assert DDPMScheduler.from_pretrained(run.path(f"{export}/scheduler")).config.clip_sample is False

@@ -204,7 +204,9 @@ def test_a_streak_of_non_finite_losses_stops_training_and_leaves_the_weights_alo
     state = TrainState(step=7)
     for index in range(3):
         result = train_step(engine, make_batch(seed=index), scheduler(), torch.zeros(TEXT_SHAPE), 0.1, torch.Generator())
-        state.advance(BatchPosition(epoch=0, taken=index, next_taken=index + 1, samples=[]), result["skipped"], engine.global_steps + 7)
+        state.advance(
+            BatchPosition(epoch=0, taken=index, next_taken=index + 1, samples=[]), result["skipped"], engine.global_steps + 7
+        )
         stop = state.nonfinite_streak_error(max_streak=3)
         assert (stop is None) == (index < 2)
     assert stop == (

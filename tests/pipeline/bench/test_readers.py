@@ -27,7 +27,14 @@ def test_wids_descriptor_lists_every_tar_with_its_count(tmp_path):
 
 
 def _epoch(rate: float, keys: list[str]) -> dict:
-    return {"samples_per_s": rate, "first_batch_s": 1.0, "import_s": 0.1, "peak_rss_mb": 300.0, "reader_rss_mb": 50.0, "resume_keys": keys}
+    return {
+        "samples_per_s": rate,
+        "first_batch_s": 1.0,
+        "import_s": 0.1,
+        "peak_rss_mb": 300.0,
+        "reader_rss_mb": 50.0,
+        "resume_keys": keys,
+    }
 
 
 def _resume(seconds: float, keys: list[str]) -> dict:
@@ -39,7 +46,9 @@ def test_reader_result_takes_the_best_run_and_checks_every_resume():
     assert result["samples_per_s"] == 120.0 and result["samples_per_s_runs"] == [100.0, 120.0]
     assert result["resume_first_batch_s"] == 1.5 and result["resume_exact"] is True and "resume_keys" not in result
     assert reader_result([(_epoch(100.0, ["a"]), _resume(2.0, ["b"]))])["resume_exact"] is False
-    assert reader_result([(_epoch(100.0, ["a"]), {"error": "ImportError: no streaming"})]) == {"error": "ImportError: no streaming"}
+    assert reader_result([(_epoch(100.0, ["a"]), {"error": "ImportError: no streaming"})]) == {
+        "error": "ImportError: no streaming"
+    }
 
 
 def test_ratios_are_each_reader_over_ours_and_skip_errors():
