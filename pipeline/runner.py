@@ -76,6 +76,7 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
         "num_workers",
         "cpus_per_worker",
         "threads_per_worker",
+        "placement_strategy",
         "record_samples",
     },
 }

@@ -47,7 +47,12 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run_url": run.url, "config": config.model_dump(mode="json"), "init_folder": init_folder},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=train.placement_strategy,
+        ),
         run_config=run_config(config, run),
     )
     run.remove(layout.TRAIN_STOPPED)  # from an earlier attempt

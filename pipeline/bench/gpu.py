@@ -18,13 +18,13 @@ encode stage writes them. After `warmup_steps` untimed steps, `steps` timed ones
 
 VAE. The encode stage's VAE path (`to_model_input`, `encode_latents` under bf16 autocast on a
 GPU, fp32 on a CPU, as the encode actor does) on random 256 px images in batches of 128 (the
-preset's encode.batch_size): images/s, MFU (its encoder's forward, counted the same way) and peak memory.
-SD-1.5's VAE cannot be downloaded here, so it is that architecture (`SD_VAE_CONFIG`), randomly
-initialised: the same FLOPs and memory.
+preset's encode.batch_size): images/s, MFU (its encoder's forward, counted the same way) and
+peak memory. SD-1.5's VAE cannot be downloaded here, so it is that architecture (`SD_VAE_CONFIG`),
+randomly initialised: the same FLOPs and memory.
 
-The anchor: MosaicML trained Stable Diffusion at 137 images/s per A100 at 256 px (their "Training
-Stable Diffusion from Scratch for <$50k" post); `ratio_to_anchor` is images_per_s over that, and
-`anchor_mfu_a100` the MFU that rate would be with this UNet's FLOPs on an A100 (312 TFLOP/s).
+The anchor: MosaicML's 137 images/s per A100 training Stable Diffusion at 256 px. `ratio_to_anchor`
+is images_per_s over that (across devices: compare MFU), and `anchor_mfu_a100` the MFU that rate
+would be with this UNet's FLOPs on an A100 (312 TFLOP/s).
 
 Each part runs in a fresh Python process (`worker_main`): its own process group and a clean
 peak-memory reading. `--tiny` runs the tiny preset's UNet on 8x8 latents and its VAE at 64 px
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.common import Stopwatch, logger, ratio
-from pipeline.core.config import load_config
+from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.rundir import RunDir
 
 ANCHOR_IMAGES_PER_S_A100 = 137
@@ -131,7 +131,7 @@ def run_bench(cpus: int = 2, tiny: bool = False) -> dict[str, Any]:
     with Stopwatch() as total, tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
         run = RunDir(Path(scratch) / "run")
         with Stopwatch() as writing:
-            shards = _write_latents(run, shape)
+            shards = _write_latents(run, shape, Path(scratch))
         log(f"{shape.warmup_steps + shape.steps} batches of synthetic latents in {shards} shards: {writing.seconds:.1f} s")
         unet = _train_unet(run, shape)
         vae = run_worker({"part": "vae", "shape": asdict(shape)})
@@ -157,20 +157,38 @@ def run_bench(cpus: int = 2, tiny: bool = False) -> dict[str, Any]:
     }
 
 
-def _write_latents(run: RunDir, shape: BenchShape) -> int:
-    """Latent shards for the warm-up and timed steps at the first batch, with the tiny preset's
-    encoders' identity records at `shape.resolution` (only the shapes matter here)."""
+def _write_latents(run: RunDir, shape: BenchShape, scratch: Path) -> int:
+    """Latent shards for the warm-up and timed steps at the first batch, `shape.resolution` / 8 a
+    side, with the tiny preset's encoders (only the shapes matter here) or, for text embeddings of
+    another width, a random text encoder that wide (saved in `scratch`)."""
     from pipeline.bench.train import write_synthetic_latents
     from train.data import read_spec
 
     side = shape.resolution
-    sides = [f"ingest.image_size={side}", f"ingest.toy_image_size={side}", f"encode.resolution={side}"]
-    config = load_config("tiny", overrides=sides)
-    shards = write_synthetic_latents(config, run, (shape.warmup_steps + shape.steps) * shape.batch, text_width=shape.text_width)
+    overrides = [f"ingest.image_size={side}", f"ingest.toy_image_size={side}", f"encode.resolution={side}"]
+    if shape.text_width != TINY.text_width:
+        text_encoder = random_text_encoder(scratch / f"text-encoder-{shape.text_width}", shape.text_width)
+        overrides.append(f"encode.text_encoder={text_encoder}")
+    config = load_config("tiny", overrides=overrides)
+    shards = write_synthetic_latents(config, run, (shape.warmup_steps + shape.steps) * shape.batch)
     spec = read_spec(run)
     if spec.cross_attention_dim != shape.text_width:
         raise RuntimeError(f"the synthetic text embeddings are {spec.cross_attention_dim} wide, not {shape.text_width}")
     return shards
+
+
+def random_text_encoder(folder: Path, width: int) -> str:
+    """A randomly initialised one-layer CLIP text encoder `width` wide (a multiple of 64), saved in
+    `folder` as `from_pretrained` reads it; the tiny one's vocabulary and 77 positions. Returns the folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipeline.core.models import resolve_model_path
+
+    config = CLIPTextConfig.from_pretrained(resolve_model_path("builtin:tiny-text-encoder"))
+    config.update({"hidden_size": width, "intermediate_size": width, "projection_dim": width})
+    config.update({"num_attention_heads": width // 64, "num_hidden_layers": 1})
+    CLIPTextModel(config).save_pretrained(folder)
+    return str(folder)
 
 
 def _train_unet(run: RunDir, shape: BenchShape) -> dict[str, Any]:
@@ -318,6 +336,14 @@ def _peak_memory_gb(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
 
 
+def train_config(shape: BenchShape, batch: int) -> PipelineConfig:
+    """The preset's config for one worker of `batch` in bf16 with ZeRO-2, for the bench's steps."""
+    total = shape.warmup_steps + shape.steps
+    overrides = ["train.num_workers=1", "train.zero_stage=2", "train.precision=bf16", f"train.batch_size_per_worker={batch}"]
+    overrides += ["train.gradient_accumulation=1", f"train.max_steps={total}", f"train.warmup_steps={total}"]
+    return load_config(shape.preset, overrides=overrides)
+
+
 def unet_worker(run: RunDir, shape: BenchShape, batch: int) -> dict[str, Any]:
     """Train the preset's UNet as one worker of the train stage does, on one device; timed after a warm-up.
 
@@ -335,10 +361,7 @@ def unet_worker(run: RunDir, shape: BenchShape, batch: int) -> dict[str, Any]:
     from train.unet import build_unet, parameter_count
 
     device = _device()
-    total = shape.warmup_steps + shape.steps
-    overrides = ["train.num_workers=1", "train.zero_stage=2", "train.precision=bf16", f"train.batch_size_per_worker={batch}"]
-    overrides += ["train.gradient_accumulation=1", f"train.max_steps={total}", f"train.warmup_steps={total}"]
-    config = load_config(shape.preset, overrides=overrides)
+    config = train_config(shape, batch)
     train = config.train
     torch.set_num_threads(train.threads_per_worker)
     if device.type == "cuda":
@@ -383,9 +406,10 @@ def unet_worker(run: RunDir, shape: BenchShape, batch: int) -> dict[str, Any]:
         return {"out_of_memory": True, "batch": batch}
     finally:
         stream.close()
+        torch.distributed.destroy_process_group()
     images_per_s = shape.steps * batch / timed.seconds
     log(f"UNet: {images_per_s:.1f} images/s over {shape.steps} steps after {shape.warmup_steps} untimed")
-    report = {
+    return {
         "images_per_s": round(images_per_s, 3),
         "peak_memory_gb": _peak_memory_gb(device),
         "batch": batch,
@@ -404,8 +428,6 @@ def unet_worker(run: RunDir, shape: BenchShape, batch: int) -> dict[str, Any]:
         "threads": train.threads_per_worker,
         "peak": device_peak(device),
     }
-    torch.distributed.destroy_process_group()
-    return report
 
 
 def vae_worker(shape: BenchShape) -> dict[str, Any]:

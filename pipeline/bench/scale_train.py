@@ -14,7 +14,8 @@ preset's encoders' shapes, latents [4, 8, 8] and text embeddings [77, 64] in fp1
   from its start (the parent's clock just before it is started: interpreter, imports and all)
   to the end of its first optimizer step. Workers run on a run of `images` samples (1x) and one
   of 4x as many, in the order 1x, 4x, 4x, 1x (a shared machine drifts); the ratios are 4x over
-  1x of the means.
+  1x of the mean peak RSS and of the fastest start (another process only ever delays a start).
+  `train_setup_ratio_4x` is the same for the start without the interpreter and imports.
 - `stream_vs_memory_ratio`: in this process, one UNet trained alternately from a `ShardStream`
   over the 1x run and from `load_latent_data` (every shard in memory), each side walking the
   same data order from its start, in blocks of `speed_steps` steps: stream, memory, memory,
@@ -226,22 +227,27 @@ def training_worker(run_url: str, steps: int, threads: int) -> dict[str, Any]:
 
 
 def _worker_report(workers: dict[int, list[dict]], steps: int) -> dict[str, Any]:
-    """The ratios of the means, 4x over 1x, and every worker's own numbers."""
+    """4x over 1x of the workers' mean peak RSS and of their fastest starts (another process on a
+    shared machine only ever slows a start: the fastest is the least disturbed), and every
+    worker's own numbers."""
 
     def mean(scale: int, key: str) -> float:
         return statistics.fmean(worker[key] for worker in workers[scale])
 
+    def fastest(scale: int, key: str) -> float:
+        return min(worker[key] for worker in workers[scale])
+
     report: dict[str, Any] = {
         "train_rss_ratio_4x": ratio(mean(SCALE, "peak_rss_mb"), mean(1, "peak_rss_mb")),
-        "train_start_ratio_4x": ratio(mean(SCALE, "start_seconds"), mean(1, "start_seconds")),
+        "train_start_ratio_4x": ratio(fastest(SCALE, "start_seconds"), fastest(1, "start_seconds")),
         # After the imports: the part of the start-up that reads the manifest, plans and reads shards.
-        "train_setup_ratio_4x": ratio(mean(SCALE, "setup_seconds"), mean(1, "setup_seconds")),
+        "train_setup_ratio_4x": ratio(fastest(SCALE, "setup_seconds"), fastest(1, "setup_seconds")),
     }
     for scale in (1, SCALE):
         report |= {
             f"rss_mb_{scale}x": round(mean(scale, "peak_rss_mb"), 1),
-            f"start_seconds_{scale}x": round(mean(scale, "start_seconds"), 3),
-            f"setup_seconds_{scale}x": round(mean(scale, "setup_seconds"), 3),
+            f"start_seconds_{scale}x": round(fastest(scale, "start_seconds"), 3),
+            f"setup_seconds_{scale}x": round(fastest(scale, "setup_seconds"), 3),
             f"workers_{scale}x": workers[scale],
         }
     return report | {"worker_steps": steps, "worker_windows": WORKER_WINDOWS}

@@ -173,6 +173,10 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers, each running one DeepSpeed engine.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker (CPU training).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts each worker on its own node.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Training precision.")

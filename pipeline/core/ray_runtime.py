@@ -28,7 +28,11 @@ def ensure_ray(config: RayConfig) -> None:
         "worker_process_setup_hook": log.WORKER_SETUP_HOOK,
     }
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # A cluster on 127.0.0.1 (local tests, a port-forward) is only reachable there: Ray would
+        # otherwise rewrite the address to the node IP and wait for a GCS that is not listening.
+        loopback = address.split("://")[-1].startswith(("127.", "localhost"))
+        with _loopback_only() if loopback else contextlib.nullcontext():
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         # address="local" never joins someone else's `ray start` cluster by accident; no dashboard
         # (nor its job API); loopback only (see _loopback_only).

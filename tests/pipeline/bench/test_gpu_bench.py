@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from typer.testing import CliRunner
 
 from pipeline import cli as pipeline_cli
-from pipeline.bench.gpu import TINY, _count_flops, device_peak, run_bench, unet_flops_per_image
+from pipeline.bench.gpu import (
+    FULL,
+    TINY,
+    _count_flops,
+    _train_unet,
+    _write_latents,
+    device_peak,
+    run_bench,
+    train_config,
+    unet_flops_per_image,
+)
+from pipeline.core import layout
+from pipeline.core.rundir import RunDir
+from train.data import read_spec
 from train.unet import build_unet
 
 POSITIVE = {
@@ -43,6 +57,35 @@ def test_bench_gpu_tiny_prints_every_key_positive_and_finite_json_last():
     assert vae["resolution"] == 64 and vae["precision"] in ("bf16", "fp32")
     assert report["anchor_images_per_s_a100"] == 137
     assert report["ratio_to_anchor"] == pytest.approx(unet["images_per_s"] / 137, abs=1e-3)
+
+
+def test_the_full_shape_trains_sd15_on_4x32x32_latents_and_768_wide_text(tmp_path):
+    """What the GPU run trains on, written here at a few samples: SD-1.5's latent and text shapes."""
+    run = RunDir(tmp_path / "run")
+    assert _write_latents(run, replace(FULL, warmup_steps=1, steps=2, batch=2), tmp_path) == 2
+    spec = read_spec(run)
+    assert spec.latent_shape == (4, 32, 32) and spec.text_embedding_shape == (77, 768)
+    assert run.read_json(layout.ENCODE_MANIFEST)["samples"] == 6
+
+    train = train_config(FULL, 64).train
+    assert (train.unet, train.zero_stage, train.precision, train.batch_size_per_worker) == ("sd15", 2, "bf16", 64)
+    assert train.num_workers == 1 and train.max_steps == FULL.warmup_steps + FULL.steps
+
+
+def test_the_unet_batch_is_halved_while_it_runs_out_of_memory(monkeypatch):
+    batches = []
+
+    def fake_worker(request, distributed=False):
+        batches.append(request["batch"])
+        return {"out_of_memory": True} if request["batch"] > 16 else {"images_per_s": 1.0, "batch": request["batch"]}
+
+    monkeypatch.setattr("pipeline.bench.gpu.run_worker", fake_worker)
+    report = _train_unet(RunDir("/nowhere"), FULL)
+    assert batches == [64, 32, 16] and report["batch"] == 16 and report["batches_out_of_memory"] == [64, 32]
+
+    monkeypatch.setattr("pipeline.bench.gpu.run_worker", lambda request, distributed=False: {"out_of_memory": True})
+    with pytest.raises(RuntimeError, match="every batch from 64 down to 8"):
+        _train_unet(RunDir("/nowhere"), FULL)
 
 
 def test_flops_counted_on_the_meta_device_match_a_real_count_with_attention():
