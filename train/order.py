@@ -85,7 +85,7 @@ class DataOrder:
     window: int
     seed: int
 
-    @property
+    @cached_property
     def bucketed(self) -> bool:
         return any(shard.buckets for shard in self.shards)
 

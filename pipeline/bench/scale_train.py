@@ -18,10 +18,13 @@ preset's encoders' shapes, latents [4, 8, 8] and text embeddings [77, 64] in fp1
   `train_setup_ratio_4x` is the same for the start without the interpreter and imports.
 - `stream_vs_memory_ratio`: in this process, one UNet trained alternately from a `ShardStream`
   over the 1x run and from `load_latent_data` (every shard in memory), each side walking the
-  same data order from its start, in blocks of `speed_steps` steps: stream, memory, memory,
-  stream, after a few untimed steps of each. Samples/s of the stream over memory's. The
-  stream's reader threads share the CPUs with training, as in a run; while a memory block runs
-  the stream's reads of its next window may finish for free, at most one window per block.
+  same data order from its start, after a few untimed steps of each: `speed_steps` timed steps
+  a side in short alternating blocks (stream then memory, then memory then stream, ...), so
+  that the bursts of other processes on a shared machine, which last longer than a block, fall
+  on both sides alike. Samples/s of the stream over memory's (and of each half of the blocks,
+  to show the noise). The stream's reader threads share the CPUs with training, as in a run: a
+  window's reads start at the stream's step that enters it and take a fraction of a step, so
+  they are paid inside the stream's blocks.
 - `plan_seconds_100m_64` and `plan_mb_100m_64`: one rank of 64 finding its first batch in the
   middle of an epoch of 100 million samples in 10,000 shards, from counts alone: `DataOrder`
   built from the counts, `check` (epoch 0's plan) and the first batch of rank 37 half way
@@ -47,6 +50,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.checkpoint_reads import resume_read_ratio
 from pipeline.bench.common import SAMPLES_PER_SHARD, Stopwatch, logger, ratio, torch_threads
 from pipeline.core import layout
 from pipeline.core.config import load_config
@@ -57,9 +61,10 @@ DEFAULT_SAMPLES = 50_000
 SCALE = 4
 # Shuffle windows a worker's steps cross: the stream must read ahead and let go of shards.
 WORKER_WINDOWS = 3
-# Steps of each timed block of the stream-vs-memory comparison (2 blocks a side), after
-# SPEED_WARMUP_STEPS untimed ones a side (the optimizer's state, the stream's first window).
-SPEED_STEPS = 150
+# Timed steps a side of the stream-vs-memory comparison, in alternating blocks of SPEED_BLOCK_STEPS,
+# after SPEED_WARMUP_STEPS untimed ones a side (the optimizer's state, the stream's first window).
+SPEED_STEPS = 300
+SPEED_BLOCK_STEPS = 20
 SPEED_WARMUP_STEPS = 3
 # The plan: 10,000 shards of 10,000 samples, 64 ranks and streams, the preset's batch and window.
 PLAN_SHARDS = 10_000
@@ -67,7 +72,6 @@ PLAN_SAMPLES_PER_SHARD = 10_000
 PLAN_WORLD = 64
 PLAN_RANK = 37
 
-RESUME_NOTE = "not measured here: checkpoint reads on resume are benchmarked separately"
 
 log = logger("scale-train")
 
@@ -78,6 +82,7 @@ def run_bench(
     samples_per_shard: int = SAMPLES_PER_SHARD,
     worker_steps: int | None = None,
     speed_steps: int = SPEED_STEPS,
+    speed_block_steps: int = SPEED_BLOCK_STEPS,
     plan_shards: int = PLAN_SHARDS,
     plan_samples_per_shard: int = PLAN_SAMPLES_PER_SHARD,
     plan_world: int = PLAN_WORLD,
@@ -101,19 +106,20 @@ def run_bench(
         for scale in [scale for repeat in range(worker_repeats) for scale in (1, SCALE)[:: 1 if repeat % 2 == 0 else -1]]:
             log(f"training worker on the {scale}x run: {steps} steps")
             workers[scale].append(run_worker(runs[scale], steps, train.threads_per_worker))
-        log(f"stream vs memory on the 1x run: {speed_steps} steps a block, stream, memory, memory, stream")
-        speed = stream_vs_memory(runs[1], speed_steps)
+        log(f"stream vs memory on the 1x run: {speed_steps} steps a side, in alternating blocks of {speed_block_steps}")
+        speed = stream_vs_memory(runs[1], speed_steps, speed_block_steps)
         data = _data_report(runs)
     log(f"planning one rank's position: {plan_shards} shards of {plan_samples_per_shard} samples, {plan_world} ranks")
     plan = plan_position(plan_shards, plan_samples_per_shard, plan_world, plan_rank)
+    log("bytes one of 2 ranks reads to resume a ZeRO-2 checkpoint (tiny UNet, EMA on)")
+    reads = resume_read_ratio(world=2, rank=1)
     return {
         "bench": "scale-train",
         **_worker_report(workers, steps),
         "stream_vs_memory_ratio": ratio(speed["stream_samples_per_s"], speed["memory_samples_per_s"]),
         "plan_seconds_100m_64": plan["seconds"],
         "plan_mb_100m_64": plan["peak_mb"],
-        "resume_read_ratio": None,
-        "resume_read_ratio_note": RESUME_NOTE,
+        **reads,
         **speed,
         **{f"plan_{key}": value for key, value in plan.items() if key not in ("seconds", "peak_mb")},
         **data,
@@ -271,9 +277,9 @@ class _Feed:
         return self.source(position, generator), generator
 
 
-def stream_vs_memory(run: RunDir, steps: int) -> dict[str, Any]:
+def stream_vs_memory(run: RunDir, steps: int, block_steps: int) -> dict[str, Any]:
     """Samples/s of one UNet fed by a `ShardStream` and by every shard in memory, over the same
-    order, in blocks of `steps`: stream, memory, memory, stream (see the module docstring)."""
+    order: `steps` a side in alternating blocks of `block_steps` (see the module docstring)."""
     import torch
 
     from train import distributed
@@ -309,24 +315,37 @@ def stream_vs_memory(run: RunDir, steps: int) -> dict[str, Any]:
                 train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **options)
         return watch.seconds
 
-    blocks: dict[str, list[float]] = {"stream": [], "memory": []}
+    pairs = max(2, steps // block_steps)
+    seconds: dict[str, list[float]] = {"stream": [], "memory": []}  # one entry per block
     with torch_threads(train.threads_per_worker):
         for feed in feeds.values():
             train_on(feed, SPEED_WARMUP_STEPS)
-        for side in ("stream", "memory", "memory", "stream"):
-            blocks[side].append(train_on(feeds[side], steps))
-            log(f"  {side}: {steps * train.batch_size_per_worker / blocks[side][-1]:.1f} samples/s")
+        for pair in range(pairs):
+            for side in ("stream", "memory")[:: 1 if pair % 2 == 0 else -1]:
+                seconds[side].append(train_on(feeds[side], block_steps))
+            if pair + 1 in (pairs // 2, pairs):
+                rates = [_rate(seconds[side], block_steps, train.batch_size_per_worker) for side in ("stream", "memory")]
+                log(f"  after {(pair + 1) * block_steps} steps a side: stream {rates[0]:.1f}, memory {rates[1]:.1f} samples/s")
     stream.close()
-    samples = steps * train.batch_size_per_worker
+    half = pairs // 2
+    stream_rate, memory_rate = (_rate(seconds[side], block_steps, train.batch_size_per_worker) for side in ("stream", "memory"))
     return {
-        "stream_samples_per_s": round(samples * len(blocks["stream"]) / sum(blocks["stream"]), 2),
-        "memory_samples_per_s": round(samples * len(blocks["memory"]) / sum(blocks["memory"]), 2),
-        "stream_samples_per_s_blocks": [round(samples / seconds, 2) for seconds in blocks["stream"]],
-        "memory_samples_per_s_blocks": [round(samples / seconds, 2) for seconds in blocks["memory"]],
-        "speed_steps": 2 * steps,
+        "stream_samples_per_s": round(stream_rate, 2),
+        "memory_samples_per_s": round(memory_rate, 2),
+        # The same ratio over each half of the blocks: how far the machine's noise moves it.
+        "stream_vs_memory_ratio_halves": [
+            ratio(sum(seconds["memory"][part]), sum(seconds["stream"][part])) for part in (slice(None, half), slice(half, None))
+        ],
+        "speed_steps": pairs * block_steps,
+        "speed_block_steps": block_steps,
         "stream_peak_held_shards": stream.peak_held,
         "memory_load_seconds": round(loading.seconds, 2),
     }
+
+
+def _rate(seconds: list[float], block_steps: int, batch_size: int) -> float:
+    """Samples/s of blocks of `block_steps` steps that took `seconds` each."""
+    return len(seconds) * block_steps * batch_size / sum(seconds)
 
 
 # -- one rank's position, from counts alone -------------------------------------------------

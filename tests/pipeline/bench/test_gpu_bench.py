@@ -39,6 +39,7 @@ POSITIVE = {
 }
 
 
+@pytest.mark.e2e  # half a minute: a DeepSpeed engine and a VAE in fresh processes
 def test_bench_gpu_tiny_prints_every_key_positive_and_finite_json_last():
     command = [str(Path(sys.executable).parent / "pipeline"), "bench", "gpu", "--tiny"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=dict(os.environ))

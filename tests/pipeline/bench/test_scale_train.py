@@ -5,6 +5,8 @@ synthetic shards it trains on, which read as encode's do."""
 import json
 import math
 
+import pytest
+
 from pipeline.bench.scale_train import SCALE, find_position, run_bench
 from pipeline.bench.train import write_synthetic_latents
 from pipeline.cli import BENCHES
@@ -13,19 +15,21 @@ from pipeline.core.config import load_config
 from pipeline.core.rundir import RunDir
 from train.data import load_latent_data
 
-TARGETS = "train_rss_ratio_4x train_start_ratio_4x stream_vs_memory_ratio plan_seconds_100m_64 plan_mb_100m_64"
+TARGETS = "train_rss_ratio_4x train_start_ratio_4x stream_vs_memory_ratio plan_seconds_100m_64 plan_mb_100m_64 resume_read_ratio"
 RAW = (
     "train_setup_ratio_4x rss_mb_1x rss_mb_4x start_seconds_1x start_seconds_4x setup_seconds_1x setup_seconds_4x "
     "stream_samples_per_s memory_samples_per_s memory_load_seconds sample_bytes shard_bytes_per_sample cpu_count"
 )
 
 
+@pytest.mark.e2e  # about a minute: four worker processes and a 2-rank DeepSpeed checkpoint
 def test_scale_train_reports_every_key_positive_and_finite():
     report = run_bench(
         images=2000,
         samples_per_shard=100,
         worker_steps=4,
-        speed_steps=2,
+        speed_steps=4,
+        speed_block_steps=2,
         worker_repeats=1,
         plan_shards=100,
         plan_samples_per_shard=100,
@@ -36,7 +40,7 @@ def test_scale_train_reports_every_key_positive_and_finite():
     assert report["bench"] == "scale-train" and BENCHES["scale-train"] == "pipeline.bench.scale_train:run_bench"
     for key in (TARGETS + " " + RAW).split():
         assert isinstance(report[key], int | float) and math.isfinite(report[key]) and report[key] > 0, (key, report[key])
-    assert report["resume_read_ratio"] is None and report["resume_read_ratio_note"]
+    assert 0 < report["resume_read_bytes"] < report["checkpoint_bytes"]
 
     assert report["samples_1x"] == 2000 and report["samples_4x"] == SCALE * 2000
     assert report["shards_1x"] == 20 and report["shards_4x"] == SCALE * 20
@@ -45,7 +49,8 @@ def test_scale_train_reports_every_key_positive_and_finite():
     for worker in report["workers_1x"] + report["workers_4x"]:
         assert worker["start_seconds"] > worker["setup_seconds"] > 0  # the interpreter and imports come first
         assert worker["shards_trained"] >= 1 and worker["peak_held_shards"] >= worker["shards_trained"]
-    assert report["speed_steps"] == 4 and len(report["stream_samples_per_s_blocks"]) == 2
+    assert report["speed_steps"] == 4 and report["speed_block_steps"] == 2
+    assert len(report["stream_vs_memory_ratio_halves"]) == 2 and min(report["stream_vs_memory_ratio_halves"]) > 0
     assert report["plan_samples"] == 100 * 100 and report["plan_world"] == 8 and report["plan_taken"] > 0
 
 
