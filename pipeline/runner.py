@@ -95,11 +95,14 @@ class StageSpec:
     sections: tuple[str, ...]  # config sections its fingerprint hashes
     output: str  # its folder in the run directory
     needs_ray: bool
+    # Raised when the stage's outputs gain something later stages need (encode 2: the manifest's
+    # latent_shards). In the full fingerprint only: an older run's stage resumes, which adds it.
+    version: int = 1
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("ingest.download", ("seed", "ingest"), "ingest", needs_ray=True),
-    "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True),
+    "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True, version=2),
     "train": StageSpec("train", ("seed", "train"), "train", needs_ray=True),
     "sample": StageSpec("sample.validate", ("sample",), "sample", needs_ray=False),
     "report": StageSpec("sample.report", (), "report", needs_ray=False),
@@ -113,14 +116,16 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
 
 # Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
 # as unset optional keys are, so runs made before the key existed stay valid.
-NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {"train": {"conditioning": "text"}}
+NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"conditioning": "text", "record_samples": False, "placement_strategy": "PACK"}
+}
 
 
 def fingerprints(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Stage -> (fingerprint, base fingerprint without its resumable keys), each chained."""
     return {
         name: (fingerprint, base)
-        for (name, fingerprint), base in zip(_chain(config, {}).items(), _chain(config, RESUMABLE_KEYS).values())
+        for (name, fingerprint), base in zip(_chain(config, {}, versions=True).items(), _chain(config, RESUMABLE_KEYS).values())
     }
 
 
@@ -140,8 +145,9 @@ def continuation(entry: dict, base: str, phase: str, force: bool = False) -> str
     return "new phase" if entry.get("phase_fingerprint") == phase else "start"
 
 
-def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, str]:
-    """Stage -> the chained hash of the config sections it reads, without the `ignored` keys of each section."""
+def _chain(config: PipelineConfig, ignored: dict[str, set[str]], versions: bool = False) -> dict[str, str]:
+    """Stage -> the chained hash of the config sections it reads, without the `ignored` keys of each section
+    (and with `versions`, the stage's output version where it is above 1)."""
     data = _fingerprinted(config)
     chain: dict[str, str] = {}
     previous = ""
@@ -156,6 +162,8 @@ def _chain(config: PipelineConfig, ignored: dict[str, set[str]]) -> dict[str, st
             from train.finetune import init_fingerprint
 
             payload["init_sha256"] = init_fingerprint(config.train)
+        if versions and spec.version > 1:
+            payload["output_version"] = spec.version
         previous = _digest(payload, previous)
         chain[name] = previous
     return chain

@@ -192,3 +192,16 @@ def test_a_new_resolution_keeps_every_later_stages_output(tmp_path, fake_stages)
     assert run.stage("train")["phase_fingerprint"] == runner.phase_fingerprints(load_config("tiny"))["train"]
     runner.run_stages(load_config("tiny", overrides=["encode.resolution=32", "train.lr=1e-4"]), run)
     assert (tmp_path / "encode" / "from-before").exists() and not (tmp_path / "train" / "from-before").exists()
+
+
+def test_a_stage_whose_output_version_rose_resumes_in_an_older_run():
+    """encode 2 adds the manifest's latent_shards: a run encoded before is resumed (which rewrites the
+    manifest and re-encodes nothing), not skipped as done nor started over; later stages' bases hold."""
+    from pipeline.runner import _chain, continuation, fingerprints
+
+    config = load_config("tiny")
+    now, before = fingerprints(config), _chain(config, {})  # `before`: the fingerprints without versions
+    assert now["ingest"][0] == before["ingest"]
+    assert now["encode"][0] != before["encode"]
+    entry = {"status": "done", "fingerprint": before["encode"], "base_fingerprint": now["encode"][1]}
+    assert continuation(entry, now["encode"][1], "") == "resume"
