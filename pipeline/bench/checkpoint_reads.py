@@ -7,17 +7,12 @@ Used by `pipeline bench scale-train` (`resume_read_ratio`).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from pipeline.bench.common import free_port
 
 
 def _save_rank(rank: int, world: int, folder: str, port: int) -> None:
@@ -61,7 +56,7 @@ def resume_read_ratio(world: int = 2, rank: int = 1) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as scratch:
         folder = Path(scratch, "checkpoint")
-        mp.spawn(_save_rank, args=(world, str(folder), _free_port()), nprocs=world)
+        mp.spawn(_save_rank, args=(world, str(folder), free_port()), nprocs=world)
         files = [path for path in folder.rglob("*") if path.is_file()]
         total = sum(path.stat().st_size for path in files)
         memory = fsspec.filesystem("memory")

@@ -7,6 +7,7 @@ last line of stdout (JSON); progress goes to stderr, so stdout holds nothing els
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,13 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return (self.stopped if self.stopped is not None else time.perf_counter()) - self.started
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a process group's rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def ratio(value: float, baseline: float) -> float:

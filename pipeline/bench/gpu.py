@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.common import Stopwatch, logger, ratio
+from pipeline.bench.common import Stopwatch, free_port, logger, ratio
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.rundir import RunDir
 
@@ -286,7 +285,7 @@ def run_worker(request: dict[str, Any], distributed: bool = False) -> dict[str, 
     environment of a single-rank process group on a free local port."""
     env = dict(os.environ)
     if distributed:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     command = [sys.executable, "-c", "from pipeline.bench.gpu import worker_main; worker_main()", json.dumps(request)]
     result = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True, env=env)
@@ -295,12 +294,6 @@ def run_worker(request: dict[str, Any], distributed: bool = False) -> dict[str, 
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"the {request['part']} worker exited with {result.returncode} (its stderr is above)")
     return json.loads(lines[-1])
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def worker_main() -> None:
