@@ -158,6 +158,7 @@ BENCHES = {
     "train": "pipeline.bench.train:run_bench",
     "readers": "pipeline.bench.readers:run_bench",
     "scale-train": "pipeline.bench.scale_train:run_bench",
+    "scale-ingest": "pipeline.bench.scale_ingest:run_bench",
     "sample": "pipeline.bench.sample:run_bench",
     "gpu": "pipeline.bench.gpu:run_bench",
 }

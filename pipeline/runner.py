@@ -95,14 +95,15 @@ class StageSpec:
     sections: tuple[str, ...]  # config sections its fingerprint hashes
     output: str  # its folder in the run directory
     needs_ray: bool
-    # Raised when the stage's outputs gain something later stages need (encode 2: the manifest's
-    # latent_shards). In the full fingerprint only: an older run's stage resumes, which adds it.
+    # Raised when the stage's outputs change in a way later stages need (encode 2: the manifest's
+    # latent_shards; 3: one latent shard per raw shard). In the full fingerprint only: an older
+    # run's stage resumes, which brings its outputs up to date.
     version: int = 1
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("ingest.download", ("seed", "ingest"), "ingest", needs_ray=True),
-    "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True, version=2),
+    "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True, version=3),
     "train": StageSpec("train", ("seed", "train"), "train", needs_ray=True),
     "sample": StageSpec("sample.validate", ("sample",), "sample", needs_ray=False),
     "report": StageSpec("sample.report", (), "report", needs_ray=False),

@@ -57,7 +57,8 @@ class LatentShard:
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One latent shard of the manifest's `latent_shards`: a raw shard's parts and counts."""
+    """One latent shard of the manifest's `latent_shards`: its tar (or, in runs before one latent shard per
+    raw shard, its parts) and counts."""
 
     name: str
     parts: tuple[str, ...]
@@ -263,7 +264,9 @@ def _shard_entry(entry: dict, bucketed: bool, where: str) -> ShardEntry:
     buckets = tuple(sorted((str(name), int(count)) for name, count in entry.get("buckets", {}).items() if count))
     if bucketed and sum(count for _, count in buckets) != entry["samples"]:
         raise ValueError(f"{where}: latent shard {entry['name']}'s bucket counts do not add up to its {entry['samples']} samples")
-    return ShardEntry(str(entry["name"]), tuple(entry["parts"]), ShardCounts(int(entry["samples"]), buckets))
+    # One latent shard per raw shard, named by its stem; manifests before that listed parts.
+    parts = tuple(entry.get("parts") or (f"{entry['name']}.tar",))
+    return ShardEntry(str(entry["name"]), parts, ShardCounts(int(entry["samples"]), buckets))
 
 
 def read_shard(run: RunDir, spec: LatentSpec, entry: ShardEntry) -> LoadedShard:

@@ -1,80 +1,154 @@
 """img2dataset over Ray: one Ray task per shard, retried by Ray, resumable per shard.
 
-img2dataset's own pieces do the work (its `Reader` splits the URL list into shard files, its
-`Downloader` fetches, resizes and writes one webdataset shard plus `NNNNN_stats.json`); this
-module replaces its distributor so that each task installs the egress guard first (the
-guard must live in the process that downloads), has its own CPU share and retries, and the
-driver can show a progress bar. A shard counts as complete once its `_stats.json` exists
-(written after the tar), so a rerun redoes only missing or partial shards.
+The cleaned URL list is already split into one parquet per shard (`CleanList.shards`); each
+task reads only its own, writes it as the Arrow file img2dataset's `Downloader` reads, and
+the Downloader fetches, resizes and writes one webdataset shard plus `NNNNN_stats.json`. This
+module replaces img2dataset's reader and distributor so that each task installs the egress
+guard first (the guard must live in the process that downloads), has its own CPU share and
+retries, and reduces its shard to an outcome (`accounting.shard_outcome`) that it records
+and returns. A shard counts as complete once its `_stats.json` exists (written after the
+tar), so a rerun redoes only missing or partial shards.
+
+The driver stays O(shards) at 100,000 of them: at most a few tasks per CPU are in flight
+(`pipeline.core.inflight.bounded`), each finished shard costs a dict update, and a resumed
+run reads the small outcome records of the shards done before it in one concurrent call.
 """
 
 from __future__ import annotations
 
 import os
-import time
+import tempfile
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core import layout, log
+from ingest.download import accounting
+from ingest.download.url_list import CleanList
+from pipeline.core import layout
 from pipeline.core.config import IngestConfig
-from pipeline.core.rundir import RunDir, complete_shard_ids
+from pipeline.core.inflight import bounded
+from pipeline.core.log import get_logger
+from pipeline.core.rundir import RunDir
+from pipeline.core.shard_bar import ShardBar
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-
-def _download_shard(downloader, task: tuple[int, str], guard: dict[str, Any]) -> int:
-    from ingest.download import egress
-
-    egress.install(**guard)
-    ok, _ = downloader(task)
-    if not ok:  # img2dataset printed the traceback; raising lets Ray retry the shard
-        raise RuntimeError(f"shard {task[0]} failed")
-    return task[0]
+logger = get_logger("ingest")
+TASKS_PER_SLOT = 2  # one downloading, one queued: no slot waits on the driver
 
 
-def download(settings: IngestConfig, url_list: str, run: RunDir, extra_columns: list[str]) -> dict[str, Any]:
-    """Download `url_list` (a parquet with url, caption and `extra_columns`) into the run's raw shards."""
+@dataclass
+class Downloaded:
+    """What `download` leaves: every complete shard's outcome, and how many an earlier run finished."""
+
+    outcomes: dict[int, dict[str, Any]]
+    """Shard id -> outcome (`accounting.shard_outcome`) of every complete shard of the list, in no set order."""
+    resumed_shards: int
+    """Shards complete before this run started (not downloaded again)."""
+    incomplete: list[str]
+    """Names of started but incomplete shards outside the list (stray files; never counted)."""
+
+
+def rewrite_prefix(table: Any, url_rewrite: tuple[str, str] | None) -> Any:
+    """`table` with URLs starting with url_rewrite[0] starting with url_rewrite[1] instead (the toy
+    list names a placeholder host; the live server's port changes every run)."""
+    if not url_rewrite:
+        return table
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    old, new = url_rewrite
+    urls = table.column("url")
+    moved = pc.binary_join_element_wise(new, pc.utf8_slice_codeunits(urls, len(old)), "")
+    rewritten = pc.if_else(pc.starts_with(urls, old), moved, urls)
+    return table.set_column(table.schema.get_field_index("url"), pa.field("url", pa.string()), rewritten)
+
+
+def _shard_task(
+    run_url: str,
+    shard_id: int,
+    name: str,
+    parquet: str | None,
+    downloader: Any,
+    guard: dict[str, Any],
+    url_rewrite: tuple[str, str] | None,
+) -> dict[str, Any]:
+    """Download one shard (unless `parquet` is None: only its outcome is computed) and return its outcome."""
+    run = RunDir(run_url)
+    if parquet is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ingest.download import egress
+
+        egress.install(**guard)
+        run.remove(accounting.outcome_path(name))  # an earlier try's record must not outlive its shard
+        table = rewrite_prefix(pq.read_table(pa.BufferReader(run.read_bytes(parquet))), url_rewrite)
+        table = table.select(downloader.column_list)
+        with tempfile.TemporaryDirectory(prefix="ingest-shard-") as scratch:
+            arrow_file = os.path.join(scratch, f"{name}.feather")
+            with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            ok, _ = downloader((shard_id, arrow_file))
+        if not ok:  # img2dataset printed the traceback; raising lets Ray retry the shard
+            raise RuntimeError(f"shard {name} failed")
+    return accounting.record_outcome(run, name)
+
+
+def download(settings: IngestConfig, clean: CleanList, run: RunDir, url_rewrite: tuple[str, str] | None = None) -> Downloaded:
+    """Download the shards of `clean` that are not complete yet into the run's raw shards."""
     import ray
-    from img2dataset.reader import Reader
 
     from ingest.download import egress
 
-    output = run.path(layout.INGEST_SHARDS)
-    run.makedirs(f"{layout.INGEST_SHARDS}/_tmp")  # img2dataset's Reader writes its shard lists there
-    done = complete_shard_ids(run)
-    reader = Reader(
-        url_list,
-        "parquet",
-        "url",
-        "caption",
-        None,
-        None,
-        extra_columns or None,
-        settings.samples_per_shard,
-        done,
-        output + "/_tmp",
-        0,
-    )
-    downloader = _downloader(settings, output, reader.column_list)
+    width = accounting.shard_width(len(clean.shards))
+    run.makedirs(layout.INGEST_SHARDS)  # img2dataset's writers open files in it (a local one is not made for them)
+    listing = accounting.list_shards(run)
+    wanted = range(len(clean.shards))
+    done = [shard_id for shard_id in wanted if shard_id in listing.complete]
+    outcomes = accounting.read_outcomes(run, listing, [i for i in done if i in listing.recorded])
+    unrecorded = [shard_id for shard_id in done if shard_id not in outcomes]  # complete, from an older version
+    todo = [shard_id for shard_id in wanted if shard_id not in listing.complete]
+    logger.info(f"{len(clean.shards):,} shard(s): {len(done):,} already complete, {len(todo):,} to download")
+
+    column_list = [*dict.fromkeys(settings.extra_columns), "caption", "url"]  # the order img2dataset's Reader used
+    downloader = ray.put(_downloader(settings, run.path(layout.INGEST_SHARDS), column_list, width))
     guard = {
         "allow_loopback": settings.allow_loopback,
         "allow_private": settings.allow_private_addresses,
         "max_megapixels": settings.max_megapixels,
     }
-    task = ray.remote(_download_shard).options(
+    task = ray.remote(_shard_task).options(
         num_cpus=settings.cpus_per_task,
         max_retries=settings.shard_retries,
         retry_exceptions=True,
         # Set before the worker imports cv2, which reads its pixel limit once.
         runtime_env={"env_vars": egress.env_for(**guard)},
     )
-    with log.prints_to_log_file():  # img2dataset's Reader narrates its sharding
-        pending = [task.remote(downloader, shard, guard) for shard in reader]
-    _wait_with_progress(run, pending, len(done))
-    run.remove(f"{layout.INGEST_SHARDS}/_tmp")
-    return {"resumed_shards": len(done)}
+
+    def submit(shard_id: int) -> Any:
+        if shard_id in listing.complete:  # its files' names, whatever width wrote them
+            return task.remote(run.url, shard_id, listing.complete[shard_id], None, downloader, guard, url_rewrite)
+        name, parquet = accounting.shard_name(shard_id, width), clean.shards[shard_id][0]
+        return task.remote(run.url, shard_id, name, parquet, downloader, guard, url_rewrite)
+
+    with ShardBar(logger, "download", total=len(clean.shards), done=len(done)) as bar:
+        for shard_id, outcome in bounded(submit, [*unrecorded, *todo], in_flight_limit(settings.cpus_per_task)):
+            outcomes[shard_id] = outcome
+            if shard_id not in listing.complete:  # the bar's rate counts this run's downloads only
+                bar.update(outcome["succeeded"], outcome["failed"])
+    stray = [name for name in listing.incomplete if int(name) >= len(clean.shards)]  # the others were downloaded now
+    return Downloaded(outcomes, resumed_shards=len(done), incomplete=stray)
 
 
-def _downloader(settings: IngestConfig, output: str, column_list: list[str]):
+def in_flight_limit(cpus_per_task: float) -> int:
+    """Tasks in flight: TASKS_PER_SLOT per task slot of the CPUs Ray has free, at least 1."""
+    import ray
+
+    slots = int(ray.available_resources().get("CPU", 0) // cpus_per_task)
+    return max(1, TASKS_PER_SLOT * slots)
+
+
+def _downloader(settings: IngestConfig, output: str, column_list: list[str], width: int):
     """img2dataset's Downloader (and its Resizer) for one shard, as the settings ask."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
@@ -104,7 +178,7 @@ def _downloader(settings: IngestConfig, output: str, column_list: list[str]):
         column_list=column_list,
         timeout=settings.timeout_s,
         number_sample_per_shard=settings.samples_per_shard,
-        oom_shard_count=5,
+        oom_shard_count=width,
         compute_hash="sha256",
         verify_hash_type=None,
         encode_format="jpg",
@@ -113,19 +187,3 @@ def _downloader(settings: IngestConfig, output: str, column_list: list[str]):
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
         blurring_bbox_col=None,
     )
-
-
-def _wait_with_progress(run: RunDir, pending: list, resumed: int) -> None:
-    """Wait for every shard task, with a progress bar of shards and the images per second they wrote."""
-    import ray
-    from tqdm import tqdm
-
-    started, images = time.monotonic(), 0
-    with tqdm(total=len(pending) + resumed, initial=resumed, desc="ingest shards", unit="shard") as bar:
-        while pending:
-            finished, pending = ray.wait(pending, num_returns=1)
-            shard_id = ray.get(finished[0])
-            stats = run.read_json(f"{layout.INGEST_SHARDS}/{shard_id:05d}{layout.SHARD_STATS_SUFFIX}")
-            images += stats.get("successes", 0)
-            bar.set_postfix(images_per_s=f"{images / max(time.monotonic() - started, 1e-9):.0f}")
-            bar.update(1)

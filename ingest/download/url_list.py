@@ -1,32 +1,25 @@
-"""Clean an untrusted URL list (parquet, CSV or JSONL on any fsspec URL) into the parquet img2dataset reads.
+"""Clean an untrusted URL list (parquet, CSV or JSONL on any fsspec URL) into the run's shard parquets, once.
 
-`prepare_url_list(settings, output_path)` checks the columns first (a missing one fails fast,
-named, before any row is read), then streams the list in batches and writes a parquet with
-columns `url`, `caption` and `settings.extra_columns` (under their own names). Bad rows are
-dropped and counted, never fatal. Each dropped row gets exactly one reason, the first that
-applies in this order:
+`prepare_url_list(settings, run)` checks the columns first (a missing one fails fast, named,
+before anything is written), then cleans the list as a distributed job and writes, under
+`layout.INGEST_URLS` of the run, one parquet per raw shard to download (columns `url`,
+`caption` and `settings.extra_columns` under their own names, at most samples_per_shard rows)
+and `index.json` last (the counts, the shards in shard-id order and a fingerprint of the
+settings that shape the list). A resume with the same settings reads index.json and cleans
+nothing; the shard ids stay fixed, and each download task reads only its own parquet.
 
-    malformed_row      a JSONL line that is not a JSON object, a CSV line pandas skipped
-    malformed_url      not a string, not http(s), no host, whitespace or control characters,
-                       longer than MAX_URL_CHARS, bytes that are not UTF-8, an unparsable port
-    caption_not_utf8   caption bytes that are not valid UTF-8 (see below)
-    caption_too_short  fewer than min_caption_chars characters after strip (None counts as "")
-    caption_too_long   more than max_caption_chars characters after strip
-    filtered:<column>  outside the ColumnFilter's [min, max]; non-numeric and NaN values too
-    duplicate_url      the same URL (after strip) as an earlier row that was kept
+The driver holds no row and no URL: its memory stays flat whatever the list's size.
+- Phase 1, one Ray task per part of the list (a CSV/JSONL file, or about TASK_ROWS rows of
+  parquet row groups, so one huge file still splits): reads its rows in batches, applies every
+  check but de-duplication, and writes its kept rows split by a hash of the URL into H
+  partitions (scratch pieces in the run dir; H from the list's size: ~PARTITION_ROWS a partition).
+- Phase 2, one Ray task per partition: reads its pieces in read order, keeps each URL's first
+  row (exact strings), and cuts the kept rows into shard parquets. The driver sums the counts
+  and numbers the shards in (partition, chunk) order.
 
-Duplicates are checked last, so the first *usable* row of a URL is the one kept.
-
-Non-UTF-8 captions: parquet string and binary columns are read as raw bytes and decoded
-strictly (a parquet "string" column written by another tool may still hold invalid UTF-8);
-CSV and JSONL are decoded with `surrogateescape`, so an invalid byte survives as a lone
-surrogate and is detected when the caption is encoded back to UTF-8. A JSON `\\udcff`-style
-escape (a lone surrogate) is caught the same way. Kept captions are stripped.
-
-Extra columns keep their parquet types. CSV and JSONL carry no schema: each extra column's
-type (int64, float64, bool for JSON, else string) is decided from the first batch; a later
-value that does not fit it is written as null and counted under `nulled[column]` (the row
-is kept). Strings that are not valid UTF-8 are written with U+FFFD in their place.
+The rules that decide each row's fate (the drop reasons and their order, the vectorised fast
+path, non-UTF-8 captions, the extra columns' types) are in `url_rules`; reading the list's
+files and formats is `url_sources`.
 """
 
 from __future__ import annotations
@@ -34,13 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
-import warnings
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -48,595 +39,432 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import IngestConfig
-
-MAX_URL_CHARS = 2048
-BATCH_ROWS = 65_536
-
-MALFORMED_ROW = "malformed_row"
-MALFORMED_URL = "malformed_url"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-CAPTION_TOO_SHORT = "caption_too_short"
-CAPTION_TOO_LONG = "caption_too_long"
-DUPLICATE_URL = "duplicate_url"
-FILTERED_PREFIX = "filtered:"
-
-# Columns img2dataset writes itself; a pass-through column of the same name is refused.
-RESERVED_COLUMNS = frozenset(
-    {
-        "key",
-        "caption",
-        "url",
-        "width",
-        "height",
-        "original_width",
-        "original_height",
-        "status",
-        "error_message",
-        "exif",
-        "md5",
-        "sha256",
-        "sha512",
-    }
+from ingest.download.url_rules import (
+    CAPTION_REASONS,
+    DUPLICATE_URL,
+    FILTERED_PREFIX,
+    MALFORMED_ROW,
+    MALFORMED_URL,
+    ExtraColumn,
+    clean_batch,
+    extra_columns,
+    required_columns,
 )
+from ingest.download.url_sources import check_columns, format_of, list_files, parquet_schema, read_batches
+from pipeline.core import layout
+from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir
 
-_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+# Phase 1: parquet row groups are grouped into tasks of about this many rows.
+TASK_ROWS = 1_000_000
+# Phase 2: partitions hold about this many rows (H = estimated rows / PARTITION_ROWS).
+PARTITION_ROWS = 1_000_000
+# CSV/JSONL row counts are guessed from their bytes: this many a row, times this for a compressed file.
+TEXT_BYTES_PER_ROW = 150
+COMPRESSION_GUESS = 4
+# partition_of hashes a URL's length and its first and last HASH_BYTES bytes (a multiple of 8).
+HASH_BYTES = 24
+# CPUs a cleaning task reserves: it is short and mostly one thread.
+TASK_CPUS = 0.5
 
-
-# ------------------------------------------------------------------------------------ rows
-def clean_url(value: Any) -> str | None:
-    """The stripped URL, or None when it is not a usable http(s) URL."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if not isinstance(value, str):
-        return None  # None, NaN, numbers
-    url = value.strip()
-    # isprintable() is False for control characters, tabs/newlines, lone surrogates (bytes
-    # that were not UTF-8) and invisible format characters; spaces are checked separately.
-    if not url or len(url) > MAX_URL_CHARS or " " in url or not url.isprintable():
-        return None
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not host:
-        return None
-    return url
+INDEX = f"{layout.INGEST_URLS}/index.json"
+SCRATCH = f"{layout.INGEST_URLS}/scratch"
+# Bumped when the cleaning's output changes for the same settings: an older index is not reused.
+INDEX_VERSION = 1
 
 
-def clean_caption(value: Any, min_chars: int, max_chars: int) -> tuple[str | None, str | None]:
-    """(stripped caption, None) or (None, reason)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        text = ""
-    elif isinstance(value, (bytes, bytearray)):
-        try:
-            text = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None, CAPTION_NOT_UTF8
-    elif isinstance(value, str):
-        text = value
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates: undecodable bytes or escapes
-                return None, CAPTION_NOT_UTF8
-    else:
-        text = str(value)
-    text = text.strip()
-    if len(text) < min_chars:
-        return None, CAPTION_TOO_SHORT
-    if len(text) > max_chars:
-        return None, CAPTION_TOO_LONG
-    return text, None
+@dataclass(frozen=True)
+class CleanList:
+    """The cleaned URL list, as written into the run directory under `layout.INGEST_URLS`.
+
+    Shard ids are positions in `shards`: fixed once `index.json` is written, so a resume never
+    cleans again and each download task reads only its own parquet."""
+
+    rows: int
+    """Rows read from the URL list."""
+    kept: int
+    """Rows written to the shards' parquets (kept + sum(dropped) == rows)."""
+    dropped: dict[str, int]
+    """Reason -> rows dropped (non-zero only)."""
+    nulled: dict[str, int]
+    """Extra column -> values written as null because they did not fit its type (CSV/JSONL)."""
+    shards: list[tuple[str, int]]
+    """Per shard id: (run-relative path of its parquet, rows in it). Columns: url, caption, extras."""
+
+    def prefilter(self) -> dict[str, Any]:
+        """What `ingest/stats.json` reports of the cleaning: rows, kept, dropped, nulled."""
+        return {"rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped), "nulled": dict(self.nulled)}
 
 
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", "replace")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return math.nan
+# ------------------------------------------------------------------------ the distributed job
+@dataclass(frozen=True)
+class Part:
+    """One phase-1 task's share of the list: a file, or a range of a parquet file's row groups."""
+
+    task: int
+    """Position in the list's read order: phase 2 reads the pieces in this order (first row kept)."""
+    path: str
+    """The file, as the URL list's filesystem names it."""
+    fmt: str
+    """parquet, csv or jsonl."""
+    row_groups: tuple[int, ...] | None = None
+    """Parquet: the row groups this task reads; None: the whole file."""
 
 
-def _numeric(values: pa.Array | list) -> np.ndarray:
-    """float64 values of a filter column; anything non-numeric is NaN."""
-    if isinstance(values, pa.Array):
-        if pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_decimal(values.type):
-            return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        values = values.to_pylist()
-    return np.fromiter((_to_float(value) for value in values), dtype=np.float64, count=len(values))
+@dataclass(frozen=True)
+class CleanPlan:
+    """What every task of one cleaning shares; decided by the driver before any row is cleaned."""
+
+    settings: IngestConfig
+    run_url: str
+    """The run directory's URL: scratch pieces and shard parquets are written under it."""
+    extra_fields: tuple[pa.Field, ...]
+    """The output's extra columns: the first file's parquet types, or those its first batch suggests."""
+    text_types: dict[str, pa.DataType]
+    """CSV/JSONL extra column -> the type its values are converted to (from the first text file's first batch)."""
+    partitions: int
+    """H: URL-hash partitions, each de-duplicated by one phase-2 task."""
+    task_rows: int = TASK_ROWS
+    """Kept rows a phase-1 task holds before writing them out (TASK_ROWS, as the driver saw it)."""
 
 
-class _SeenDigests:
-    """Set of 8-byte URL digests, for duplicate detection across batches.
-
-    Streaming still needs every URL seen so far; storing a 64-bit blake2b digest per URL in
-    sorted numpy runs costs 8 bytes a URL (100M URLs: 800 MB) instead of the URL itself. Runs
-    are merged like a binary counter, so inserts stay O(N log N) overall and a lookup is a
-    binary search per run. A digest collision (about n^2 / 2^65: ~3e-4 for 100M URLs) would
-    drop one good URL as a duplicate, which is acceptable.
-    """
-
-    def __init__(self) -> None:
-        self.runs: list[np.ndarray] = []
-
-    @staticmethod
-    def digests(urls: list[str]) -> np.ndarray:
-        joined = b"".join(hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest() for url in urls)
-        return np.frombuffer(joined, dtype=np.uint64)
-
-    def contains(self, digests: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(digests), dtype=bool)
-        for run in self.runs:
-            index = np.minimum(np.searchsorted(run, digests), len(run) - 1)
-            found |= run[index] == digests
-        return found
-
-    def add(self, digests: np.ndarray) -> None:
-        """Add digests that are unique and not yet present."""
-        if not len(digests):
-            return
-        self.runs.append(np.sort(digests))
-        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            last = self.runs.pop()
-            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")
-
-    def first_unseen(self, urls: list[str]) -> np.ndarray:
-        """Mask of the URLs that are neither seen before nor repeated earlier in `urls`; adds them."""
-        digests = self.digests(urls)
-        keep = np.zeros(len(urls), dtype=bool)
-        _, first = np.unique(digests, return_index=True)  # index of each digest's first occurrence
-        keep[first] = True
-        keep &= ~self.contains(digests)
-        self.add(digests[keep])
-        return keep
+def _piece(partition: int, task: int, flush: int) -> str:
+    """A scratch piece: names sort in read order (task, then the task's flushes)."""
+    return f"{SCRATCH}/{partition:05d}/{task:06d}-{flush:05d}.arrow"
 
 
-# ------------------------------------------------------------- extra columns of CSV/JSONL
-def _is_null(value: Any) -> bool:
-    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+def _shard_path(partition: int, chunk: int) -> str:
+    return f"{layout.INGEST_URLS}/{partition:05d}-{chunk:05d}.parquet"
 
 
-def _parses(value: Any, kind: type) -> bool:
-    try:
-        kind(value)
-        return True
-    except (TypeError, ValueError, OverflowError):
-        return False
+def _nulled_column(index: int) -> str:
+    return f"__nulled_{index}"
 
 
-def _safe_text(value: str) -> str:
-    """`value` as valid UTF-8 text: undecodable bytes (lone surrogates) become U+FFFD or '?'."""
-    if value.isascii():
-        return value
-    try:
-        raw = value.encode("utf-8", "surrogateescape")  # CSV/JSONL bytes that were not UTF-8
-    except UnicodeEncodeError:
-        raw = value.encode("utf-8", "replace")  # other lone surrogates, e.g. from JSON escapes
-    return raw.decode("utf-8", "replace")
+def clean_part(plan: CleanPlan, part: Part) -> dict[str, Any]:
+    """Phase 1: read one part of the list in batches, clean it (all but de-duplication) and write its
+    kept rows, split by a hash of the URL, as scratch pieces, one per partition each time
+    `plan.task_rows` kept rows are held (a CSV/JSONL part is a whole file). Returns {"rows", "dropped": Counter,
+    "pieces": [(partition, run-relative piece)], "seconds": {read, clean, write}}."""
+    settings, seconds = plan.settings, Counter()
+    fs = fsspec.core.url_to_fs(settings.url_list)[0]
+    extras = [field.name for field in plan.extra_fields]
+    dropped: Counter[str] = Counter()
+    rows, tables, pieces = 0, [], []
+    batches = read_batches(fs, part.path, part.fmt, list(required_columns(settings)), part.row_groups)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        seconds["read"] += time.perf_counter() - started
+        if batch is None or sum(table.num_rows for table in tables) >= plan.task_rows:
+            started = time.perf_counter()
+            pieces += _write_pieces(plan, part.task, len(pieces), tables)
+            seconds["write"] += time.perf_counter() - started
+            tables = []
+        if batch is None:
+            break
+        started = time.perf_counter()
+        columns, n_rows, n_malformed = batch
+        rows += n_rows
+        dropped[MALFORMED_ROW] += n_malformed
+        index, urls, captions = clean_batch(columns, settings, dropped)
+        kept = np.zeros(len(columns[settings.url_column]), dtype=bool)
+        kept[index] = True
+        kept = pa.array(kept)
+        arrays = {"url": urls.filter(kept), "caption": captions.filter(kept)}
+        for number, (name, field) in enumerate(zip(extras, plan.extra_fields)):
+            arrays[name], unfit = _extra_array(plan, part, columns[name], index, kept, field)
+            if plan.text_types:  # only CSV/JSONL values can be nulled
+                arrays[_nulled_column(number)] = unfit
+        tables.append(pa.table(arrays))
+        seconds["clean"] += time.perf_counter() - started
+    return {"rows": rows, "dropped": dropped, "pieces": pieces, "seconds": seconds}
 
 
-class _ExtraColumn:
-    """A pass-through column of a CSV or JSONL list: its type is fixed by the first batch."""
-
-    def __init__(self, name: str, from_text: bool):
-        self.name, self.from_text = name, from_text
-        self.type: pa.DataType | None = None
-
-    def infer(self, values: list) -> pa.DataType:
-        present = [value for value in values if not _is_null(value)]
-        if self.from_text:  # CSV: every value is a string
-            if present and all(_parses(value, int) for value in present):
-                return pa.int64()
-            if present and all(_parses(value, float) for value in present):
-                return pa.float64()
-            return pa.string()
-        if present and all(isinstance(value, bool) for value in present):
-            return pa.bool_()
-        if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
-            return pa.int64()
-        if present and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in present):
-            return pa.float64()
-        return pa.string()
-
-    def _convert(self, value: Any) -> tuple[Any, bool]:
-        """(converted value, fitted); unfit values become None."""
-        if _is_null(value):
-            return (math.nan if pa.types.is_floating(self.type) and isinstance(value, float) else None), True
-        if pa.types.is_string(self.type):
-            if isinstance(value, str):
-                return _safe_text(value), True
-            return (json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)), True
-        if pa.types.is_boolean(self.type):
-            return (value, True) if isinstance(value, bool) else (None, False)
-        if isinstance(value, bool):
-            return None, False
-        if pa.types.is_integer(self.type):
-            if isinstance(value, int):
-                return value, True
-            if isinstance(value, float) and value.is_integer():
-                return int(value), True
-            if isinstance(value, str):
-                try:
-                    return int(value), True
-                except ValueError:
-                    pass
-            return None, False
-        number = _to_float(value)  # float64
-        return (number, True) if not math.isnan(number) or value in ("nan", "NaN") else (None, False)
-
-    def array(self, values: list) -> tuple[pa.Array, int]:
-        if self.type is None:
-            self.type = self.infer(values)
-        converted, unfit = [], 0
-        for value in values:
-            out, fitted = self._convert(value)
-            converted.append(out)
-            unfit += not fitted
-        try:
-            return pa.array(converted, type=self.type, from_pandas=True), unfit
-        except (pa.ArrowInvalid, OverflowError):  # e.g. an integer beyond int64
-            fixed = [value if not isinstance(value, int) or -(2**63) <= value < 2**63 else None for value in converted]
-            overflow = sum(a is not None and b is None for a, b in zip(converted, fixed))
-            return pa.array(fixed, type=self.type, from_pandas=True), unfit + overflow
-
-
-# ---------------------------------------------------------------------------- reading
-def _files(url_list: str, declared: str = "auto") -> tuple[Any, list[str]]:
-    """The filesystem and the files of `url_list` (a file, or a folder of parts read in name order)."""
-    fs, path = fsspec.core.url_to_fs(url_list)
-    if fs.isdir(path):
-        files = sorted(
-            entry
-            for entry in fs.ls(path, detail=False)
-            if not entry.rstrip("/").rsplit("/", 1)[-1].startswith(("_", "."))
-            and _format_of(entry, "auto", required=False) in ((declared,) if declared != "auto" else ("parquet", "csv", "jsonl"))
-        )
-        if not files:
-            raise ValueError(
-                f"{url_list}: folder holds no {'.' + declared if declared != 'auto' else '.parquet, .csv or .jsonl'} file"
-            )
-        return fs, files
-    if not fs.exists(path):
-        raise ValueError(f"{url_list}: URL list not found")
-    return fs, [path]
-
-
-def _format_of(path: str, declared: str, required: bool = True) -> str | None:
-    if declared != "auto":
-        return declared
-    name = path.rsplit("/", 1)[-1].lower()
-    if fsspec.utils.infer_compression(name):
-        name = name.rsplit(".", 1)[0]
-    extension = "." + name.rsplit(".", 1)[-1] if "." in name else ""
-    found = _EXTENSIONS.get(extension)
-    if found is None and required:
-        raise ValueError(
-            f"{path}: cannot tell the format from the extension {extension or '(none)'!r}; set ingest.url_list_format"
-        )
-    return found
-
-
-def _open(fs: Any, path: str) -> Any:
-    return fs.open(path, "rb", compression=fsspec.utils.infer_compression(path))
-
-
-def _jsonl_objects(handle: Any, limit: int | None = None) -> Iterator[dict | None]:
-    """One item per non-blank line: the JSON object, or None for a line that is not one."""
-    for number, raw in enumerate(handle):
-        if limit is not None and number >= limit:
-            return
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except (ValueError, RecursionError):  # JSONDecodeError, absurdly deep nesting
-            value = None
-        yield value if isinstance(value, dict) else None
-
-
-def _columns_of(fs: Any, path: str, fmt: str) -> list[str]:
-    if fmt == "parquet":
-        with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).schema_arrow.names
-    with _open(fs, path) as handle:
-        if fmt == "csv":
-            import pandas as pd
-
-            return [
-                str(name) for name in pd.read_csv(handle, nrows=0, encoding="utf-8", encoding_errors="surrogateescape").columns
-            ]
-        head = handle.read(64).lstrip()
-        if head.startswith(b"["):
-            raise ValueError(f"{path}: a JSON array; ingest reads JSON Lines (one object per line)")
-    with _open(fs, path) as handle:
-        names: dict[str, None] = {}
-        for value in _jsonl_objects(handle, limit=1000):
-            names.update(dict.fromkeys(value or {}))
-        return list(names)
-
-
-def _batches(fs: Any, path: str, fmt: str, columns: list[str]) -> Iterator[tuple[dict[str, Any], int, int]]:
-    """(columns -> pa.Array or list, rows in the batch, malformed rows among them)."""
-    if fmt == "parquet":
-        with fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                yield {name: batch.column(name) for name in columns}, batch.num_rows, 0
-    elif fmt == "csv":
-        import pandas as pd
-
-        with _open(fs, path) as handle:
-            reader = pd.read_csv(
-                handle,
-                chunksize=BATCH_ROWS,
-                usecols=columns,
-                dtype=str,
-                keep_default_na=False,
-                na_filter=False,
-                encoding="utf-8",
-                encoding_errors="surrogateescape",
-                on_bad_lines="warn",
-            )
-            while True:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    try:
-                        frame = next(reader)
-                    except StopIteration:
-                        frame = None
-                    except pd.errors.ParserError as error:
-                        raise ValueError(f"{path}: not readable as CSV: {error}") from None
-                skipped = sum(str(warning.message).count("Skipping line") for warning in caught)
-                if frame is None:
-                    if skipped:
-                        yield {name: [] for name in columns}, skipped, skipped
-                    return
-                yield {name: frame[name].tolist() for name in columns}, len(frame) + skipped, skipped
-    else:
-        with _open(fs, path) as handle:
-            objects = _jsonl_objects(handle)
-            while True:
-                chunk = [value for _, value in zip(range(BATCH_ROWS), objects)]
-                if not chunk:
-                    return
-                valid = [value for value in chunk if value is not None]
-                yield {name: [value.get(name) for value in valid] for name in columns}, len(chunk), len(chunk) - len(valid)
-
-
-def _as_values(column: pa.Array | list) -> list:
-    """Python values of a URL or caption column; strings arrive as bytes, decoded by the cleaners."""
+def _extra_array(
+    plan: CleanPlan, part: Part, column: pa.Array | list, index: np.ndarray, kept: pa.Array, field: pa.Field
+) -> tuple[pa.Array, pa.Array]:
+    """(the extra column's values at `index` (`kept`: the same as a mask), typed as `field`; a mask
+    of the values written as null because they did not fit)."""
     if isinstance(column, list):
-        return column
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    if pa.types.is_string(column.type):
-        column = column.cast(pa.binary())  # strict decoding happens per value: no batch-wide failure
-    elif pa.types.is_large_string(column.type):
-        column = column.cast(pa.large_binary())
-    elif pa.types.is_string_view(column.type):
-        column = column.cast(pa.binary())
-    return column.to_pylist()
+        extra = ExtraColumn(field.name, from_text=part.fmt == "csv")
+        extra.type = plan.text_types[field.name]
+        values, unfit = extra.array([column[i] for i in index])
+    else:
+        values, unfit = column.filter(kept), np.zeros(len(index), dtype=bool)
+    if values.type != field.type:
+        try:
+            values = values.cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
+            raise ValueError(
+                f"{part.path}: extra column {field.name!r} does not match the first file's type {field.type}: {error}"
+            ) from None
+    return values, pa.array(unfit, type=pa.bool_())
+
+
+def _write_pieces(plan: CleanPlan, task: int, flush: int, tables: list[pa.Table]) -> list[tuple[int, str]]:
+    """Write kept rows as one scratch piece per partition they hash to; [(partition, piece)]."""
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or not table.num_rows:
+        return []
+    run = RunDir(plan.run_url)
+    if plan.partitions == 1:
+        _write_piece(run, _piece(0, task, flush), table)
+        return [(0, _piece(0, task, flush))]
+    partition = partition_of(table.column("url"), plan.partitions)
+    order = np.argsort(partition, kind="stable")  # stable: each piece keeps the read order
+    table = table.take(pa.array(order, type=pa.int64()))
+    found, starts = np.unique(partition[order], return_index=True)
+    ends = [*starts[1:], table.num_rows]
+    written = []
+    for number, start, end in zip(found.tolist(), starts.tolist(), ends):
+        _write_piece(run, _piece(number, task, flush), table.slice(start, int(end) - start))
+        written.append((number, _piece(number, task, flush)))
+    return written
+
+
+def _write_piece(run: RunDir, relative: str, table: pa.Table) -> None:
+    """A scratch piece: an Arrow IPC file, several times faster to write and read than parquet;
+    lz4-compressed where bytes cost more than CPU (an object store), not on a local disk."""
+    target = run.path(relative)
+    run.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    options = pa.ipc.IpcWriteOptions(compression=None if run.is_local else "lz4")
+    with run.fs.open(target, "wb") as handle, pa.ipc.new_file(handle, table.schema, options=options) as writer:
+        writer.write_table(table)
+
+
+def _read_piece(run: RunDir, relative: str) -> pa.Table:
+    return pa.ipc.open_file(pa.BufferReader(run.read_bytes(relative))).read_all()
+
+
+def _write_parquet(run: RunDir, relative: str, table: pa.Table) -> None:
+    """Write without a temporary name: index.json, written last, is what says the files are whole.
+    URLs and captions are (almost) all distinct: a dictionary for them is built only to be dropped."""
+    target = run.path(relative)
+    run.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    with run.fs.open(target, "wb") as handle:
+        pq.write_table(table, handle, use_dictionary=[name for name in table.column_names if name not in ("url", "caption")])
+
+
+def dedup_partition(plan: CleanPlan, partition: int, pieces: list[str]) -> dict[str, Any]:
+    """Phase 2: read one partition's `pieces` in read order (their names sorted), keep the first row
+    of each URL, and write the kept rows as shard parquets of at most samples_per_shard rows.
+    Returns {"duplicates", "nulled": Counter, "shards": [(path, rows)], "seconds": {read, dedup, write}}."""
+    run, seconds = RunDir(plan.run_url), Counter()
+    started = time.perf_counter()
+    table = pa.concat_tables([_read_piece(run, piece) for piece in sorted(pieces)])
+    seconds["read"] += time.perf_counter() - started
+    started = time.perf_counter()
+    first = first_occurrences(table.column("url"))
+    duplicates = table.num_rows - int(first.sum())
+    table = table.filter(pa.array(first))
+    nulled: Counter[str] = Counter()
+    if plan.text_types:
+        for number, field in enumerate(plan.extra_fields):
+            nulled[field.name] += int(pc.sum(table.column(_nulled_column(number))).as_py() or 0)
+        table = table.drop_columns([_nulled_column(number) for number in range(len(plan.extra_fields))])
+    seconds["dedup"] += time.perf_counter() - started
+    started = time.perf_counter()
+    size, shards = plan.settings.samples_per_shard, []
+    for chunk, start in enumerate(range(0, table.num_rows, size)):
+        piece = table.slice(start, size)
+        _write_parquet(run, _shard_path(partition, chunk), piece)
+        shards.append((_shard_path(partition, chunk), piece.num_rows))
+    seconds["write"] += time.perf_counter() - started
+    return {"duplicates": duplicates, "nulled": nulled, "shards": shards, "seconds": seconds}
+
+
+def first_occurrences(urls: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Mask of each distinct URL's first row (exact strings, no digests).
+
+    dictionary_encode numbers the distinct values in order of first appearance, so a row is a
+    value's first exactly when its code exceeds every code before it."""
+    if isinstance(urls, pa.ChunkedArray):
+        urls = urls.combine_chunks()
+    first = np.ones(len(urls), dtype=bool)
+    if len(urls) > 1:
+        codes = pc.dictionary_encode(urls).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        first[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    return first
+
+
+def partition_of(urls: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+    """A partition in [0, partitions) per URL, from its byte length, its first 24 bytes (scheme
+    and host) and its last 24 (where URLs differ most). The same string always lands in the same
+    partition, in any process (no hash seed); the bytes only spread the URLs evenly. A few
+    vectorised passes: far cheaper than hashing every byte of every URL."""
+    if isinstance(urls, pa.ChunkedArray):
+        urls = urls.combine_chunks()
+    raw = urls.view(pa.binary()) if pa.types.is_string(urls.type) else urls.cast(pa.binary())
+    state = pc.fill_null(pc.binary_length(raw), 0).to_numpy(zero_copy_only=False).astype(np.uint64) * np.uint64(
+        0x9E3779B97F4A7C15
+    )
+    with np.errstate(over="ignore"):
+        for start, stop in ((0, HASH_BYTES), (-HASH_BYTES, None)):
+            for word in _words(pc.binary_slice(raw, start, stop)).T:
+                state = (state ^ word) * np.uint64(0xBF58476D1CE4E5B9)
+                state ^= state >> np.uint64(31)
+    return (state % np.uint64(partitions)).astype(np.int64)
+
+
+def _words(values: pa.Array) -> np.ndarray:
+    """Binary values of at most HASH_BYTES bytes, padded with spaces, as rows of uint64 words."""
+    padded = pc.ascii_rpad(values.view(pa.string()), HASH_BYTES, " ").view(pa.binary())  # bytes: no UTF-8 check
+    fixed = padded.cast(pa.binary(HASH_BYTES))
+    words = np.frombuffer(fixed.buffers()[1], dtype=np.uint64).reshape(-1, HASH_BYTES // 8)
+    return words[fixed.offset : fixed.offset + len(fixed)]
 
 
 # ---------------------------------------------------------------------------- public
-def required_columns(settings: IngestConfig) -> dict[str, str]:
-    """Every column the URL list must have -> the config key that asks for it."""
-    needed = {settings.url_column: "ingest.url_column", settings.caption_column: "ingest.caption_column"}
-    for name in settings.extra_columns:
-        needed.setdefault(name, "ingest.extra_columns")
-    for name in settings.filters:
-        needed.setdefault(name, f"ingest.filters.{name}")
-    return needed
-
-
-def prepare_url_list(settings: IngestConfig, output_path: str) -> dict[str, Any]:
-    """Clean `settings.url_list` into a parquet at `output_path` (a local path) for img2dataset.
-
-    Returns {"rows": rows read, "kept": rows written, "dropped": {reason: count} (non-zero
-    counts only, kept + sum(dropped) == rows), "nulled": {extra column: values written as
-    null because they did not fit the column's type} (CSV/JSONL only; usually empty)}.
-    Raises ValueError, before writing anything, for a missing column (named, with the file
-    and the columns it has), an extra column img2dataset reserves, or an unknown format.
-    """
-    extras = _extra_columns(settings)
-    needed = required_columns(settings)
-    fs, files = _files(settings.url_list, settings.url_list_format)
-    formats = {path: _format_of(path, settings.url_list_format) for path in files}
-    _check_columns(fs, formats, needed)
-
-    filters = [(name, bound.min, bound.max) for name, bound in settings.filters.items()]
-    dropped: Counter[str] = Counter()
-    seen = _SeenDigests()
-    rows = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    temporary = f"{output_path}.tmp-{uuid.uuid4().hex[:8]}"
-    out = _CleanListWriter(temporary, extras)
-    try:
-        for path in files:
-            fmt = formats[path]
-            file_schema = _parquet_schema(fs, path) if fmt == "parquet" else None
-            for columns, n_rows, n_malformed in _batches(fs, path, fmt, list(needed)):
-                rows += n_rows
-                dropped[MALFORMED_ROW] += n_malformed
-                index, urls, captions = _kept_rows(columns, settings, filters, seen, dropped)
-                arrays = {
-                    "url": pa.array([urls[i] for i in index], type=pa.string()),
-                    "caption": pa.array([captions[i] for i in index], type=pa.string()),
-                    **out.extra_arrays(columns, index, fmt),
-                }
-                out.write(arrays, path, file_schema)
-        out.close()
-        os.replace(temporary, output_path)
-    finally:
-        out.abort()
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-    assert out.kept + sum(dropped.values()) == rows, (out.kept, dropped, rows)
-    reasons = [MALFORMED_ROW, MALFORMED_URL, CAPTION_NOT_UTF8, CAPTION_TOO_SHORT, CAPTION_TOO_LONG]
-    reasons += [FILTERED_PREFIX + name for name, _, _ in filters] + [DUPLICATE_URL]
-    return {
-        "rows": rows,
-        "kept": out.kept,
-        "dropped": {reason: dropped[reason] for reason in reasons if dropped[reason]},
-        "nulled": {name: count for name, count in out.nulled.items() if count},
+def fingerprint(settings: IngestConfig) -> str:
+    """Hash of the settings that shape the cleaned list: the same one means the same shards."""
+    shaping = {
+        "version": INDEX_VERSION,
+        **settings.model_dump(
+            mode="json",
+            include={
+                "url_list",
+                "url_list_format",
+                "url_column",
+                "caption_column",
+                "extra_columns",
+                "filters",
+                "min_caption_chars",
+                "max_caption_chars",
+                "samples_per_shard",
+            },
+        ),
     }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _extra_columns(settings: IngestConfig) -> list[str]:
-    """`settings.extra_columns` without repeats; raises for an unset list or a column img2dataset writes itself."""
-    if not settings.url_list:
-        raise ValueError("ingest.url_list is not set")
-    extras = list(dict.fromkeys(settings.extra_columns))
-    reserved = [name for name in extras if name in RESERVED_COLUMNS]
-    if reserved:
-        raise ValueError(
-            f"ingest.extra_columns: {reserved} clash with the columns img2dataset writes itself "
-            f"({sorted(RESERVED_COLUMNS)}); rename them in the URL list"
-        )
-    return extras
+def prepare_url_list(settings: IngestConfig, run: RunDir) -> CleanList:
+    """Clean `settings.url_list` into the run's shard parquets (`layout.INGEST_URLS`), once.
 
-
-def _check_columns(fs: Any, formats: dict[str, str], needed: dict[str, str]) -> None:
-    """Fail fast: every file's columns are checked before any row is read."""
-    for path, fmt in formats.items():
-        present = _columns_of(fs, path, fmt)
-        missing = [name for name in needed if name not in present]
-        if missing:
-            named = ", ".join(f"{name!r} ({needed[name]})" for name in missing)
-            raise ValueError(f"URL list {path}: missing column(s) {named}; it has {present}")
-
-
-def _parquet_schema(fs: Any, path: str) -> pa.Schema:
-    with fs.open(path, "rb") as handle:
-        return pq.read_schema(handle)
-
-
-def _kept_rows(
-    columns: dict[str, Any],
-    settings: IngestConfig,
-    filters: list[tuple[str, Any, Any]],
-    seen: _SeenDigests,
-    dropped: Counter[str],
-) -> tuple[np.ndarray, list[str | None], list[str | None]]:
-    """(indexes of the batch's rows that pass every check, cleaned URLs, cleaned captions); counts the others in `dropped`.
-
-    The checks run in the order the module docstring gives, so each dropped row has one reason.
+    With `index.json` there and made from the same settings (`fingerprint`), returns what it
+    records, reading no row. Otherwise removes `ingest/urls`, cleans the list as Ray tasks (in
+    this process when Ray is not initialised or a filesystem is memory://, which other
+    processes cannot see) and writes index.json last. Raises ValueError, before writing
+    anything, for a missing column (named, with the file and the columns it has), an extra
+    column img2dataset reserves, or an unknown format.
     """
-    urls = _as_values(columns[settings.url_column])
-    captions = _as_values(columns[settings.caption_column])
-    keep, out_urls, out_captions = _clean_rows(urls, captions, settings, dropped)
-    for name, low, high in filters:
-        keep = _drop_filtered(_numeric(columns[name]), low, high, keep, dropped, FILTERED_PREFIX + name)
-    index = np.flatnonzero(keep)
-    unique = seen.first_unseen([out_urls[i] for i in index])
-    dropped[DUPLICATE_URL] += int((~unique).sum())
-    return index[unique], out_urls, out_captions
+    wanted = fingerprint(settings)
+    if run.exists(INDEX):
+        index = run.read_json(INDEX)
+        if index.get("fingerprint") == wanted:
+            return _from_index(index)
+    plan, parts = plan_cleaning(settings, run)
+    run.remove(layout.INGEST_URLS)
+    inline = _inline(settings, run)
+    dropped: Counter[str] = Counter()
+    rows, by_partition = 0, {}
+    for _, result in _map(clean_part, plan, parts, inline):
+        rows += result["rows"]
+        dropped.update(result["dropped"])
+        for partition, piece in result["pieces"]:
+            by_partition.setdefault(partition, []).append(piece)
+    nulled: Counter[str] = Counter()
+    shards_of: dict[int, list] = {}
+    for (partition, _), result in _map(dedup_partition, plan, sorted(by_partition.items()), inline):
+        dropped[DUPLICATE_URL] += result["duplicates"]
+        nulled.update(result["nulled"])
+        shards_of[partition] = result["shards"]
+    shards = [shard for partition in sorted(shards_of) for shard in shards_of[partition]]
+    kept = sum(count for _, count in shards)
+    assert kept + sum(dropped.values()) == rows, (kept, dropped, rows)
+    reasons = [MALFORMED_ROW, MALFORMED_URL, *CAPTION_REASONS]
+    reasons += [FILTERED_PREFIX + name for name in settings.filters] + [DUPLICATE_URL]
+    clean = CleanList(
+        rows=rows,
+        kept=kept,
+        dropped={reason: dropped[reason] for reason in reasons if dropped[reason]},
+        nulled={name: count for name, count in nulled.items() if count},
+        shards=shards,
+    )
+    run.remove(SCRATCH)
+    run.write_json(INDEX, {"fingerprint": wanted, **clean.prefilter(), "shards": [list(shard) for shard in shards]})
+    return clean
 
 
-def _clean_rows(
-    urls: list, captions: list, settings: IngestConfig, dropped: Counter[str]
-) -> tuple[np.ndarray, list[str | None], list[str | None]]:
-    """(mask of rows with a usable URL and caption, cleaned URLs, cleaned captions); None where dropped."""
-    n = len(urls)
-    keep = np.zeros(n, dtype=bool)
-    out_urls: list[str | None] = [None] * n
-    out_captions: list[str | None] = [None] * n
-    for i in range(n):
-        url = clean_url(urls[i])
-        if url is None:
-            dropped[MALFORMED_URL] += 1
+def _from_index(index: dict[str, Any]) -> CleanList:
+    return CleanList(
+        rows=index["rows"],
+        kept=index["kept"],
+        dropped=index["dropped"],
+        nulled=index["nulled"],
+        shards=[(path, rows) for path, rows in index["shards"]],
+    )
+
+
+def plan_cleaning(settings: IngestConfig, run: RunDir) -> tuple[CleanPlan, list[Part]]:
+    """Check the list's columns (fail fast), decide the extra columns' types and the partitions,
+    and cut the list into parts. Reads only metadata and the first batch of a CSV/JSONL file."""
+    extras = extra_columns(settings)
+    needed = required_columns(settings)
+    fs, files = list_files(settings.url_list, settings.url_list_format)
+    formats = {path: format_of(path, settings.url_list_format) for path in files}
+    check_columns(fs, formats, needed)
+    text_types: dict[str, pa.DataType] = {}
+    text_files = [path for path in files if formats[path] != "parquet"]
+    if text_files and extras:
+        first = next(read_batches(fs, text_files[0], formats[text_files[0]], list(needed)), None)
+        columns = first[0] if first else {name: [] for name in extras}
+        from_text = formats[text_files[0]] == "csv"
+        text_types = {name: ExtraColumn(name, from_text).infer(columns[name]) for name in extras}
+    if formats[files[0]] == "parquet":
+        schema = parquet_schema(fs, files[0])
+        extra_fields = tuple(pa.field(name, schema.field(name).type) for name in extras)
+    else:
+        extra_fields = tuple(pa.field(name, text_types[name]) for name in extras)
+
+    parts: list[Part] = []
+    estimated = 0
+    for path in files:
+        if formats[path] != "parquet":
+            parts.append(Part(len(parts), path, formats[path]))
+            compressed = fsspec.utils.infer_compression(path) is not None
+            estimated += fs.size(path) * (COMPRESSION_GUESS if compressed else 1) // TEXT_BYTES_PER_ROW
             continue
-        caption, why = clean_caption(captions[i], settings.min_caption_chars, settings.max_caption_chars)
-        if why is not None:
-            dropped[why] += 1
-            continue
-        out_urls[i], out_captions[i], keep[i] = url, caption, True
-    return keep, out_urls, out_captions
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        group, group_rows = [], 0
+        for number in range(metadata.num_row_groups):
+            group.append(number)
+            group_rows += metadata.row_group(number).num_rows
+            if group_rows >= TASK_ROWS:
+                parts.append(Part(len(parts), path, "parquet", tuple(group)))
+                group, group_rows = [], 0
+        if group or not parts or parts[-1].path != path:
+            parts.append(Part(len(parts), path, "parquet", tuple(group)))
+        estimated += metadata.num_rows
+    partitions = max(1, math.ceil(estimated / PARTITION_ROWS))
+    return CleanPlan(settings, run.url, extra_fields, text_types, partitions, TASK_ROWS), parts
 
 
-def _drop_filtered(
-    values: np.ndarray, low: float | None, high: float | None, keep: np.ndarray, dropped: Counter[str], reason: str
-) -> np.ndarray:
-    """`keep` less the rows whose value is NaN or outside [low, high]; the kept ones among them count as `reason`."""
-    inside = ~np.isnan(values)
-    with np.errstate(invalid="ignore"):
-        if low is not None:
-            inside &= values >= low
-        if high is not None:
-            inside &= values <= high
-    dropped[reason] += int((keep & ~inside).sum())
-    return keep & inside
+def _inline(settings: IngestConfig, run: RunDir) -> bool:
+    """Run the tasks in this process: no Ray, or a memory:// list or run other processes cannot see."""
+    import ray
+
+    memory = [fs for fs in (fsspec.core.url_to_fs(settings.url_list)[0], run.fs) if "memory" in fs.protocol]
+    return bool(memory) or not ray.is_initialized()
 
 
-class _CleanListWriter:
-    """The cleaned list's parquet (url, caption, extra columns); the first batch written fixes its schema."""
+def _map(function: Any, plan: CleanPlan, items: list, inline: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(item, function(plan, item)) for each item (a tuple item is spread into arguments): Ray
+    tasks of TASK_CPUS, at most 2 per CPU in flight, in completion order; in order when inline."""
 
-    def __init__(self, path: str, extras: list[str]):
-        self.path, self.extras = path, extras
-        self.text_columns: dict[str, _ExtraColumn] = {}  # CSV/JSONL extra columns, typed by their first batch
-        self.nulled: Counter[str] = Counter()  # extra column -> values written as null (they did not fit its type)
-        self.schema: pa.Schema | None = None
-        self.writer: pq.ParquetWriter | None = None
-        self.kept = 0
+    def arguments(item: Any) -> tuple:
+        return item if isinstance(item, tuple) else (item,)
 
-    def extra_arrays(self, columns: dict[str, Any], index: np.ndarray, fmt: str) -> dict[str, pa.Array]:
-        """The extra columns' values at `index`: parquet ones as they are, CSV/JSONL ones typed and converted."""
-        arrays = {}
-        for name in self.extras:
-            column = columns[name]
-            if isinstance(column, list):
-                extra = self.text_columns.setdefault(name, _ExtraColumn(name, from_text=fmt == "csv"))
-                if extra.type is None:  # decided by the whole first batch, dropped rows included
-                    extra.type = extra.infer(column)
-                arrays[name], unfit = extra.array([column[i] for i in index])
-                self.nulled[name] += unfit
-            else:
-                arrays[name] = column.take(pa.array(index, type=pa.int64()))
-        return arrays
+    if inline:
+        for item in items:
+            yield item, function(plan, *arguments(item))
+        return
+    import ray
 
-    def write(self, arrays: dict[str, pa.Array], path: str, file_schema: pa.Schema | None) -> None:
-        """Append one batch's kept rows of `path`; `file_schema` (parquet files) types the extras of the first."""
-        if self.schema is None:
-            if file_schema is not None:
-                fields = [file_schema.field(name) for name in self.extras]
-            else:
-                fields = [pa.field(name, arrays[name].type) for name in self.extras]
-            self._open(fields)
-        table = pa.table(arrays)
-        if table.schema != self.schema:
-            try:
-                table = table.cast(self.schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
-                raise ValueError(f"{path}: extra columns do not match the first file's types {self.schema}: {error}") from None
-        if table.num_rows:
-            self.writer.write_table(table)
-        self.kept += table.num_rows
+    from pipeline.core.inflight import bounded
 
-    def _open(self, extra_fields: list[pa.Field]) -> None:
-        self.schema = pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()), *extra_fields])
-        self.writer = pq.ParquetWriter(self.path, self.schema)
-
-    def close(self) -> None:
-        """Finish the file; with no row at all, an empty parquet with the right columns (extras as strings)."""
-        if self.writer is None:
-            self._open([pa.field(name, pa.string()) for name in self.extras])
-        self.writer.close()
-        self.writer = None
-
-    def abort(self) -> None:
-        """Close a file left open by an error (the caller removes it)."""
-        if self.writer is not None:
-            self.writer.close()
+    remote = ray.remote(function).options(num_cpus=TASK_CPUS)
+    shared = ray.put(plan)
+    limit = max(1, int(2 * ray.cluster_resources().get("CPU", 1)))
+    yield from bounded(lambda item: remote.remote(shared, *arguments(item)), items, limit)

@@ -3,18 +3,18 @@
 A multi-resolution schedule (train at 256 px, then go on at 512 px) encodes every image again, but
 a caption's text embedding (and the empty caption's) depends on the caption, the tokenizer and the
 text encoder, not on the image size. So when the encode stage finds a manifest of another resolution
-(the runner keeps `encode/` for a change of encode.resolution alone), `stash` records that
-resolution's latent tars, grouped by raw shard, in `encode/previous.json` before anything else is
-touched, and drops its manifest and progress. The tars stay where they are: decode tasks read each
-sample's text members from them by key (`attach_text`), the encoder actors run only the VAE on those
-rows (`complete_text`), and once the new manifest is written `finish` deletes them, then the record.
-Nothing is copied or moved, so on an object store there are only reads and deletes; a crash at any
-point resumes from the record. Torch-free: the decode tasks import it.
+(the runner keeps `encode/` for a change of encode.resolution alone), `stash` records what made its
+text embeddings in `encode/previous.json` before anything else is touched, and drops its manifest and
+progress. The latent tars stay where they are: the decode task of raw shard STEM reads its samples'
+text members from `encode/shards/STEM.tar` by key (`attach_text`), the encoder actor runs only the
+VAE on those rows (`complete_text`) and then replaces that tar with the new resolution's. A crash at
+any point resumes from the record: a tar is replaced atomically, and one already replaced holds the
+same text members. Once the new manifest is written `finish` removes the tars no raw shard has any
+more, then the record. Nothing is copied or moved. Torch-free: the decode tasks import it.
 """
 
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 from collections.abc import Callable
@@ -42,31 +42,23 @@ def stash(run: RunDir, resolution: int) -> dict[str, Any] | None:
     """The previous latents to reuse (the record of `encode/previous.json`), or None.
 
     Latents of another resolution under `encode/manifest.json` are recorded first, then their
-    manifest and progress are dropped; the tars stay until `finish`."""
+    manifest and progress are dropped; the tars stay, to be replaced one by one."""
     previous = run.read_json(PREVIOUS) if run.exists(PREVIOUS) else None
     if not run.exists(layout.ENCODE_MANIFEST):
         return previous
     manifest = run.read_json(layout.ENCODE_MANIFEST)
     if manifest.get("resolution", resolution) == resolution:
         return previous  # this resolution is complete; only `finish` may be left to do
-    complete = [shard for shard in progress.read_progress(run).values() if shard.complete]
     previous = {
         "resolution": manifest.get("resolution"),
         **{kind: manifest.get(kind) or {} for kind in TEXT_IDENTITY},
         "text_embedding_shape": manifest["text_embedding_shape"],
         "empty_caption_embedding": manifest["empty_caption_embedding"],
-        # raw shard stem -> its latent tars
-        "parts": {shard.stem: [f"{part['part']}.tar" for part in shard.parts] for shard in complete},
     }
     run.write_json(PREVIOUS, previous)  # first: from here on a crash resumes from the record
     run.remove(layout.ENCODE_MANIFEST)
     run.remove(layout.ENCODE_PROGRESS)
     return previous
-
-
-def tar_names(previous: dict[str, Any] | None) -> set[str]:
-    """The previous latent tars (to keep until `finish`)."""
-    return {name for names in (previous or {}).get("parts", {}).values() for name in names}
 
 
 def same_text_encoder(previous: dict[str, Any], records: dict[str, dict[str, Any]]) -> bool:
@@ -80,36 +72,40 @@ def same_text_encoder(previous: dict[str, Any], records: dict[str, dict[str, Any
     )
 
 
-def finish(run: RunDir, previous: dict[str, Any] | None) -> int:
-    """Once the new manifest is written: delete the previous tars, then the record; how many tars."""
-    names = tar_names(previous)
-    for name in sorted(names):
+def finish(run: RunDir, previous: dict[str, Any] | None, complete: set[str]) -> int:
+    """Once the new manifest is written: remove the latent tars whose stem is not in `complete` (left
+    from the previous resolution), then the record; how many tars. One listing of the folder."""
+    if previous is None:
+        return 0
+    stale = [name for name in run.list(layout.ENCODE_SHARDS, ".tar") if progress.stem(name) not in complete]
+    for name in stale:
         run.remove(f"{layout.ENCODE_SHARDS}/{name}")
     run.remove(PREVIOUS)
-    return len(names)
+    return len(stale)
 
 
-def forget(run: RunDir, previous: dict[str, Any] | None) -> None:
+def forget(run: RunDir) -> None:
     """The previous text members cannot be used: drop them and all that was encoded with them."""
-    finish(run, previous)
     run.remove(layout.ENCODE_SHARDS)
     run.remove(layout.ENCODE_PROGRESS)
+    run.remove(PREVIOUS)
 
 
 # Decode tasks ------------------------------------------------------------------------------
-def read_text_members(run: RunDir, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Key -> {text member: array} from latent tars (whole samples only; a damaged tar gives what precedes the damage)."""
+def read_text_members(run: RunDir, relative: str) -> dict[str, dict[str, np.ndarray]]:
+    """Key -> {text member: array} from the latent tar at `relative`, if there is one (whole samples
+    only; a damaged tar gives what precedes the damage)."""
     found: dict[str, dict[str, np.ndarray]] = {}
-    for name in names:
-        try:
-            with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}")), mode="r|*") as archive:
-                for member in archive:
-                    match = _MEMBER_NAME.match(member.name)
-                    if member.isfile() and match and match.group(2) in TEXT_MEMBERS:
-                        key, suffix = match.groups()
-                        found.setdefault(key, {})[suffix] = from_npy_bytes(archive.extractfile(member).read())
-        except (tarfile.TarError, EOFError, OSError, ValueError):
-            continue  # those rows go through the text encoder
+    try:
+        with run.open_read(relative) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+            for member in archive:
+                match = _MEMBER_NAME.match(member.name)
+                if member.isfile() and match and match.group(2) in TEXT_MEMBERS:
+                    key, suffix = match.groups()
+                    found.setdefault(key, {})[suffix] = from_npy_bytes(archive.extractfile(member).read())
+                archive.members = []  # tarfile keeps every header otherwise
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        pass  # missing or damaged: those rows go through the text encoder
     return {key: arrays for key, arrays in found.items() if len(arrays) == len(TEXT_MEMBERS)}
 
 

@@ -1,8 +1,8 @@
 """The encode stage's CPU side, free of torch: reading and decoding raw shards, writing latent tars.
 
-Decode tasks and write tasks import only this module, so they start in a fraction of the
-time a process importing torch, diffusers and transformers takes, and leave the cores to
-the encoder actors (`ingest.encode.stage`).
+Decode tasks import only this module, so they start in a fraction of the time a process
+importing torch, diffusers and transformers takes, and leave the cores to the encoder actors
+(`ingest.encode.stage`), which write the latent tars with `write_samples`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,13 +21,14 @@ from PIL import Image
 from ingest.encode import progress, reuse
 from ingest.encode.class_labels import label_of
 from ingest.encode.crop import Crop, crop_to_bucket, shard_summary
-from pipeline.core import faults, layout
+from pipeline.core import layout
 from pipeline.core.arrays import to_npy_bytes
 from pipeline.core.rundir import RunDir
 
 KEY = "__key__"
 SHARD = "shard"
 PIXELS = "pixels"
+RECORD = "record"  # the last item a decode task yields: the shard's progress record
 # Pixels an image may declare before it is skipped undecoded (decompression bombs); the stage
 # passes ingest.max_megapixels, whose default this is.
 MAX_PIXELS = 89_000_000
@@ -121,8 +121,8 @@ class DecodeOptions:
     buckets: list | None = None
     """(width, height) buckets (encode.buckets): each image is cropped to its nearest one instead."""
     previous: dict[str, Any] | None = None
-    """`parts` and `text_embedding_shape` of latents of another resolution (`ingest.encode.reuse`):
-    the batches carry along their text members."""
+    """`text_embedding_shape` of the latents of another resolution still in place (`ingest.encode.reuse`):
+    the batches carry along the text members of the shard's previous latent tar."""
     class_field: str | None = None
     """Metadata field naming each sample's class (encode.class_field); a sample without one is skipped (unlabelled)."""
     classes: list[str] | None = None
@@ -133,18 +133,11 @@ class DecodeOptions:
 Row = tuple[str, str, bytes, np.ndarray, int]
 
 
-def decode_shards(batch: dict[str, np.ndarray], run_url: str, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
-    """One task per raw shard: stream it, yield decoded batches, then write its progress record."""
-    run = RunDir(run_url)
-    for name in batch[SHARD]:
-        yield from decode_shard(run, str(name), options)
-
-
-def decode_shard(run: RunDir, name: str, options: DecodeOptions) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of one image shape each (one bucket with encode.buckets, else the square), then the
-    shard's progress record (see `new_record`)."""
-    previous = options.previous
-    reusable = reuse.read_text_members(run, previous["parts"].get(progress.stem(name), [])) if previous else None
+def decode_shard(run: RunDir, name: str, options: DecodeOptions) -> Iterator[dict[str, Any]]:
+    """Batches of one image shape each (one bucket with encode.buckets, else the square), then last
+    `{RECORD: the shard's progress record}` (see `new_record`): a decode task streams these to the
+    encoder actor that writes the shard's latent tar."""
+    reusable = reuse.read_text_members(run, progress.latent_tar_path(progress.stem(name))) if options.previous else None
     record = new_record(name, text_reused=reusable is not None, labelled=bool(options.class_field))
 
     def batch_of(rows: list[Row]) -> dict[str, np.ndarray]:
@@ -152,7 +145,7 @@ def decode_shard(run: RunDir, name: str, options: DecodeOptions) -> Iterator[dic
         batch = _batch(record["shard"], rows)
         if reusable is not None:
             record["text_reused"] += reuse.attach_text(
-                batch, [row[0] for row in rows], reusable, previous["text_embedding_shape"]
+                batch, [row[0] for row in rows], reusable, options.previous["text_embedding_shape"]
             )
         return batch
 
@@ -180,7 +173,12 @@ def decode_shard(run: RunDir, name: str, options: DecodeOptions) -> Iterator[dic
             yield batch_of(rows)
     if options.buckets:
         record.update(shard_summary(crops))
-    run.write_json(progress.shard_record_path(record["shard"]), record)
+    yield {RECORD: record}
+
+
+def decode_task(run_url: str, name: str, options: DecodeOptions) -> Iterator[dict[str, Any]]:
+    """The body of a decode task (a Ray streaming generator): `decode_shard` of one raw shard."""
+    yield from decode_shard(RunDir(run_url), name, options)
 
 
 def new_record(name: str, text_reused: bool, labelled: bool) -> dict[str, Any]:
@@ -249,48 +247,13 @@ def meta_bytes(raw: Any, caption: str, extra: dict[str, Any] | None = None) -> b
     return json.dumps(meta).encode("utf-8")
 
 
-def latent_sink(run_url: str, members: list[str], rows_per_write: int, with_labels: bool = False):
-    """A Ray Data sink writing one latent tar (then its record) per raw shard in each write task.
-
-    Arrays arrive as fp16 tensor columns and are serialised here, on the CPUs, not in the actors.
-    `with_labels` adds each sample's class index (`layout.CLASS_KEY`)."""
-    from ray.data import Datasink
-    from ray.data.block import BlockAccessor
-    from webdataset import TarWriter
-
-    class LatentShardSink(Datasink):
-        @property
-        def min_rows_per_write(self) -> int:
-            return rows_per_write
-
-        def write(self, blocks, ctx) -> list[dict[str, Any]]:
-            run = RunDir(run_url)
-            groups: dict[str, list[dict[str, Any]]] = {}
-            for block in blocks:
-                for row in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
-                    groups.setdefault(str(row[SHARD]), []).append(row)
-            parts = []
-            for shard, rows in groups.items():
-                part = f"{shard}-{uuid.uuid4().hex[:8]}"
-                tar_path, record_path = progress.part_paths(part)
-                with run.open_write(tar_path) as handle:
-                    writer = TarWriter(handle, encoder=False, mtime=0)
-                    for row in rows:
-                        writer.write(
-                            {
-                                KEY: str(row[KEY]),
-                                **{
-                                    member: to_npy_bytes(np.asarray(row[member]))
-                                    for member in [*members, layout.TEXT_EMBEDDING_KEY]
-                                },
-                                layout.META_KEY: bytes(row[layout.META_KEY]),
-                                **({layout.CLASS_KEY: str(int(row[layout.CLASS_KEY])).encode()} if with_labels else {}),
-                            }
-                        )
-                    writer.close()
-                parts.append({"shard": shard, "part": part, "samples": len(rows)})
-                run.write_json(record_path, parts[-1])
-                faults.inject("encode-part")
-            return parts
-
-    return LatentShardSink()
+def write_samples(writer, batch: dict[str, np.ndarray], arrays: dict[str, np.ndarray], with_labels: bool) -> int:
+    """Append a batch's samples to a latent tar (a webdataset TarWriter): `arrays` (member name -> one
+    fp16 row per sample) serialised here, on the CPU; `with_labels` adds each class index. Returns rows."""
+    for row, key in enumerate(batch[KEY]):
+        sample = {KEY: str(key), **{member: to_npy_bytes(np.asarray(values[row])) for member, values in arrays.items()}}
+        sample[layout.META_KEY] = bytes(batch[layout.META_KEY][row])
+        if with_labels:
+            sample[layout.CLASS_KEY] = str(int(batch[layout.CLASS_KEY][row])).encode()
+        writer.write(sample)
+    return len(batch[KEY])

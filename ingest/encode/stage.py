@@ -1,22 +1,25 @@
 """Encode: raw webdataset shards -> latent shards (VAE latents + CLIP text embeddings).
 
-A Ray Data pipeline: one CPU task per raw shard streams it, decodes and centre-crops the
-images in batches; an actor pool whose actors each hold the VAE and text encoder once encodes
-the batches (one GPU per actor where there are GPUs); write tasks publish latent tars.
+One latent shard per raw shard, same stem (`encode/shards/STEM.tar`), written by one call of an
+encoder actor: a pool of actors each holds the VAE and text encoder once (one GPU per actor where
+there are GPUs); a call starts a CPU decode task that streams the raw shard's decoded, centre-cropped
+images in batches, encodes them and writes the tar, then the shard's one progress record. The driver
+keeps at most two shards in flight per actor and reads back one record per shard: O(S) work.
 With encode.buckets each image is cropped to the nearest aspect-ratio bucket instead
-(`pipeline.core.buckets`), decode batches hold one bucket each, and the actors encode whatever
-shapes a batch joins separately. Progress is kept per raw shard (see `ingest.encode.progress`), so an interrupted stage
-resumes where it stopped. Damaged shards and undecodable images are counted, never fatal.
-`encode/manifest.json` records which models made the latents, counts, sizes, and the
-empty-caption embedding that training uses for caption dropout. At a new encode.resolution of
-the same run (a multi-resolution schedule) only the VAE runs: the text embeddings come from the
-previous resolution's latents (`ingest.encode.reuse`).
+(`pipeline.core.buckets`) and each batch holds one bucket. Progress is kept per raw shard (see
+`ingest.encode.progress`), so an interrupted stage resumes where it stopped. Damaged shards and
+undecodable images are counted, never fatal. `encode/manifest.json` records which models made the
+latents, counts, sizes, each latent shard's samples, and the empty-caption embedding that training
+uses for caption dropout. At a new encode.resolution of the same run (a multi-resolution schedule)
+only the VAE runs: the text embeddings come from the previous resolution's latents (`ingest.encode.reuse`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
+import threading
 import time
 from typing import Any
 
@@ -26,19 +29,23 @@ import torch
 from ingest.encode import progress, reuse
 from ingest.encode.class_labels import find_classes
 from ingest.encode.crop import manifest_summary
-from ingest.encode.shard_io import KEY, PIXELS, SHARD, DecodeOptions, decode_shards, latent_sink
+from ingest.encode.shard_io import PIXELS, RECORD, DecodeOptions, decode_task, write_samples
 from pipeline.core import faults, layout
 from pipeline.core.arrays import to_base64_npy
 from pipeline.core.buckets import bucket_name, check_buckets
 from pipeline.core.config import EncodeConfig, PipelineConfig
 from pipeline.core.identity import configured_names
+from pipeline.core.inflight import bounded
 from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir, complete_shards
+from pipeline.core.shard_bar import ShardBar
 
 logger = get_logger("encode")
 
-# Write tasks serialise arrays and upload: mostly waiting on storage, so a quarter of a core.
-WRITE_TASK_CPUS = 0.25
+# Raw shards an encoder actor works on at once: one's decoding and writing overlap the other's forward passes.
+SHARDS_PER_ACTOR = 2
+# Decoded batches a decode task may stream ahead of its encoder actor (bounds the object store's share).
+DECODE_AHEAD = 4
 
 
 # Pure core ---------------------------------------------------------------------------------
@@ -97,9 +104,11 @@ def encode_batch(
 
 
 class Encoder:
-    """An actor holding the VAE and text encoder once; one call encodes one batch."""
+    """Holds the VAE and text encoder once. As a Ray actor, each `encode_shard` call turns one raw shard
+    into its one latent shard; two calls run at once, so one shard's decoding and writing overlap the
+    other's forward passes, which take turns on the encoders."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], run_url: str | None = None, options: DecodeOptions | None = None):
         from pipeline.core.identity import Encoders
         from pipeline.core.models import vae_scaling_factor
 
@@ -111,48 +120,56 @@ class Encoder:
         self.encoders.vae.to(self.device)
         self.encoders.text_encoder.to(self.device)
         self.scaling_factor = vae_scaling_factor(self.encoders.vae)
+        self.run_url, self.options = run_url, options
+        self.turn = threading.Lock()  # one forward pass at a time: the calls share the encoders
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One decoded batch (one image shape) -> member name -> float16 array with one row per image."""
         faults.inject("encode-batch")
         captions = [str(caption) for caption in batch[layout.CAPTION_KEY]]
         use_autocast = self.autocast is not None and self.device.type == "cuda"
-        # Ray Data may join decode batches of different buckets into one: encode each shape on its own.
-        groups = rows_by_shape(batch[PIXELS])
-        encoded = []
-        for rows in groups:
-            pixels = batch[PIXELS] if batch[PIXELS].dtype != object else np.stack([batch[PIXELS][row] for row in rows])
-            pixels, texts = to_model_input(pixels).to(self.device), [captions[row] for row in rows]
-            reused = {name: np.asarray(batch[name])[rows] for name in (reuse.REUSED, *reuse.TEXT_MEMBERS) if name in batch}
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
-                encoded.append(encode_batch(pixels, texts, self.encoders, self.scaling_factor, self.config, reused=reused))
-        arrays = encoded[0] if len(groups) == 1 else join_rows(groups, encoded)
-        passed = {name: batch[name] for name in (KEY, SHARD, layout.META_KEY, layout.CLASS_KEY)}
-        return {**passed, **arrays}
+        pixels = to_model_input(batch[PIXELS]).to(self.device)
+        reused = {name: np.asarray(batch[name]) for name in (reuse.REUSED, *reuse.TEXT_MEMBERS) if name in batch}
+        with self.turn, torch.autocast(self.device.type, dtype=self.autocast, enabled=use_autocast):
+            return encode_batch(pixels, captions, self.encoders, self.scaling_factor, self.config, reused=reused)
 
+    def encode_shard(self, name: str) -> dict[str, Any]:
+        """Raw shard `name` -> `encode/shards/STEM.tar` (none when no image decoded), then its progress
+        record, which is returned. A decode task streams the batches; a retried call writes the same tar."""
+        import ray
+        from webdataset import TarWriter
 
-def rows_by_shape(pixels: np.ndarray) -> list[list[int]]:
-    """Row indices grouped by image shape, in order of first appearance. A batch of one shape is one
-    4-d array; one of several shapes arrives as an object array of HxWx3 arrays."""
-    if pixels.dtype != object:
-        return [list(range(len(pixels)))]
-    groups: dict[tuple, list[int]] = {}
-    for row, image in enumerate(pixels):
-        groups.setdefault(np.shape(image), []).append(row)
-    return list(groups.values())
-
-
-def join_rows(groups: list[list[int]], encoded: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-group outputs back in the batch's row order; members whose shapes differ become object arrays."""
-    count = sum(len(rows) for rows in groups)
-    joined = {}
-    for member in encoded[0]:
-        column = np.empty(count, dtype=object)
-        for rows, arrays in zip(groups, encoded):
-            for row, array in zip(rows, arrays[member]):
-                column[row] = array
-        same = len({array.shape for array in column}) == 1
-        joined[member] = np.stack(list(column)) if same else column
-    return joined
+        run, shard = RunDir(self.run_url), progress.stem(name)
+        decode = ray.remote(decode_task).options(
+            num_cpus=self.config.cpus_per_decode_task,
+            num_returns="streaming",
+            _generator_backpressure_num_objects=DECODE_AHEAD,
+            max_retries=3,
+        )
+        record, written = None, 0
+        with contextlib.ExitStack() as output:
+            writer = None
+            for ref in decode.remote(self.run_url, name, self.options):
+                batch = ray.get(ref)
+                del ref  # the object store may free the decoded pixels now
+                if RECORD in batch:
+                    record = batch[RECORD]
+                    continue
+                arrays = self(batch)
+                if writer is None:  # opened at the first batch: a shard with no image gets no tar
+                    handle = output.enter_context(run.open_write(progress.latent_tar_path(shard)))
+                    writer = TarWriter(handle, encoder=False, mtime=0)
+                written += write_samples(writer, batch, arrays, with_labels=self.options.classes is not None)
+            if writer is not None:
+                writer.close()
+        if record is None or written != record["valid"]:
+            raise RuntimeError(f"encode: raw shard {name}: decoding stopped early ({written} samples written)")
+        if not written:
+            run.remove(progress.latent_tar_path(shard))  # a previous resolution's, or an older attempt's
+        record["written"] = written
+        run.write_json(progress.shard_record_path(shard), record)
+        faults.inject("encode-shard")
+        return record
 
 
 # Stage -------------------------------------------------------------------------------------
@@ -172,12 +189,13 @@ def bucket_counts(state: dict[str, progress.ShardProgress], buckets: list) -> di
 
 
 def latent_shards(state: dict[str, progress.ShardProgress], bucketed: bool) -> list[dict[str, Any]]:
-    """Per complete raw shard, by stem: its latent tars and samples (per bucket too with `bucketed`),
-    so that training can plan its data order from the manifest without reading a tar."""
+    """Per complete raw shard that wrote samples, by stem: its samples (per bucket too with `bucketed`);
+    its latent shard is `encode/shards/STEM.tar`. Training plans its data order from these counts
+    without reading a tar."""
     entries = []
-    for stem in sorted(stem for stem, shard in state.items() if shard.complete):
+    for stem in sorted(stem for stem, shard in state.items() if shard.complete and shard.written):
         shard = state[stem]
-        entry = {"name": stem, "parts": sorted(f"{part['part']}.tar" for part in shard.parts), "samples": shard.written}
+        entry = {"name": stem, "samples": shard.written}
         if bucketed:
             entry["buckets"] = shard_bucket_counts(shard)
         entries.append(entry)
@@ -241,14 +259,13 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     if not raw:
         raise FileNotFoundError(f"no raw shards under {run.path(layout.INGEST_SHARDS)}: run the ingest stage first")
     names = {progress.stem(name): name for name in raw}
-    members = latent_members(settings)
     previous = reusable_latents(run, settings)
     image = {"image": {"resolution": settings.resolution}}  # progress of another resolution is never kept
     # The driver loads and hashes the models for the manifest while the first pass runs: on a
     # cluster that is many seconds of CPU work no GPU should wait for. Until the hashes are
     # known, progress is matched by model names; then once more by weights, which drops what
     # other weights under the same names encoded before.
-    todo, found = progress.prepare(run, list(names), {**configured_names(settings), **image}, reuse.tar_names(previous))
+    todo, found, state = progress.prepare(run, list(names), {**configured_names(settings), **image}, reusing=previous is not None)
     logger.info(f"{len(raw)} raw shard(s), {found['kept_shards']} already encoded, {len(todo)} to encode")
     if previous:
         logger.info(f"{settings.resolution} px; the text embeddings come from the {previous['resolution']} px latents")
@@ -257,24 +274,20 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         manifest_fields = pool.submit(build_manifest, settings)
         if todo:
-            encode_shards(config, run, [names[stem] for stem in todo], members, previous, classes)
+            state.update(encode_shards(config, run, [names[stem] for stem in todo], previous, classes, done=len(state)))
         records, fixed = manifest_fields.result()
     if previous and not reuse.same_text_encoder(previous, records):
         logger.info("other text encoder weights under the same name: encoding every caption again")
-        reuse.forget(run, previous)
+        reuse.forget(run)
         previous = None
-    # A task Ray retried after its worker died yields its rows twice: that shard's parts then
-    # add up to more than it holds, so it is discarded and encoded again here.
-    for attempt in range(3):
-        todo, _ = progress.prepare(run, list(names), {**records, **image}, reuse.tar_names(previous))
-        if not todo or attempt == 2:
-            break
+        state = {}
+    if not progress.confirm_models(run, {**records, **image}, reusing=previous is not None):
+        state = {}  # other weights under the same names encoded what was kept: all of it is encoded again
+    if len(state) < len(names):
+        todo = [stem for stem in names if stem not in state]
         encoded.update(todo)
-        encode_shards(config, run, [names[stem] for stem in todo], members, previous, classes)
-    if todo:
-        raise RuntimeError(f"encode did not finish raw shard(s) {todo[:10]}; run the stage again to resume them")
+        state.update(encode_shards(config, run, [names[stem] for stem in todo], previous, classes, done=len(state)))
 
-    state = progress.read_progress(run)
     counts = progress.totals(state)
     seconds = time.monotonic() - started
     classes_fields = {"class_field": settings.class_field, "classes": classes} if classes is not None else {}
@@ -285,7 +298,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     }
     manifest = encode_manifest({**records, **fixed, **classes_fields}, state, counts, settings, previous, this_run)
     run.write_json(layout.ENCODE_MANIFEST, manifest)
-    reuse.finish(run, previous)  # only now: a crash before this resumes from the previous tars
+    reuse.finish(run, previous, set(state))  # only now: a crash before this resumes from the record
     if counts["samples"] == 0:
         raise RuntimeError("encode wrote no sample: no image of any raw shard decoded")
     return {"counts": stage_counts(counts, found, classes), "outputs": [layout.ENCODE_SHARDS, layout.ENCODE_MANIFEST]}
@@ -310,14 +323,14 @@ def encode_manifest(
     this_run: dict[str, Any],
 ) -> dict[str, Any]:
     """encode/manifest.json: `fixed` (model identity, shapes, classes), the counts over complete
-    shards, per-bucket counts, each raw shard's parts and samples (`latent_shards`), where the text
+    shards, per-bucket counts, each raw shard's samples (`latent_shards`), where the text
     embeddings came from, then `this_run` (resume, speed)."""
     reused = progress.text_reused(state)
     manifest = {
         **fixed,
         **counts,
         **(bucket_counts(state, settings.buckets) if settings.buckets else {}),
-        # Per raw shard: its parts and samples (and per bucket), for planning without reading data.
+        # Per raw shard: its samples (and per bucket), for planning without reading data.
         "latent_shards": latent_shards(state, bucketed=bool(settings.buckets)),
         # Captions whose embeddings came from the previous resolution's latents, not the text encoder.
         "text_embeddings": {
@@ -338,7 +351,7 @@ def stage_counts(counts: dict[str, Any], found: dict[str, Any], classes: list[st
         "samples": counts["samples"],
         "skipped": counts["skipped_undecodable"],
         **({"unlabelled": counts["skipped_unlabelled"]} if classes is not None else {}),
-        "shards": len(counts["shards"]),
+        "shards": counts["latent_shard_count"],
         "truncated_shards": len(counts["truncated_shards"]),
         "unreadable_shards": len(counts["unreadable_shards"]),
         "resumed_shards": found["kept_shards"],
@@ -362,11 +375,13 @@ def encode_shards(
     config: PipelineConfig,
     run: RunDir,
     shards: list[str],
-    members: list[str],
     previous: dict[str, Any] | None = None,
     classes: list[str] | None = None,
-) -> None:
-    """The Ray Data pipeline over `shards` (raw tar names): decode tasks -> encoder actors -> sink.
+    done: int = 0,
+) -> dict[str, progress.ShardProgress]:
+    """Encode raw shards `shards` (tar names): one `Encoder.encode_shard` call per shard on a pool of
+    encoder actors, at most SHARDS_PER_ACTOR in flight on each, so the driver's work is O(shards).
+    Returns their progress (the records the calls wrote), by stem.
 
     With `previous` (`ingest.encode.reuse.stash`) the decode tasks attach each sample's earlier text members."""
     import ray
@@ -377,26 +392,37 @@ def encode_shards(
         batch_size=settings.batch_size,
         max_pixels=int(config.ingest.max_megapixels * 1e6),
         buckets=[tuple(bucket) for bucket in settings.buckets] if settings.buckets else None,
-        previous={key: previous[key] for key in ("parts", "text_embedding_shape")} if previous else None,
+        previous={"text_embedding_shape": previous["text_embedding_shape"]} if previous else None,
         class_field=settings.class_field,
         classes=classes,
     )
-    dataset = (
-        ray.data.from_items([{SHARD: name} for name in shards], override_num_blocks=len(shards))
-        .map_batches(
-            decode_shards,
-            fn_kwargs={"run_url": run.url, "options": options},
-            batch_size=1,
-            num_cpus=settings.cpus_per_decode_task,
-        )
-        .map_batches(
-            Encoder,
-            fn_constructor_kwargs={"settings": settings.model_dump()},
-            compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
-            batch_size=settings.batch_size,
-            num_cpus=settings.cpus_per_actor,
-            num_gpus=settings.gpus_per_actor,
-        )
+    actor = ray.remote(Encoder).options(
+        num_cpus=settings.cpus_per_actor,
+        num_gpus=settings.gpus_per_actor,
+        max_concurrency=SHARDS_PER_ACTOR,
+        max_restarts=4,  # a dead actor is replaced, and its calls run again: each rewrites its one tar
+        max_task_retries=3,
     )
-    sink = latent_sink(run.url, members, config.ingest.samples_per_shard, with_labels=classes is not None)
-    dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+    actors = [actor.remote(settings.model_dump(), run.url, options) for _ in range(min(settings.num_actors, len(shards)))]
+    load = [0] * len(actors)
+    owner: dict[str, int] = {}
+
+    def submit(name: str):
+        index = min(range(len(actors)), key=load.__getitem__)  # the least busy actor
+        load[index] += 1
+        owner[name] = index
+        return actors[index].encode_shard.remote(name)
+
+    state = {}
+    try:
+        with ShardBar(logger, "encode", total=done + len(shards), done=done) as bar:
+            for name, record in bounded(submit, shards, limit=SHARDS_PER_ACTOR * len(actors)):
+                load[owner.pop(name)] -= 1
+                state[record["shard"]] = progress.ShardProgress(record["shard"], record)
+                skipped = {"undecodable": record["undecodable"], "unlabelled": record.get("unlabelled", 0)}
+                skipped.update({"truncated_shard": int(record["truncated"]), "unreadable_shard": int(record["unreadable"])})
+                bar.update(record["written"], skipped)
+    finally:
+        for each in actors:
+            ray.kill(each)
+    return state

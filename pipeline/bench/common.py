@@ -55,6 +55,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which starts afresh at exec. getrusage's
+    ru_maxrss keeps the parent's RSS at fork across the exec, so a bench's child would report its
+    parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    raise KeyError("VmHWM")
+
+
 def ratio(value: float, baseline: float) -> float:
     """`value / baseline` as every bench reports a ratio: to 3 decimals."""
     return round(value / baseline, 3)

@@ -6,7 +6,7 @@ actor pool, writing latent shards, the manifest); the baseline decodes every ima
 untimed, and times only `encode_batch` over batches of `encode.batch_size` with the intra-op
 threads an encoder actor gets. That mirrors a GPU node, where one accelerator encodes while
 other CPUs decode: a ratio near 1 means the stage keeps its encoder busy. Ratios, not seconds,
-are what compare across machines. `ratio` takes the stage's rate from its first latent part to
+are what compare across machines. `ratio` takes the stage's rate from its first latent shard to
 its last (the stream a dataset of any size sees); `wall_ratio` includes its start-up as well.
 
 The stage should also stream: its peak memory (driver plus Ray worker processes, sampled) is
@@ -65,17 +65,20 @@ def _timed_stage(config: PipelineConfig, run: RunDir) -> tuple[int, float, float
 
 
 def _steady_rate(run: RunDir) -> tuple[float, float]:
-    """(samples/s, seconds) of the stage's stream from its first latent part to its last.
+    """(samples/s, seconds) of the stage's stream from its first latent shard to its last.
 
-    The stage's start-up (actors importing and loading the models, Ray Data planning) is paid
-    once per run, whatever its size; this is the rate a dataset of any real size sees. Parts'
-    records are written as they are published, so their times mark the stream (local run only).
+    The stage's start-up (actors importing and loading the models) is paid once per run, whatever
+    its size; this is the rate a dataset of any real size sees. Shards' records are written as
+    their latent shards are published, so their times mark the stream (local run only).
     """
-    records = sorted(Path(run.path(layout.ENCODE_PROGRESS), "parts").glob("*.json"), key=lambda path: path.stat().st_mtime)
+    records = sorted(Path(run.path(layout.ENCODE_PROGRESS), "shards").glob("*.json"), key=lambda path: path.stat().st_mtime)
     if len(records) < 2:
         return 0.0, 0.0
-    samples = sum(json.loads(path.read_text())["samples"] for path in records[1:])
-    seconds = records[-1].stat().st_mtime - records[0].stat().st_mtime
+    # An actor works on SHARDS_PER_ACTOR shards at once, so the first ones finish together: the
+    # stream is timed from the last of them.
+    first = min(len(records) - 1, encode.SHARDS_PER_ACTOR) - 1
+    samples = sum(json.loads(path.read_text())["written"] for path in records[first + 1 :])
+    seconds = records[-1].stat().st_mtime - records[first].stat().st_mtime
     return samples / max(seconds, 1e-9), seconds
 
 

@@ -9,7 +9,6 @@ one task at a time, then two. Ratios, not seconds, are what compare across machi
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,8 @@ def _plain(url_list: str, output: str, settings: IngestConfig, distributor: str 
 
 def _stage(url_list: str, output: str, settings: IngestConfig, workdir: Path) -> float:
     with Stopwatch() as watch:
-        cleaned = str(workdir / f"clean-{time.monotonic_ns()}.parquet")
-        prepare_url_list(settings, cleaned)
-        distribute.download(settings, cleaned, RunDir(output), [])
+        run = RunDir(output)
+        distribute.download(settings, prepare_url_list(settings, run), run)
     return watch.seconds
 
 

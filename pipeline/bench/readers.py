@@ -116,15 +116,11 @@ def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
 
 
 def wids_descriptor(manifest: dict, shard_dir: Path) -> dict[str, Any]:
-    """The dataset description `wids.ShardListDataset` reads: every tar and its sample count.
-
-    The manifest counts samples per raw shard; one that encode wrote in several tars (parts) has
-    no count per tar, which wids needs, and is refused."""
-    shardlist = []
-    for entry in manifest["latent_shards"]:
-        if len(entry["parts"]) != 1:
-            raise ValueError(f"latent shard {entry['name']} has {len(entry['parts'])} parts: wids needs a count per tar")
-        shardlist.append({"url": str(shard_dir / entry["parts"][0]), "nsamples": int(entry["samples"])})
+    """The dataset description `wids.ShardListDataset` reads: every tar and its sample count (one
+    latent tar per raw shard, `STEM.tar`, counted in the manifest's `latent_shards`)."""
+    shardlist = [
+        {"url": str(shard_dir / f"{entry['name']}.tar"), "nsamples": int(entry["samples"])} for entry in manifest["latent_shards"]
+    ]
     return {"wids_version": 1, "name": "latents", "shardlist": shardlist}
 
 
@@ -307,7 +303,9 @@ def convert_to_mds(job: dict) -> dict[str, Any]:
 
     run = RunDir(job["run"])
     spec = read_spec(run)
-    size_limit = max(Path(run.path(f"{layout.ENCODE_SHARDS}/{entry.parts[0]}")).stat().st_size for entry in spec.shards)
+    size_limit = max(
+        Path(run.path(f"{layout.ENCODE_SHARDS}/{part}")).stat().st_size for entry in spec.shards for part in entry.parts
+    )
     columns = {
         "key": "str",
         "latent": "ndarray:float16:" + ",".join(map(str, spec.latent_shape)),

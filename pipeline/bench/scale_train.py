@@ -10,7 +10,7 @@ preset's encoders' shapes, latents [4, 8, 8] and text embeddings [77, 64] in fp1
 - `train_rss_ratio_4x` and `train_start_ratio_4x`: a training worker is a fresh Python process
   (`training_worker`) that builds the tiny UNet with `PlainEngine`, the data order (1 worker,
   1 stream, the preset's windows of 4 shards) and a `ShardStream`, then trains enough steps to
-  cross WORKER_WINDOWS shuffle windows. It reports its peak RSS (`ru_maxrss`) and the seconds
+  cross WORKER_WINDOWS shuffle windows. It reports its peak RSS (VmHWM) and the seconds
   from its start (the parent's clock just before it is started: interpreter, imports and all)
   to the end of its first optimizer step. Workers run on a run of `images` samples (1x) and one
   of 4x as many, in the order 1x, 4x, 4x, 1x (a shared machine drifts); the ratios are 4x over
@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.checkpoint_reads import resume_read_ratio
-from pipeline.bench.common import SAMPLES_PER_SHARD, Stopwatch, logger, ratio, torch_threads
+from pipeline.bench.common import SAMPLES_PER_SHARD, Stopwatch, logger, peak_rss_mb, ratio, torch_threads
 from pipeline.core import layout
 from pipeline.core.config import load_config
 from pipeline.core.rundir import RunDir
@@ -151,7 +150,8 @@ def _data_report(runs: dict[int, RunDir]) -> dict[str, Any]:
         report[f"samples_{scale}x"] = manifest["samples"]
         report[f"shards_{scale}x"] = len(manifest["latent_shards"])
         if scale == 1:
-            shard_bytes = sum(os.path.getsize(run.path(f"{layout.ENCODE_SHARDS}/{name}")) for name in manifest["shards"])
+            tars = [f"{layout.ENCODE_SHARDS}/{entry['name']}.tar" for entry in manifest["latent_shards"]]
+            shard_bytes = sum(os.path.getsize(run.path(tar)) for tar in tars)
             report |= {
                 "sample_bytes": manifest["bytes_per_sample"],
                 "shard_bytes_per_sample": round(shard_bytes / manifest["samples"]),
@@ -224,7 +224,7 @@ def training_worker(run_url: str, steps: int, threads: int) -> dict[str, Any]:
             first_step_at = time.time()
     stream.close()
     return {
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss would keep the parent's peak across the exec
         "first_step_at": first_step_at,
         "setup_seconds": round(first_step_at - imported, 3),
         "shards_trained": len(shards_seen),

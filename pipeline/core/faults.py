@@ -9,7 +9,7 @@ sleeping. Unset, as it always is outside the tests, `inject` is one environment 
 Points: train-step (rank, step: after an optimizer step), checkpoint-files (rank, step: the
 rank's checkpoint files are written locally, not yet uploaded), checkpoint-commit (step: every
 rank has reported, before rank 0 writes COMMITTED), encode-batch (an encoder actor got a
-batch), encode-part (a write task published a latent part and its record).
+batch), encode-shard (an encoder actor published a latent shard and its record).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ CONFIG = "config.toml"
 RUN_MANIFEST = "run.json"
 LOGS = "logs"  # the driver's full log (console.log) for a local run: what the console leaves out
 
+# The cleaned URL list: one parquet per raw shard to download and index.json (written last) naming them.
+INGEST_URLS = "ingest/urls"
 INGEST_SHARDS = "ingest/shards"
 INGEST_STATS = "ingest/stats.json"
 # img2dataset writes NNNNN_stats.json after NNNNN.tar: a shard is complete once it exists.

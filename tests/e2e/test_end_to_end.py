@@ -43,7 +43,10 @@ def test_console_shows_each_stage_start_progress_and_end_and_keeps_ray_chatter_i
         )  # sample resumes the watcher's work
         assert re.search(rf"^\d\d:\d\d:\d\d {name} +done in [\d.]+ s", console, re.M), name
     assert re.search(r"\d\d:\d\d:\d\d train +step 8 .* samples/s", console)  # rank 0's lines, forwarded by Ray
-    assert re.search(r"ingest shards: 100%.*images_per_s", console)
+    for bar in ("download", "encode"):  # the shard bars, and their summary lines in the stage's logger
+        assert re.search(rf"{bar}: 100%.*images/s=", console), bar
+    for name in ("ingest", "encode"):
+        assert re.search(rf"^\d\d:\d\d:\d\d {name} +(\d+)/\1 shards, [\d,]+ images, [\d.]+ images/s", console, re.M), name
     log_file = (tiny_run / layout.LOGS / "console.log").read_text()
     for chatter in ("Started a local Ray instance", "Token authentication is enabled"):
         assert chatter not in console and chatter in log_file

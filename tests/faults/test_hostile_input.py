@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.encode import progress as encode_progress
 from ingest.encode import shard_io as encode_io
 from pipeline.core import layout
 from pipeline.core.arrays import to_npy_bytes
@@ -77,9 +76,10 @@ def decode(tmp_path, members: list[tuple[str, bytes]], **options) -> tuple[list[
     """Kept keys, the shard's progress record and the batches, for a raw shard of `members`."""
     run = RunDir(tmp_path / "run")
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", raw_tar(members))
-    batches = list(encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=64, **options)))
+    options = encode_io.DecodeOptions(resolution=32, batch_size=64, **options)
+    *batches, last = encode_io.decode_shard(run, "00000.tar", options)  # last: the record the actor writes
     keys = [str(key) for batch in batches for key in batch["__key__"]]
-    return keys, run.read_json(encode_progress.shard_record_path("00000")), batches
+    return keys, last[encode_io.RECORD], batches
 
 
 @pytest.fixture
@@ -113,8 +113,8 @@ def test_member_names_with_dotdot_or_absolute_paths_are_counted_and_never_writte
     assert keys == ["good0", "good1"]
     assert record["samples"] == 6 and record["valid"] == 2 and record["undecodable"] == 4
     assert not record["truncated"] and not record["unreadable"]
-    # Only the raw shard and its progress record exist: nothing was written from a member name.
-    assert files_under(tmp_path) == {"run/ingest/shards/00000.tar", "run/encode/progress/shards/00000.json"}
+    # Only the raw shard exists (the decode task hands its record to the actor): nothing was written from a member name.
+    assert files_under(tmp_path) == {"run/ingest/shards/00000.tar"}
 
 
 def test_the_latent_reader_reads_hostile_member_names_in_memory_only(tmp_path, monkeypatch, no_extraction):

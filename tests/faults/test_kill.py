@@ -159,11 +159,11 @@ def copy_up_to_train(clean: Path, out: Path, max_failures: int) -> Path:
 
 def test_whole_run_killed_mid_encode_then_mid_train_resumes_to_the_clean_result(clean_run, tmp_path):
     out = tmp_path / "run"
-    # 1. Killed once the first latent part is published: ingest done, encode half done.
-    run_until_fault_then_kill(run_args(out), {"point": "encode-part", "action": "stop", "once": str(tmp_path / "f1")})
+    # 1. Killed once the first latent shard is published: ingest done, encode half done.
+    run_until_fault_then_kill(run_args(out), {"point": "encode-shard", "action": "stop", "once": str(tmp_path / "f1")})
     assert stages(out)["ingest"]["status"] == "done" and stages(out)["encode"]["status"] == "running"
     ingest_finished = stages(out)["ingest"]["finished"]
-    assert list((out / layout.ENCODE_PROGRESS / "parts").glob("*.json"))
+    assert list((out / layout.ENCODE_PROGRESS / "shards").glob("*.json"))
 
     # 2. The same command: ingest skipped, encode resumed; killed again after step 6 of 8, past
     #    the checkpoint at step 4.

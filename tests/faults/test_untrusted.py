@@ -39,7 +39,6 @@ import pytest
 import torch
 from synthetic_latents import LATENT_SHAPE, TEXT_SHAPE, shard_bytes
 
-from ingest.encode import progress as encode_progress
 from ingest.encode import shard_io as encode_io
 from pipeline.core import layout, models
 from pipeline.core.arrays import to_npy_bytes
@@ -110,10 +109,10 @@ def test_encode_never_unpickles_raw_shard_members(tmp_path, marker):
     ]
     run = RunDir(tmp_path / "run")
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", shard_bytes(members))
-    batches = list(encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=8)))
+    *batches, last = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=8))
     assert [list(batch["__key__"]) for batch in batches] == [["a"]]
     assert set(batches[0]) == {"__key__", "shard", "txt", "json", "pixels", "cls"}  # nothing else travels on (cls: -1, no labels)
-    record = run.read_json(encode_progress.shard_record_path("00000"))
+    record = last[encode_io.RECORD]
     assert (record["samples"], record["valid"], record["undecodable"]) == (3, 1, 2)
 
 

@@ -1,4 +1,4 @@
-"""Per-sample outcome classification and the aggregation of img2dataset's shard files."""
+"""Per-sample outcome classification and the aggregation of img2dataset's shard files (via per-shard outcomes)."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.download.accounting import REASONS, aggregate, classify
+from ingest.download.accounting import REASONS, classify, run_stats
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
 
@@ -201,7 +201,7 @@ def test_aggregate_counts_complete_shards_only(tmp_path):
     size3 = write_shard(run, 3, [ok], count=2)
     prefilter = {"rows": 30, "kept": 16, "dropped": {"malformed_url": 2, "duplicate_url": 1, "filtered:punsafe": 11}}
 
-    stats = aggregate(run, prefilter)
+    stats = run_stats(run, prefilter)
     assert stats == {
         "attempted": 6 + 7 + 2,
         "succeeded": 3 + 2 + 1,
@@ -221,7 +221,7 @@ def test_aggregate_counts_complete_shards_only(tmp_path):
         "bytes": size0 + size1 + size3,
     }
     assert stats["succeeded"] + sum(stats["failed"].values()) == stats["attempted"]
-    assert aggregate(run, prefilter["dropped"])["prefiltered"] == stats["prefiltered"]  # the dropped dict alone works too
+    assert run_stats(run, prefilter["dropped"])["prefiltered"] == stats["prefiltered"]  # the dropped dict alone works too
     json.dumps(stats)  # stats.json content
 
 
@@ -229,13 +229,13 @@ def test_aggregate_falls_back_on_stats_when_the_parquet_is_unreadable(tmp_path):
     run = RunDir(tmp_path / "run")
     write_shard(run, 0, [("success", None), ("failed_to_download", "HTTP Error 404: Not Found")])
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.parquet", b"PAR1 truncated")
-    stats = aggregate(run, None)
+    stats = run_stats(run, None)
     assert stats["attempted"] == 2 and stats["succeeded"] == 1 and stats["failed"] == {"http_error": 1}
     assert stats["prefiltered"] == {} and stats["incomplete_shards"] == []
 
 
 def test_aggregate_of_an_empty_run(tmp_path):
-    stats = aggregate(RunDir(tmp_path / "run"), None)
+    stats = run_stats(RunDir(tmp_path / "run"), None)
     assert stats == {
         "attempted": 0,
         "succeeded": 0,
@@ -251,7 +251,7 @@ def test_aggregate_on_a_memory_run():
     run = RunDir("memory://accounting-test/run")
     try:
         size = write_shard(run, 0, [("success", None), ("failed_to_download", "timed out")])
-        stats = aggregate(run, None)
+        stats = run_stats(run, None)
         assert (stats["attempted"], stats["succeeded"], stats["failed"], stats["bytes"]) == (2, 1, {"timeout": 1}, size)
     finally:
         run.remove("")

@@ -6,12 +6,15 @@ import tarfile
 import urllib.request
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
-from ingest.download.stage import run_stage
+from ingest.download import url_list
+from ingest.download.stage import TOY_BASE_URL, refuse_foreign_shards, run_stage
 from ingest.download.toy_server import serve_directory
 from pipeline.core import layout
-from pipeline.core.config import load_config
+from pipeline.core.config import IngestConfig, load_config
 from pipeline.core.rundir import RunDir
 from pipeline.core.toy import parse_caption
 from sample.judge import is_correct
@@ -59,6 +62,11 @@ def test_rerun_redoes_only_missing_or_partial_shards(tmp_path, ray_local):
     run_stage(config, run)
     shards = tmp_path / layout.INGEST_SHARDS
     untouched = (shards / "00000.tar").stat().st_mtime_ns
+    # the cleaned list names the toy host by a placeholder: it stays valid on the next run's port
+    index = run.read_json(url_list.INDEX)
+    first_parquet = pq.read_table(tmp_path / index["shards"][0][0])
+    assert all(url.startswith(TOY_BASE_URL + "/") for url in first_parquet.column("url").to_pylist())
+    cleaned_at = (tmp_path / url_list.INDEX).stat().st_mtime_ns
     # a download killed mid-shard: a truncated tar and no stats file yet
     (shards / "00001_stats.json").unlink()
     (shards / "00001.tar").write_bytes((shards / "00001.tar").read_bytes()[:5000])
@@ -71,6 +79,22 @@ def test_rerun_redoes_only_missing_or_partial_shards(tmp_path, ray_local):
     stats = run.read_json(layout.INGEST_STATS)
     assert stats["resumed_shards"] == 1 and stats["succeeded"] == 90 and stats["shards"] == 3
     assert (shards / "00000.tar").stat().st_mtime_ns == untouched
+    assert (tmp_path / url_list.INDEX).stat().st_mtime_ns == cleaned_at  # not cleaned again
+    assert stats["attempted"] + sum(stats["prefiltered"].values()) == index["rows"]
     assert complete_shards(run) == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(shards / "00001.tar") as archive:
         assert sum(name.endswith(".jpg") for name in archive.getnames()) == 30
+
+
+def test_shards_from_another_split_of_the_list_are_refused_not_mixed(tmp_path):
+    run = RunDir(tmp_path)
+    settings = IngestConfig(source="urls", url_list=str(tmp_path / "urls.parquet"))
+    refuse_foreign_shards(settings, run)  # nothing downloaded yet: fine
+    run.write_json(f"{layout.INGEST_SHARDS}/00000{layout.SHARD_STATS_SUFFIX}", {"count": 1})
+    with pytest.raises(RuntimeError, match="an older version .* rerun the stage with --force"):
+        refuse_foreign_shards(settings, run)  # shards but no index: cut by an older version
+    run.write_json(url_list.INDEX, {"fingerprint": "other"})
+    with pytest.raises(RuntimeError, match="other ingest settings"):
+        refuse_foreign_shards(settings, run)
+    run.write_json(url_list.INDEX, {"fingerprint": url_list.fingerprint(settings)})
+    refuse_foreign_shards(settings, run)  # this cleaning's shards: resumed

@@ -1,4 +1,5 @@
-"""URL-list cleaning on real parquet, CSV (plain and gzip), JSONL and memory:// files."""
+"""URL-list cleaning on real parquet, CSV (plain and gzip), JSONL and memory:// files, as Ray tasks
+(the `ray_local` fixture) writing one parquet per shard into the run directory."""
 
 import csv
 import gzip
@@ -11,8 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.download import url_list as ul
-from ingest.download.url_list import clean_caption, clean_url, prepare_url_list
+from ingest.download import url_sources
+from ingest.download.url_list import CleanList, prepare_url_list
+from ingest.download.url_rules import clean_caption, clean_url
+from pipeline.core import layout
 from pipeline.core.config import IngestConfig
+from pipeline.core.rundir import RunDir
+
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 HUGE = "x" * 1_000_000
 
@@ -100,29 +107,53 @@ def jsonl_bytes() -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def read_output(path) -> list[tuple]:
-    table = pq.read_table(path)
+def clean(config: IngestConfig, run_dir) -> dict:
+    """prepare_url_list into a run at `run_dir`: its prefilter counts, checked against the shards on disk."""
+    run = RunDir(run_dir)
+    result = prepare_url_list(config, run)
+    assert isinstance(result, CleanList)
+    assert result.kept == sum(rows for _, rows in result.shards) == output_table(run).num_rows
+    assert all(0 < rows <= config.samples_per_shard for _, rows in result.shards)
+    assert set(run.list(layout.INGEST_URLS)) == {"index.json", *(path.rsplit("/", 1)[-1] for path, _ in result.shards)}
+    return result.prefilter()
+
+
+def output_table(run_dir) -> pa.Table:
+    """Every shard of the cleaned list, concatenated in shard-id order."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    shards = run.read_json(ul.INDEX)["shards"]
+    tables = []
+    for path, rows in shards:
+        with run.open_read(path) as handle:
+            table = pq.read_table(handle)
+        assert table.num_rows == rows
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else pa.table({"url": pa.array([], pa.string())})
+
+
+def read_output(run_dir) -> list[tuple]:
+    table = output_table(run_dir)
     assert table.column_names == ["url", "caption", "WIDTH", "HEIGHT", "punsafe"]
     return [(r["url"], r["caption"], r["WIDTH"], r["HEIGHT"]) for r in table.to_pylist()]
 
 
-def check(result: dict, output) -> pq.ParquetFile:
+def check(result: dict, run_dir) -> pa.Table:
     assert result["rows"] == len(ROWS)
     assert result["dropped"] == EXPECTED_DROPPED
     assert result["kept"] == len(KEPT) == result["rows"] - sum(result["dropped"].values())
-    assert read_output(output) == KEPT
-    return pq.read_table(output)
+    assert read_output(run_dir) == KEPT
+    return output_table(run_dir)
 
 
 def test_parquet_rows_are_cleaned_and_counted(tmp_path):
     source = tmp_path / "urls.parquet"
     write_parquet(source)
-    result = prepare_url_list(settings(str(source)), str(tmp_path / "out" / "clean.parquet"))
-    table = check(result, tmp_path / "out" / "clean.parquet")
+    result = clean(settings(str(source)), tmp_path / "run")
+    table = check(result, tmp_path / "run")
     assert table.schema.field("WIDTH").type == pa.int64()  # parquet types pass through
     assert table.column("punsafe").to_pylist() == ["0.01", "0.2", "0.5"]
     assert result["nulled"] == {}
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["clean.parquet"]  # no temporary left behind
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["ingest"]  # no scratch left behind
 
 
 @pytest.mark.parametrize("name", ["urls.csv", "urls.csv.gz"])
@@ -130,8 +161,8 @@ def test_csv_plain_and_gzip(tmp_path, name):
     data = csv_bytes()
     source = tmp_path / name
     source.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    result = prepare_url_list(settings(str(source)), str(tmp_path / "clean.parquet"))
-    table = check(result, tmp_path / "clean.parquet")
+    result = clean(settings(str(source)), tmp_path / "run")
+    table = check(result, tmp_path / "run")
     assert table.schema.field("WIDTH").type == pa.int64()  # inferred from the text
     assert table.schema.field("punsafe").type == pa.string()  # "n/a" in the first batch: text
 
@@ -139,11 +170,11 @@ def test_csv_plain_and_gzip(tmp_path, name):
 def test_jsonl_with_raw_invalid_bytes(tmp_path):
     source = tmp_path / "urls.jsonl"
     source.write_bytes(jsonl_bytes() + b"{not json\n[1, 2]\n\n")  # two malformed rows; the blank line is no row
-    result = prepare_url_list(settings(str(source)), str(tmp_path / "clean.parquet"))
+    result = clean(settings(str(source)), tmp_path / "run")
     assert result["rows"] == len(ROWS) + 2
     assert result["dropped"] == {"malformed_row": 2, **EXPECTED_DROPPED}
-    assert read_output(tmp_path / "clean.parquet") == KEPT
-    table = pq.read_table(tmp_path / "clean.parquet")
+    assert read_output(tmp_path / "run") == KEPT
+    table = output_table(tmp_path / "run")
     # punsafe mixes numbers and "n/a" in the first batch: a string column, the row itself filtered
     assert table.schema.field("punsafe").type == pa.string()
 
@@ -153,13 +184,14 @@ def test_memory_url_list_and_explicit_format(tmp_path):
     fs.pipe("/lists/laion-part.data", jsonl_bytes())
     try:
         with pytest.raises(ValueError, match="url_list_format"):  # no known extension, format "auto"
-            prepare_url_list(settings("memory://lists/laion-part.data"), str(tmp_path / "clean.parquet"))
+            prepare_url_list(settings("memory://lists/laion-part.data"), RunDir(tmp_path / "run"))
         config = settings("memory://lists/laion-part.data", url_list_format="jsonl")
-        result = prepare_url_list(config, str(tmp_path / "clean.parquet"))
+        result = clean(config, "memory://runs/one")  # memory:// exists in this process only: no Ray task
+        assert result["dropped"] == EXPECTED_DROPPED
+        assert read_output("memory://runs/one") == KEPT
     finally:
         fs.rm("/lists", recursive=True)
-    assert result["dropped"] == EXPECTED_DROPPED
-    assert read_output(tmp_path / "clean.parquet") == KEPT
+        fs.rm("/runs", recursive=True)
 
 
 def test_folder_of_parts_deduplicates_across_files(tmp_path):
@@ -168,10 +200,10 @@ def test_folder_of_parts_deduplicates_across_files(tmp_path):
     write_parquet(folder / "part-0.parquet")
     write_parquet(folder / "part-1.parquet")  # every URL again: all duplicates or bad
     (folder / "_SUCCESS").write_text("")
-    result = prepare_url_list(settings(str(folder)), str(tmp_path / "clean.parquet"))
+    result = clean(settings(str(folder)), tmp_path / "run")
     assert result["rows"] == 2 * len(ROWS)
     assert result["dropped"]["duplicate_url"] == 1 + len(KEPT) + 1  # the second file's kept rows and its duplicate
-    assert read_output(tmp_path / "clean.parquet") == KEPT
+    assert read_output(tmp_path / "run") == KEPT
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
@@ -185,37 +217,35 @@ def test_missing_column_fails_fast_naming_it(tmp_path, fmt):
         source.write_bytes(jsonl_bytes())
     config = settings(str(source), caption_column="caption", filters={"pwatermark": {"max": 0.8}})
     with pytest.raises(ValueError) as error:
-        prepare_url_list(config, str(tmp_path / "clean.parquet"))
+        prepare_url_list(config, RunDir(tmp_path / "run"))
     message = str(error.value)
     assert "'caption' (ingest.caption_column)" in message and "'pwatermark' (ingest.filters.pwatermark)" in message
     assert str(source) in message and "'TEXT'" in message  # the file and the columns it has
-    assert not (tmp_path / "clean.parquet").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_reserved_extra_column_is_refused(tmp_path):
     source = tmp_path / "urls.parquet"
     write_parquet(source)
     with pytest.raises(ValueError, match="width"):
-        prepare_url_list(settings(str(source), extra_columns=["width"]), str(tmp_path / "clean.parquet"))
+        prepare_url_list(settings(str(source), extra_columns=["width"]), RunDir(tmp_path / "run"))
 
 
 def test_min_zero_keeps_empty_and_none_captions(tmp_path):
     source = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"URL": ["http://a.example/1", "http://a.example/2"], "TEXT": ["", None]}), source)
-    result = prepare_url_list(
-        settings(str(source), extra_columns=[], filters={}, min_caption_chars=0), str(tmp_path / "o.parquet")
-    )
+    result = clean(settings(str(source), extra_columns=[], filters={}, min_caption_chars=0), tmp_path / "run")
     assert result == {"rows": 2, "kept": 2, "dropped": {}, "nulled": {}}
-    assert pq.read_table(tmp_path / "o.parquet").column("caption").to_pylist() == ["", ""]
+    assert output_table(tmp_path / "run").column("caption").to_pylist() == ["", ""]
 
 
 def test_csv_extra_values_that_do_not_fit_are_nulled_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(ul, "BATCH_ROWS", 2)  # the type is fixed by the first batch of two rows
+    monkeypatch.setattr(url_sources, "BATCH_ROWS", 2)  # the type is fixed by the first batch of two rows
     source = tmp_path / "urls.csv"
     source.write_text("URL,TEXT,WIDTH\nhttp://a.example/1,a,640\nhttp://a.example/2,b,480\nhttp://a.example/3,c,wide\n")
-    result = prepare_url_list(settings(str(source), extra_columns=["WIDTH"], filters={}), str(tmp_path / "o.parquet"))
+    result = clean(settings(str(source), extra_columns=["WIDTH"], filters={}), tmp_path / "run")
     assert result["kept"] == 3 and result["nulled"] == {"WIDTH": 1}
-    assert pq.read_table(tmp_path / "o.parquet").column("WIDTH").to_pylist() == [640, 480, None]
+    assert output_table(tmp_path / "run").column("WIDTH").to_pylist() == [640, 480, None]
 
 
 @pytest.mark.parametrize(
@@ -256,13 +286,3 @@ def test_clean_caption():
     assert clean_caption("caf\udcff", 1, 10) == (None, "caption_not_utf8")
     assert clean_caption("caf\u00e9".encode(), 1, 10) == ("caf\u00e9", None)
     assert clean_caption(1234, 1, 10) == ("1234", None)
-
-
-def test_seen_digests_across_many_batches():
-    seen = ul._SeenDigests()
-    for start in range(0, 5000, 100):
-        # 100 new URLs, then one repeated: inside this batch (start 0) or from an earlier one
-        urls = [f"http://a.example/{i}" for i in range(start, start + 100)] + [f"http://a.example/{start // 2}"]
-        keep = seen.first_unseen(urls)
-        assert keep[:100].all() and not keep[100]
-    assert sum(len(run) for run in seen.runs) == 5000 and len(seen.runs) < 15

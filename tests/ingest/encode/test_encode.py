@@ -1,4 +1,4 @@
-"""The encode stage: pure core without Ray, then the Ray Data stage on real tar shards."""
+"""The encode stage: pure core without Ray, then the stage (decode tasks, encoder actors) on real tar shards."""
 
 import io
 import json
@@ -39,17 +39,21 @@ def read_latent_tars(run: RunDir) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def check_latent_shards(manifest: dict) -> None:
-    """manifest["latent_shards"] names each raw shard once, its parts are the manifest's tars of
-    that stem and its samples (and per-bucket counts, if bucketed) add up to the manifest's."""
+def check_latent_shards(manifest: dict, run: RunDir | None = None) -> None:
+    """manifest["latent_shards"] names each raw shard that wrote samples once, its samples (and per-bucket
+    counts, if bucketed) add up to the manifest's; with `run`, its latent tars are exactly one per entry,
+    `STEM.tar`, each holding the entry's samples."""
     entries = manifest["latent_shards"]
-    grouped: dict[str, list[str]] = {}
-    for name in manifest["shards"]:
-        grouped.setdefault(encode_progress.stem(name).split("-")[0], []).append(name)
     names = [entry["name"] for entry in entries]
-    assert names == sorted(set(names)) and len(names) == manifest["raw_shards"] and set(grouped) <= set(names)
-    assert all(entry["parts"] == sorted(grouped.get(entry["name"], [])) for entry in entries)
+    assert names == sorted(set(names)) and len(names) <= manifest["raw_shards"]
+    assert all(entry["samples"] > 0 and "parts" not in entry for entry in entries)
     assert sum(entry["samples"] for entry in entries) == manifest["samples"]
+    if run is not None:
+        assert run.list(layout.ENCODE_SHARDS, ".tar") == [f"{name}.tar" for name in names]
+        for entry in entries:
+            with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{entry['name']}.tar"))) as archive:
+                keys = {member.name.partition(".")[0] for member in archive.getmembers()}
+            assert len(keys) == entry["samples"]
     if "bucket_counts" in manifest:
         assert all(sum(entry["buckets"].values()) == entry["samples"] for entry in entries)
         totals = {name: sum(entry["buckets"].get(name, 0) for entry in entries) for name in manifest["bucket_counts"]}
@@ -121,10 +125,10 @@ def test_decode_shard_counts_undecodable_missing_and_damaged(tmp_path):
     samples[3]["jpg"] = samples[3]["jpg"][:120]  # a truncated JPEG
     del samples[4]["jpg"]
     name = write_raw_shard(run, 0, samples)
-    batches = list(encode_io.decode_shard(run, name, encode_io.DecodeOptions(resolution=32, batch_size=2)))
+    *batches, last = encode_io.decode_shard(run, name, encode_io.DecodeOptions(resolution=32, batch_size=2))
     assert [list(batch["__key__"]) for batch in batches] == [["a0000", "a0002"]]
     assert batches[0]["pixels"].shape == (2, 32, 32, 3)
-    record = run.read_json(encode_progress.shard_record_path("00000"))
+    record = last[encode_io.RECORD]  # last: the record the encoder actor writes after the shard's tar
     assert record == {
         "shard": "00000",
         "samples": 5,
@@ -137,14 +141,15 @@ def test_decode_shard_counts_undecodable_missing_and_damaged(tmp_path):
 
     whole = run.read_bytes(f"{layout.INGEST_SHARDS}/{name}")
     write_raw_bytes(run, 1, whole[: len(whole) * 3 // 5])  # cut inside the fourth sample
-    kept = [key for batch in encode_io.decode_shard(run, "00001.tar", encode_io.DecodeOptions(32, 8)) for key in batch["__key__"]]
-    record = run.read_json(encode_progress.shard_record_path("00001"))
+    *batches, last = encode_io.decode_shard(run, "00001.tar", encode_io.DecodeOptions(32, 8))
+    kept = [key for batch in batches for key in batch["__key__"]]
+    record = last[encode_io.RECORD]
     assert record["truncated"] and not record["unreadable"] and record["error"]
     assert kept and set(kept) <= {"a0000", "a0002"} and record["valid"] == len(kept)
 
     write_raw_bytes(run, 2, b"this is not a tar file at all" * 50)
-    assert list(encode_io.decode_shard(run, "00002.tar", encode_io.DecodeOptions(32, 8))) == []
-    record = run.read_json(encode_progress.shard_record_path("00002"))
+    (last,) = encode_io.decode_shard(run, "00002.tar", encode_io.DecodeOptions(32, 8))
+    record = last[encode_io.RECORD]
     assert record["unreadable"] and record["samples"] == 0 and record["valid"] == 0
 
 
@@ -153,11 +158,11 @@ def test_captions_that_are_not_utf8_are_replaced_not_fatal(tmp_path):
     samples = raw_samples("b", 2)
     samples[0]["txt"] = b"caf\xe9 \xff"
     write_raw_shard(run, 0, samples)
-    (batch,) = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(32, 8))
+    batch, _ = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(32, 8))
     assert batch["txt"][0] == "caf\ufffd \ufffd" and len(batch["txt"]) == 2
 
 
-# -- the Ray Data stage -----------------------------------------------------------------------
+# -- the stage -----------------------------------------------------------------------------
 def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path, ray_local):
     from ingest.download.stage import run_stage as ingest
 
@@ -183,10 +188,11 @@ def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path
     assert manifest["samples"] == len(samples) == 150 + 5 + kept_from_truncated == summary["counts"]["samples"]
     assert manifest["skipped_undecodable"] == 1 and "x0002" not in samples
     assert manifest["truncated_shards"] == ["00004"] and manifest["unreadable_shards"] == ["00005"]
-    assert manifest["raw_shards"] == 6 and sorted(manifest["shards"]) == run.list(layout.ENCODE_SHARDS, ".tar")
-    check_latent_shards(manifest)
-    assert [entry["name"] for entry in manifest["latent_shards"]] == [f"{number:05d}" for number in range(6)]
-    assert [entry["samples"] for entry in manifest["latent_shards"]] == [50, 50, 50, 5, kept_from_truncated, 0]
+    assert manifest["raw_shards"] == 6 and "shards" not in manifest  # counts per shard, not part names
+    check_latent_shards(manifest, run)  # one latent shard per raw shard that kept samples: 00005 kept none
+    assert [entry["name"] for entry in manifest["latent_shards"]] == [f"{number:05d}" for number in range(5)]
+    assert [entry["samples"] for entry in manifest["latent_shards"]] == [50, 50, 50, 5, kept_from_truncated]
+    assert summary["counts"]["shards"] == 5 and summary["counts"]["unreadable_shards"] == 1
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_embedding_shape"] == [77, 64]
     assert manifest["latent_storage"] == "mode" and manifest["members"] == ["latent.npy"]
     assert manifest["vae"]["scaling_factor"] == pytest.approx(vae_scaling_factor(Encoders.load(config.encode).vae))
@@ -198,11 +204,9 @@ def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path
         assert from_npy_bytes(sample["text.npy"]).dtype == np.float16
         assert json.loads(sample["json"])["caption"].endswith("background")
 
-    # An attempt that stopped half-way through shard 00001: its part record is gone and a
-    # write task left a tar without a record. Only that shard is encoded again.
-    progress = encode_progress.read_progress(run)
-    for part in progress["00001"].parts:
-        run.remove(encode_progress.part_paths(part["part"])[1])
+    # An attempt that stopped after publishing shard 00001's tar, before its record; and a stray tar
+    # (an older version's part). Only that shard is encoded again; the stray tar goes.
+    run.remove(encode_progress.shard_record_path("00001"))
     run.write_bytes(f"{layout.ENCODE_SHARDS}/00002-deadbeef.tar", b"half a tar")
     untouched = {
         name: os.stat(tmp_path / layout.ENCODE_SHARDS / name).st_mtime_ns
@@ -213,14 +217,14 @@ def test_encode_stage_on_real_shards_with_damage_then_resumes_per_shard(tmp_path
     summary = encode.run_stage(config, run)
 
     manifest = run.read_json(layout.ENCODE_MANIFEST)
-    assert manifest["resume"] == {"kept_shards": 5, "discarded_partial_shards": 1, "removed_orphan_tars": 2, "encoded_shards": 1}
+    assert manifest["resume"] == {"kept_shards": 5, "discarded_partial_shards": 0, "removed_orphan_tars": 2, "encoded_shards": 1}
     assert summary["counts"]["resumed_shards"] == 5
     assert {name: os.stat(tmp_path / layout.ENCODE_SHARDS / name).st_mtime_ns for name in untouched} == untouched
     assert read_latent_tars(run).keys() == samples.keys()  # every sample exactly once
     assert manifest["samples"] == len(samples)
-    check_latent_shards(manifest)
+    check_latent_shards(manifest, run)
 
-    # Nothing left to do: no Ray Data pipeline runs, the manifest is rebuilt from the records.
+    # Nothing left to do: no actor starts, the manifest is rebuilt from the records.
     assert encode.run_stage(config, run)["counts"]["resumed_shards"] == 6
 
 
@@ -256,18 +260,19 @@ def test_encode_stage_stores_distribution_and_flips_for_training(tmp_path, ray_l
 
 
 def test_bucketed_manifest_counts_each_raw_shards_samples_per_bucket_and_refuses_records_without():
-    def shard(stem: str, parts: dict[str, int], buckets: dict[str, int] | None) -> encode_progress.ShardProgress:
-        record = {"shard": stem, "samples": sum(parts.values()) + 1, "valid": sum(parts.values()), "undecodable": 1}
+    def shard(stem: str, written: int, buckets: dict[str, int] | None) -> encode_progress.ShardProgress:
+        record = {"shard": stem, "samples": written + 1, "valid": written, "written": written, "undecodable": 1}
         record.update({"truncated": False, "unreadable": False, "error": None})
         record.update({"buckets": buckets} if buckets is not None else {})
-        return encode_progress.ShardProgress(stem, record, [{"shard": stem, "part": p, "samples": n} for p, n in parts.items()])
+        return encode_progress.ShardProgress(stem, record)
 
     state = {
-        "00001": shard("00001", {"00001-bbbb0000": 4}, {"96x48": 4}),
-        "00000": shard("00000", {"00000-ffff0000": 3, "00000-0000aaaa": 2}, {"96x48": 1, "64x64": 4}),
-        "00002": shard("00002", {}, {}),  # unreadable: nothing written
+        "00001": shard("00001", 4, {"96x48": 4}),
+        "00000": shard("00000", 5, {"96x48": 1, "64x64": 4}),
+        "00002": shard("00002", 0, {}),  # unreadable: nothing written, no latent shard
     }
-    state["00003"] = encode_progress.ShardProgress("00003", None, [{"shard": "00003", "part": "00003-cccc0000", "samples": 2}])
+    legacy = {"shard": "00003", "samples": 2, "valid": 2, "undecodable": 0, "truncated": False, "unreadable": False}
+    state["00003"] = encode_progress.ShardProgress("00003", legacy)  # an older run's record: not complete
     settings = EncodeConfig(buckets=[(64, 64), (96, 48)])
 
     def manifest_of(state):
@@ -275,25 +280,36 @@ def test_bucketed_manifest_counts_each_raw_shards_samples_per_bucket_and_refuses
 
     manifest = manifest_of(state)
     check_latent_shards(manifest)
-    assert manifest["latent_shards"] == [  # 00003 is incomplete (no record): not listed, as not in "shards"
-        {
-            "name": "00000",
-            "parts": ["00000-0000aaaa.tar", "00000-ffff0000.tar"],
-            "samples": 5,
-            "buckets": {"64x64": 4, "96x48": 1},
-        },
-        {"name": "00001", "parts": ["00001-bbbb0000.tar"], "samples": 4, "buckets": {"96x48": 4}},
-        {"name": "00002", "parts": [], "samples": 0, "buckets": {}},
+    assert manifest["latent_shards"] == [
+        {"name": "00000", "samples": 5, "buckets": {"64x64": 4, "96x48": 1}},
+        {"name": "00001", "samples": 4, "buckets": {"96x48": 4}},
     ]
+    assert manifest["raw_shards"] == 3 and manifest["samples"] == 9
     unbucketed = encode.encode_manifest({}, state, encode_progress.totals(state), EncodeConfig(), None, {})
-    assert [entry.keys() for entry in unbucketed["latent_shards"]] == [{"name", "parts", "samples"}] * 3
+    assert [entry.keys() for entry in unbucketed["latent_shards"]] == [{"name", "samples"}] * 2
 
     with pytest.raises(RuntimeError, match="raw shard 00001 has no per-bucket counts in encode/progress/shards/00001.json"):
-        manifest_of({**state, "00001": shard("00001", {"00001-bbbb0000": 4}, None)})
+        manifest_of({**state, "00001": shard("00001", 4, None)})
+    bad = shard("00000", 5, {"64x64": 4})
     with pytest.raises(
         RuntimeError, match="raw shard 00000's per-bucket counts .* add up to 4 samples, but its latent tars hold 5"
     ):
-        manifest_of({**state, "00000": shard("00000", {"00000-ffff0000": 3, "00000-0000aaaa": 2}, {"64x64": 4})})
+        manifest_of({**state, "00000": bad})
+
+
+def test_an_older_runs_parts_are_dropped_and_every_shard_encoded_again(tmp_path):
+    run = RunDir(tmp_path)
+    names = {"vae": {"id": "v", "subfolder": None}}
+    run.write_json(encode_progress.MODELS, names)
+    old = {"shard": "00000", "samples": 3, "valid": 3, "undecodable": 0, "truncated": False, "unreadable": False}
+    run.write_json(encode_progress.shard_record_path("00000"), old)
+    run.write_json(
+        f"{encode_progress.LEGACY_PARTS}/00000-0000aaaa.json", {"shard": "00000", "part": "00000-0000aaaa", "samples": 3}
+    )
+    run.write_bytes(f"{layout.ENCODE_SHARDS}/00000-0000aaaa.tar", b"an old part")
+    todo, found, _ = encode_progress.prepare(run, ["00000", "00001"], names)
+    assert todo == ["00000", "00001"] and found["kept_shards"] == 0
+    assert run.list(layout.ENCODE_SHARDS) == [] and not run.exists(encode_progress.LEGACY_PARTS)
 
 
 def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):
@@ -306,6 +322,7 @@ def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):
                 "shard": f"{number:05d}",
                 "samples": 3,
                 "valid": 0,
+                "written": 0,
                 "undecodable": 3,
                 "truncated": False,
                 "unreadable": False,
@@ -313,15 +330,15 @@ def test_a_different_vae_discards_progress_made_with_the_old_one(tmp_path):
             },
         )
     run.write_json(encode_progress.MODELS, {"vae": {"weights_sha256": "old"}})
-    todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
+    todo, found, _ = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
     assert todo == ["00000", "00001"] and found["kept_shards"] == 0
     assert run.read_json(encode_progress.MODELS) == {"vae": {"weights_sha256": "new"}}
     # With the same models, shards whose records add up are kept.
     run.write_json(
         encode_progress.shard_record_path("00000"),
-        {"shard": "00000", "samples": 3, "valid": 0, "undecodable": 3, "truncated": False, "unreadable": False, "error": None},
+        {"shard": "00000", "samples": 3, "valid": 0, "written": 0, "undecodable": 3, "truncated": False, "unreadable": False},
     )
-    todo, found = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
+    todo, found, _ = encode_progress.prepare(run, ["00000", "00001"], {"vae": {"weights_sha256": "new"}})
     assert todo == ["00001"] and found["kept_shards"] == 1
 
 
@@ -331,6 +348,7 @@ def test_progress_kept_by_name_is_dropped_once_the_weights_turn_out_different(tm
         "shard": "00000",
         "samples": 3,
         "valid": 0,
+        "written": 0,
         "undecodable": 3,
         "truncated": False,
         "unreadable": False,
@@ -339,8 +357,8 @@ def test_progress_kept_by_name_is_dropped_once_the_weights_turn_out_different(tm
     run.write_json(encode_progress.shard_record_path("00000"), record)
     names = {"vae": {"id": "v", "subfolder": None}}
     run.write_json(encode_progress.MODELS, {"vae": {**names["vae"], "weights_sha256": "old"}})
-    todo, found = encode_progress.prepare(run, ["00000"], names)  # names agree: kept for now
+    todo, found, _ = encode_progress.prepare(run, ["00000"], names)  # names agree: kept for now
     assert todo == [] and found["kept_shards"] == 1
-    todo, found = encode_progress.prepare(run, ["00000"], {"vae": {**names["vae"], "weights_sha256": "new"}})
+    todo, found, _ = encode_progress.prepare(run, ["00000"], {"vae": {**names["vae"], "weights_sha256": "new"}})
     assert todo == ["00000"] and found["kept_shards"] == 0
     assert run.read_json(encode_progress.MODELS)["vae"]["weights_sha256"] == "new"

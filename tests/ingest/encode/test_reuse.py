@@ -4,7 +4,6 @@ real files, the decode tasks attaching embeddings by key, and the actors encodin
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 from PIL import Image
@@ -30,36 +29,36 @@ def text(seed: int) -> np.ndarray:
 
 
 def encoded_at_64(run: RunDir) -> None:
-    """What a finished 64 px encode leaves: one raw shard's part, its progress records, the manifest."""
+    """What a finished 64 px encode leaves: one raw shard's latent shard, its progress record, the manifest."""
     members = [m for i in range(3) for m in sample_members(f"k{i}", np.zeros((4, 8, 8), np.float16), text(i), f"c{i}")]
-    run.write_bytes(f"{layout.ENCODE_SHARDS}/00000-0123abcd.tar", shard_bytes(members))
-    run.write_json(f"{encode_progress.PARTS}/00000-0123abcd.json", {"shard": "00000", "part": "00000-0123abcd", "samples": 3})
-    run.write_json(encode_progress.shard_record_path("00000"), {"shard": "00000", "samples": 3, "valid": 3})
+    run.write_bytes(encode_progress.latent_tar_path("00000"), shard_bytes(members))
+    run.write_json(encode_progress.shard_record_path("00000"), {"shard": "00000", "samples": 3, "valid": 3, "written": 3})
     run.write_json(
         layout.ENCODE_MANIFEST,
         {"resolution": 64, **IDENTITY, "text_embedding_shape": TEXT_SHAPE, "empty_caption_embedding": to_base64_npy(text(99))},
     )
 
 
-def test_previous_latents_are_recorded_first_kept_while_encoding_and_deleted_last(tmp_path):
+def test_previous_latents_are_recorded_first_kept_while_encoding_and_removed_last(tmp_path):
     run = RunDir(tmp_path)
     encoded_at_64(run)
     assert reuse.stash(run, 64) is None  # the same resolution: nothing to reuse
     previous = reuse.stash(run, 128)
-    assert previous["resolution"] == 64 and previous["parts"] == {"00000": ["00000-0123abcd.tar"]}
+    assert previous["resolution"] == 64 and previous["text_embedding_shape"] == TEXT_SHAPE and "parts" not in previous
     assert run.read_json(layout.ENCODE_PREVIOUS) == previous
     assert not run.exists(layout.ENCODE_MANIFEST) and not run.exists(layout.ENCODE_PROGRESS)
     assert reuse.stash(run, 128) == previous  # a crash from here on resumes from the record
 
-    run.write_bytes(f"{layout.ENCODE_SHARDS}/00000-ffffffff.tar", b"a write task stopped before its record")
-    todo, _ = encode_progress.prepare(run, ["00000"], {"image": {"resolution": 128}}, reuse.tar_names(previous))
-    assert todo == ["00000"] and run.list(layout.ENCODE_SHARDS, ".tar") == ["00000-0123abcd.tar"]  # kept; the orphan went
-    # Other models for the progress drop it all, but not the tars being reused.
-    encode_progress.prepare(run, ["00000"], {"image": {"resolution": 256}}, reuse.tar_names(previous))
-    assert run.list(layout.ENCODE_SHARDS, ".tar") == ["00000-0123abcd.tar"]
+    # Tars without a record are the previous latents while reusing: kept, even when other models drop the progress.
+    run.write_bytes(encode_progress.latent_tar_path("00001"), b"a 64 px tar of a raw shard that is gone now")
+    todo, _, _ = encode_progress.prepare(run, ["00000"], {"image": {"resolution": 128}}, reusing=True)
+    assert todo == ["00000"] and run.list(layout.ENCODE_SHARDS, ".tar") == ["00000.tar", "00001.tar"]
+    encode_progress.prepare(run, ["00000"], {"image": {"resolution": 256}}, reusing=True)
+    assert run.list(layout.ENCODE_SHARDS, ".tar") == ["00000.tar", "00001.tar"]
 
-    assert reuse.finish(run, previous) == 1
-    assert run.list(layout.ENCODE_SHARDS, ".tar") == [] and not run.exists(layout.ENCODE_PREVIOUS)
+    # Once the new resolution is complete (00000's tar replaced), what no raw shard has goes, then the record.
+    assert reuse.finish(run, previous, complete={"00000"}) == 1
+    assert run.list(layout.ENCODE_SHARDS, ".tar") == ["00000.tar"] and not run.exists(layout.ENCODE_PREVIOUS)
 
 
 def test_reuse_needs_the_same_text_encoder_and_tokenizer():
@@ -83,11 +82,12 @@ def test_decode_tasks_attach_each_samples_previous_embedding_by_key(tmp_path):
             writer.write({"__key__": key, "jpg": image.getvalue(), "txt": f"caption {key}".encode(), "json": b"{}"})
     run.write_bytes(f"{layout.INGEST_SHARDS}/00000.tar", buffer.getvalue())
 
-    (batch,) = encode_io.decode_shard(run, "00000.tar", encode_io.DecodeOptions(resolution=32, batch_size=8, previous=previous))
+    options = encode_io.DecodeOptions(resolution=32, batch_size=8, previous=previous)
+    batch, last = encode_io.decode_shard(run, "00000.tar", options)  # reads encode/shards/00000.tar, its own only
     assert batch[reuse.REUSED].tolist() == [True, True, False]
     embeddings = batch[layout.TEXT_EMBEDDING_KEY]
     assert np.array_equal(embeddings[0], text(2)) and np.array_equal(embeddings[1], text(0)) and not embeddings[2].any()
-    assert json.loads(run.read_text(encode_progress.shard_record_path("00000")))["text_reused"] == 2
+    assert last[encode_io.RECORD]["text_reused"] == 2
 
 
 def test_actors_run_the_text_encoder_on_the_rows_without_an_embedding_only():
