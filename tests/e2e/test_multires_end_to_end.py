@@ -44,10 +44,14 @@ def text_embeddings(run: RunDir) -> dict[str, bytes]:
 
 
 def latent_side(run: RunDir) -> int:
-    name = run.list(layout.ENCODE_SHARDS, ".tar")[0]
-    with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}"))) as archive:
-        member = next(m for m in archive.getmembers() if m.name.endswith("." + layout.LATENT_KEY))
-        return from_npy_bytes(archive.extractfile(member).read()).shape[-1]
+    """The side of the latents, the same in every latent tar."""
+    sides = set()
+    for name in run.list(layout.ENCODE_SHARDS, ".tar"):
+        with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{name}"))) as archive:
+            members = [m for m in archive.getmembers() if m.name.endswith("." + layout.LATENT_KEY)]
+            sides.update(from_npy_bytes(archive.extractfile(member).read()).shape[-1] for member in members)
+    (side,) = sides
+    return side
 
 
 def adam_steps(checkpoint) -> set[int]:
@@ -89,7 +93,8 @@ def test_training_goes_on_at_a_higher_resolution_from_the_same_checkpoint(tmp_pa
     assert manifest["empty_caption_embedding"] == manifest_64["empty_caption_embedding"]
     assert latent_side(run) == 2 * side_64 and manifest["latent_shape"][-1] == 2 * manifest_64["latent_shape"][-1]
     assert text_embeddings(run) == text_64
-    assert not tars_64 & set(run.list(layout.ENCODE_SHARDS, ".tar")) and not run.exists(layout.ENCODE_PREVIOUS)
+    # One latent shard per raw shard, replaced in place (same stems), every latent at the new side.
+    assert set(run.list(layout.ENCODE_SHARDS, ".tar")) == tars_64 and not run.exists(layout.ENCODE_PREVIOUS)
 
     # Train: resumed from the last 64 px checkpoint, steps go on, both phases recorded.
     phases = [{"resolution": 64, "start_step": 0}, {"resolution": 128, "start_step": 2}]

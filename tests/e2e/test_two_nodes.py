@@ -178,11 +178,10 @@ def shards_trained(run) -> dict[tuple[int, int], set[int]]:
     the rank trained on in that epoch, from its recorded keys; every step 1-12 recorded once per rank."""
     from pipeline.core import layout
 
-    shard_of = {}  # sample key -> shard, from the member names of each shard's tar parts
+    shard_of = {}  # sample key -> shard, from the member names of each shard's one latent tar
     for index, entry in enumerate(run.read_json(layout.ENCODE_MANIFEST)["latent_shards"]):
-        for part in entry["parts"]:
-            with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{part}"))) as archive:
-                shard_of.update((name.split(".", 1)[0], index) for name in archive.getnames())
+        with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{entry['name']}.tar"))) as archive:
+            shard_of.update((name.split(".", 1)[0], index) for name in archive.getnames())
     trained: dict[tuple[int, int], set[int]] = {}
     steps: dict[int, list[int]] = {0: [], 1: []}
     for name in run.list(layout.TRAIN_SAMPLES, ".jsonl"):
