@@ -53,7 +53,10 @@ from ingest.download.url_rules import (
 from ingest.download.url_sources import check_columns, format_of, list_files, parquet_schema, read_batches
 from pipeline.core import layout
 from pipeline.core.config import IngestConfig
+from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
+
+logger = get_logger("ingest")
 
 # Phase 1: parquet row groups are grouped into tasks of about this many rows.
 TASK_ROWS = 1_000_000
@@ -353,22 +356,31 @@ def prepare_url_list(settings: IngestConfig, run: RunDir) -> CleanList:
         index = run.read_json(INDEX)
         if index.get("fingerprint") == wanted:
             return _from_index(index)
+    from tqdm import tqdm
+
     plan, parts = plan_cleaning(settings, run)
     run.remove(layout.INGEST_URLS)
     inline = _inline(settings, run)
+    logger.info(f"cleaning the URL list: {len(parts):,} part(s) into {plan.partitions:,} partition(s), once")
     dropped: Counter[str] = Counter()
     rows, by_partition = 0, {}
-    for _, result in _map(clean_part, plan, parts, inline):
-        rows += result["rows"]
-        dropped.update(result["dropped"])
-        for partition, piece in result["pieces"]:
-            by_partition.setdefault(partition, []).append(piece)
+    with tqdm(total=len(parts), desc="clean", unit="part", dynamic_ncols=True) as bar:
+        for _, result in _map(clean_part, plan, parts, inline):
+            rows += result["rows"]
+            dropped.update(result["dropped"])
+            for partition, piece in result["pieces"]:
+                by_partition.setdefault(partition, []).append(piece)
+            bar.set_postfix(rows=f"{rows:,}", dropped=f"{sum(dropped.values()):,}", refresh=False)
+            bar.update()
     nulled: Counter[str] = Counter()
     shards_of: dict[int, list] = {}
-    for (partition, _), result in _map(dedup_partition, plan, sorted(by_partition.items()), inline):
-        dropped[DUPLICATE_URL] += result["duplicates"]
-        nulled.update(result["nulled"])
-        shards_of[partition] = result["shards"]
+    with tqdm(total=len(by_partition), desc="de-duplicate", unit="partition", dynamic_ncols=True) as bar:
+        for (partition, _), result in _map(dedup_partition, plan, sorted(by_partition.items()), inline):
+            dropped[DUPLICATE_URL] += result["duplicates"]
+            nulled.update(result["nulled"])
+            shards_of[partition] = result["shards"]
+            bar.set_postfix(duplicates=f"{dropped[DUPLICATE_URL]:,}", refresh=False)
+            bar.update()
     shards = [shard for partition in sorted(shards_of) for shard in shards_of[partition]]
     kept = sum(count for _, count in shards)
     assert kept + sum(dropped.values()) == rows, (kept, dropped, rows)
