@@ -62,6 +62,10 @@ def check_run_contract(url: str) -> None:
         with tarfile.open(fileobj=io.BytesIO(run.read_bytes(f"{layout.ENCODE_SHARDS}/{shard}"))) as archive:
             encoded += sum(name.endswith(".latent.npy") for name in archive.getnames())
     assert encoded == 240
+    # One latent shard per raw shard, same stem; the manifest counts each one's samples.
+    assert run.list(layout.ENCODE_SHARDS, ".tar") == run.list(layout.INGEST_SHARDS, ".tar")
+    assert sum(entry["samples"] for entry in encode_manifest["latent_shards"]) == 240
+    assert len(run.list(layout.INGEST_URLS, ".parquet")) == 4 and run.exists(f"{layout.INGEST_URLS}/index.json")
 
     checkpoints = run.list(layout.TRAIN_CHECKPOINTS)
     assert {layout.step_name(4), layout.step_name(8)} <= set(checkpoints), checkpoints
