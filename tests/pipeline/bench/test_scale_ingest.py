@@ -43,4 +43,3 @@ def test_synthetic_list_is_laion_like(tmp_path):
     urls = table.column("URL").to_pylist()
     assert len(set(urls)) < len(urls) and None in urls or "http://" in urls
     assert synthetic["expected"]["kept"] == 1000 - 10 - 20
-
