@@ -61,12 +61,15 @@ class ShardProgress:
 
 
 def read_progress(run: RunDir) -> dict[str, ShardProgress]:
-    """Every raw shard with a record, by stem (one listing, concurrent reads)."""
-    names = run.list(SHARDS, ".json")
+    """Every raw shard with a record, by the record's file name (one listing, concurrent reads)."""
+    paths = {f"{SHARDS}/{name}": stem(name.removesuffix(".json")) for name in run.list(SHARDS, ".json")}
     progress = {}
-    for data in run.read_many([f"{SHARDS}/{name}" for name in names]).values():
+    for path, data in run.read_many(list(paths)).items():
         record = json.loads(data)
-        progress[record["shard"]] = ShardProgress(record["shard"], record)
+        # The stem comes from the listing, never from the record's content: a record cannot name
+        # another file (e.g. "../../x") for `discard` to remove.
+        record["shard"] = paths[path]
+        progress[paths[path]] = ShardProgress(paths[path], record)
     return progress
 
 

@@ -362,3 +362,14 @@ def test_progress_kept_by_name_is_dropped_once_the_weights_turn_out_different(tm
     todo, found, _ = encode_progress.prepare(run, ["00000"], {"vae": {**names["vae"], "weights_sha256": "new"}})
     assert todo == ["00000"] and found["kept_shards"] == 0
     assert run.read_json(encode_progress.MODELS)["vae"]["weights_sha256"] == "new"
+
+
+def test_a_records_content_never_names_the_file_that_discard_removes(tmp_path):
+    run = RunDir(tmp_path / "run")
+    outside = tmp_path / "x.tar"
+    outside.write_bytes(b"not the run's")
+    hostile = {"shard": "../../../x", "samples": 1, "valid": 1, "undecodable": 0, "truncated": False, "unreadable": False}
+    run.write_json(encode_progress.shard_record_path("00007"), hostile)  # an old-format record: discarded
+    todo, found, _ = encode_progress.prepare(run, ["00007"], {"image": {"resolution": 64}})
+    assert todo == ["00007"] and found["discarded_partial_shards"] == 1
+    assert outside.read_bytes() == b"not the run's" and not run.exists(encode_progress.shard_record_path("00007"))
