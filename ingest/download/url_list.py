@@ -67,6 +67,8 @@ TEXT_BYTES_PER_ROW = 150
 COMPRESSION_GUESS = 4
 # partition_of hashes a URL's length and its first and last HASH_BYTES bytes (a multiple of 8).
 HASH_BYTES = 24
+# A list of at most this many rows is cleaned in the driver: Ray's worker start-up would cost more.
+INLINE_ROWS = 100_000
 # CPUs a cleaning task reserves: it is short and mostly one thread.
 TASK_CPUS = 0.5
 
@@ -129,6 +131,8 @@ class CleanPlan:
     """H: URL-hash partitions, each de-duplicated by one phase-2 task."""
     task_rows: int = TASK_ROWS
     """Kept rows a phase-1 task holds before writing them out (TASK_ROWS, as the driver saw it)."""
+    rows_estimate: int = 0
+    """Rows the list holds: exact for parquet, guessed from bytes for CSV/JSONL."""
 
 
 def _piece(partition: int, task: int, flush: int) -> str:
@@ -360,7 +364,7 @@ def prepare_url_list(settings: IngestConfig, run: RunDir) -> CleanList:
 
     plan, parts = plan_cleaning(settings, run)
     run.remove(layout.INGEST_URLS)
-    inline = _inline(settings, run)
+    inline = _inline(settings, run, plan)
     logger.info(f"cleaning the URL list: {len(parts):,} part(s) into {plan.partitions:,} partition(s), once")
     dropped: Counter[str] = Counter()
     rows, by_partition = 0, {}
@@ -450,15 +454,17 @@ def plan_cleaning(settings: IngestConfig, run: RunDir) -> tuple[CleanPlan, list[
             parts.append(Part(len(parts), path, "parquet", tuple(group)))
         estimated += metadata.num_rows
     partitions = max(1, math.ceil(estimated / PARTITION_ROWS))
-    return CleanPlan(settings, run.url, extra_fields, text_types, partitions, TASK_ROWS), parts
+    return CleanPlan(settings, run.url, extra_fields, text_types, partitions, TASK_ROWS, estimated), parts
 
 
-def _inline(settings: IngestConfig, run: RunDir) -> bool:
-    """Run the tasks in this process: no Ray, or a memory:// list or run other processes cannot see."""
+def _inline(settings: IngestConfig, run: RunDir, plan: CleanPlan) -> bool:
+    """Run the tasks in this process: no Ray; a memory:// list or run other processes cannot see; or a
+    list of at most INLINE_ROWS rows, which this process cleans faster than Ray starts workers (its
+    memory is bounded by INLINE_ROWS, not by the list)."""
     import ray
 
     memory = [fs for fs in (fsspec.core.url_to_fs(settings.url_list)[0], run.fs) if "memory" in fs.protocol]
-    return bool(memory) or not ray.is_initialized()
+    return bool(memory) or not ray.is_initialized() or plan.rows_estimate <= INLINE_ROWS
 
 
 def _map(function: Any, plan: CleanPlan, items: list, inline: bool) -> Iterator[tuple[Any, dict[str, Any]]]:

@@ -18,6 +18,13 @@ from pipeline.core import layout
 from pipeline.core.config import IngestConfig
 from pipeline.core.rundir import RunDir
 
+
+@pytest.fixture(autouse=True)
+def through_ray_tasks(monkeypatch):
+    """These lists are small: without this, the driver would clean them itself (INLINE_ROWS)."""
+    monkeypatch.setattr(ul, "INLINE_ROWS", 0)
+
+
 URL_PIECES = [
     "http://a.example/x.jpg",
     "https://A.Example/p?q=1#f",

@@ -21,6 +21,13 @@ from pipeline.core.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
+
+@pytest.fixture(autouse=True)
+def through_ray_tasks(monkeypatch):
+    """These lists are small: without this, the driver would clean them itself (INLINE_ROWS)."""
+    monkeypatch.setattr(ul, "INLINE_ROWS", 0)
+
+
 HUGE = "x" * 1_000_000
 
 # (URL, TEXT, WIDTH, HEIGHT, punsafe); TEXT may be bytes (a non-UTF-8 caption), punsafe a string.
