@@ -48,7 +48,8 @@ faults: install
 	$(BIN)/python -m pytest -q -m kill tests/faults $(PYTEST_ARGS)
 
 # Builds infra/Dockerfile for real, offline, on a local Debian base and runs `pipeline --help` in it
-# (~10 min the first time; needs root; prints "skipped: no Docker engine (...)" where none can run).
+# (~10 min the first time; needs root; prints "skipped: no Docker engine (...)" where none can run,
+# and fails there under CI=true).
 .PHONY: image-test
 image-test: install
 	PYTHON=$(BIN)/python bash tests/infra/build-image.sh

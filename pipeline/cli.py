@@ -15,6 +15,7 @@ import typer
 
 from pipeline.core import layout
 from pipeline.core.config import ConfigError, load_config, to_toml
+from pipeline.core.credentials import redact
 from pipeline.core.ray_runtime import WORKER_ENV
 
 for _key, _value in WORKER_ENV.items():
@@ -27,7 +28,15 @@ app.add_typer(config_app, name="config")
 PresetOption = typer.Option(None, "--preset", "-p", help="Preset: tiny or sd15-256.")
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML file merged over the preset.")
 SetOption = typer.Option([], "--set", "-s", help="Override KEY=VALUE, e.g. train.max_steps=200 (repeatable).")
-ForceOption = typer.Option(False, "--force", help="Rerun even if the run directory says it is done.")
+ForceOption = typer.Option(
+    False, "--force", help="Rerun every stage from scratch, even if done; old outputs are moved aside (STAGE.superseded-TIME/)."
+)
+RestartOption = typer.Option(
+    None,
+    "--restart",
+    metavar="STAGE",
+    help="Start STAGE and the later stages over (after a config change), moving their old outputs aside.",
+)
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Show Ray's and the libraries' own output on the console too.")
 PromptOption = typer.Option([], "--prompt", help="Sample these prompts into --out instead of validating (repeatable).")
 SeedOption = typer.Option([], "--seed", help="One image per seed (repeatable); default 0.")
@@ -39,6 +48,12 @@ ClassOption = typer.Option(
 def _fail(message: str) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _command_line() -> str:
+    """This command, for the run's lease (what another driver's refusal names); --set values cut short."""
+    text = redact(" ".join(["pipeline", *sys.argv[1:]]))  # no URL credential in the lease
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _start_log(run_dir, verbose: bool) -> None:
@@ -55,6 +70,7 @@ def run(
     config: str | None = ConfigOption,
     overrides: list[str] = SetOption,
     force: bool = ForceOption,
+    restart: str | None = RestartOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Run every stage; a finished run is skipped and a half-finished one resumed."""
@@ -68,7 +84,7 @@ def run(
             resolved = load_config(preset, config, overrides)
         else:
             resolved = load_run_config(run_dir)  # rerun of an existing run: keep its config
-        run_stages(resolved, run_dir, force=force)
+        run_stages(resolved, run_dir, force=force, restart=restart, command=_command_line())
     except (ConfigError, StageError) as error:
         _fail(str(error))
 
@@ -85,7 +101,7 @@ def _stage_command(name: str):
         run_dir = RunDir(run_url)
         _start_log(run_dir, verbose)
         try:
-            run_stages(load_run_config(run_dir), run_dir, stages=[name], force=force)
+            run_stages(load_run_config(run_dir), run_dir, stages=[name], force=force, command=_command_line())
         except (ConfigError, StageError) as error:
             _fail(str(error))
 

@@ -10,8 +10,13 @@ checkpoint and validates only the new exports. A third, *phase* fingerprint also
 PHASE_KEYS (encode.resolution, encode.buckets): when only they differ, the stage keeps its output and starts a new
 phase of the same run (a multi-resolution schedule): encode re-encodes the images but reuses the
 text embeddings (`ingest.encode.reuse`), train continues from its last checkpoint at the new resolution
-(`train.phases`), sample keeps what it validated. Any other change starts the stage over from an
-empty output folder.
+(`train.phases`), sample keeps what it validated.
+
+Any other change would start the stage over, and a stage never starts over on the outputs it holds
+unasked: the run is refused before anything runs, with the keys that changed (old -> new). Asked
+(`--restart STAGE` for that stage and the later ones, `--force` for all), the old folder is moved aside
+within the run (`train.superseded-<time>/`), never deleted. One driver at a time holds the run
+(pipeline.core.lease).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from rich.table import Table
 
 from pipeline.core import layout, log
 from pipeline.core.config import ConfigError, PipelineConfig, to_toml, validate
+from pipeline.core.lease import Lease, LeaseHeld
 from pipeline.core.log import get_logger
 from pipeline.core.ray_runtime import ensure_ray
 from pipeline.core.rundir import RunDir, now
@@ -96,13 +102,14 @@ class StageSpec:
     output: str  # its folder in the run directory
     needs_ray: bool
     # Raised when the stage's outputs change in a way later stages need (encode 2: the manifest's
-    # latent_shards; 3: one latent shard per raw shard). In the full fingerprint only: an older
-    # run's stage resumes, which brings its outputs up to date.
+    # latent_shards; 3: one latent shard per raw shard; ingest 2: a raw shard is complete once its
+    # outcome record, written after its tar is checked against its stats, exists). In the full
+    # fingerprint only: an older run's stage resumes, which brings its outputs up to date.
     version: int = 1
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
-    "ingest": StageSpec("ingest.download", ("seed", "ingest"), "ingest", needs_ray=True),
+    "ingest": StageSpec("ingest.download", ("seed", "ingest"), "ingest", needs_ray=True, version=2),
     "encode": StageSpec("ingest.encode", ("encode",), "encode", needs_ray=True, version=3),
     "train": StageSpec("train", ("seed", "train"), "train", needs_ray=True),
     "sample": StageSpec("sample.validate", ("sample",), "sample", needs_ray=False),
@@ -198,38 +205,179 @@ def load_run_config(run: RunDir) -> PipelineConfig:
     return validate(tomllib.loads(run.read_text(layout.CONFIG)))
 
 
-def run_stages(config: PipelineConfig, run: RunDir, stages: Iterable[str] = layout.STAGES, force: bool = False) -> dict[str, Any]:
-    """Run `stages` (in pipeline order); earlier stages must already be done."""
-    wanted = [name for name in layout.STAGES if name in set(stages)]
+@dataclass(frozen=True)
+class Plan:
+    """What one call of run_stages runs: the stages asked for, each stage's fingerprints and whether
+    it starts over if it must (`--force`, or at or after `--restart`)."""
+
+    wanted: list[str]
+    chain: dict[str, tuple[str, str]]  # stage -> (fingerprint, base fingerprint)
+    phases: dict[str, str]  # stage -> phase fingerprint
+    forced: dict[str, bool]
+
+    def up_to_date(self, name: str, entry: dict) -> bool:
+        return entry.get("status") == "done" and entry.get("fingerprint") == self.chain[name][0]
+
+
+def run_stages(
+    config: PipelineConfig,
+    run: RunDir,
+    stages: Iterable[str] = layout.STAGES,
+    force: bool = False,
+    restart: str | None = None,
+    command: str = "pipeline",
+) -> dict[str, Any]:
+    """Run `stages` (in pipeline order); earlier stages must already be done. `force` reruns every one
+    of them from scratch, `restart` that stage and the later ones (their old outputs are moved aside)."""
+    if restart is not None and restart not in layout.STAGES:
+        raise StageError(f"--restart {restart!r}: choose one of {', '.join(layout.STAGES)}")
+    plan = Plan(
+        wanted=[name for name in layout.STAGES if name in set(stages)],
+        chain=fingerprints(config),
+        phases=phase_fingerprints(config),
+        forced={
+            name: force or (restart is not None and layout.STAGES.index(name) >= layout.STAGES.index(restart))
+            for name in layout.STAGES
+        },
+    )
     try:
-        run.write_text(layout.CONFIG, to_toml(config))
+        refuse_starting_over(config, run, plan)
+        lease = Lease(run, command).acquire()
+        try:
+            run.write_text(layout.CONFIG, to_toml(config))
+        except BaseException:
+            lease.release()
+            raise
+    except LeaseHeld as error:
+        raise StageError(str(error)) from error
     except OSError as error:
         if storage_error(error) is None:
             raise
         raise StageError(f"cannot write the run directory {run.url}: {error.strerror or error}") from error
+    try:
+        _run_planned(config, run, plan)
+    finally:
+        lease.release()
+    _print_summary(run)
+    return run.manifest()
+
+
+def _run_planned(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
     if log.log_file():
         log.get_logger("run").info(f"{run.url}; full log in {log.log_file()}")
-    chain, phases = fingerprints(config), phase_fingerprints(config)
     watched = False
     for name in layout.STAGES:
         entry = run.stage(name)
-        up_to_date = entry.get("status") == "done" and entry.get("fingerprint") == chain[name][0]
-        if name not in wanted:
-            if not up_to_date and any(layout.STAGES.index(w) > layout.STAGES.index(name) for w in wanted):
+        up_to_date = plan.up_to_date(name, entry)
+        if name not in plan.wanted:
+            if not up_to_date and any(layout.STAGES.index(w) > layout.STAGES.index(name) for w in plan.wanted):
                 raise StageError(f"stage {name!r} is not done for this config; run `pipeline {name} {run.url}` first")
             continue
-        if up_to_date and not force:
+        if up_to_date and not plan.forced[name]:
             get_logger(name).info(f"skipped: done at {entry.get('finished')} ({entry.get('seconds')} s)")
             continue
         beside = None
         validates = bool(config.sample.prompts) or config.train.conditioning == "class"  # sample.validate.has_conditions
-        if name == "train" and "sample" in wanted and config.sample.watch and validates:
-            beside = functools.partial(_sample_watcher, config, run, (*chain["sample"], phases["sample"]), force)
+        if name == "train" and "sample" in plan.wanted and config.sample.watch and validates:
+            sample_fingerprints = (*plan.chain["sample"], plan.phases["sample"])
+            beside = functools.partial(_sample_watcher, config, run, sample_fingerprints, plan.forced["sample"])
             watched = True
         # What the watcher validated for this training stays, even under force.
-        _run_one(name, config, run, entry, (*chain[name], phases[name]), force and not (name == "sample" and watched), beside)
-    _print_summary(run)
-    return run.manifest()
+        force = plan.forced[name] and not (name == "sample" and watched)
+        _run_one(name, config, run, entry, (*plan.chain[name], plan.phases[name]), force, beside)
+
+
+def refuse_starting_over(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
+    """StageError, before anything runs or is written, if a wanted stage would start over on outputs it
+    holds without being asked to (`plan.forced`): the message names the keys that changed and the ways out."""
+    blocked = []
+    for name in plan.wanted:
+        entry = run.stage(name)
+        if (
+            plan.forced[name]
+            or plan.up_to_date(name, entry)
+            or continuation(entry, plan.chain[name][1], plan.phases[name]) != "start"
+        ):
+            continue
+        if name != "report" and run.list(STAGE_SPECS[name].output):  # the report is rebuilt from the rest
+            blocked.append(name)
+    if not blocked:
+        return
+    first = blocked[0]
+    changes = changed_keys(previous_config(run), config, first)
+    why = (
+        "its config changed:\n" + "\n".join(f"  {change}" for change in changes)
+        if changes
+        else "run.json records it under another config (an earlier stage's, or train.init_from's weights)"
+    )
+    held = ", ".join(f"{run.path(STAGE_SPECS[name].output)}/" for name in blocked)
+    stamp = "<time>"
+    raise StageError(
+        f"stage {first!r} would start over on the finished work in {held}; "
+        f"{why}\nNothing was changed. Either keep this run and start the new config elsewhere with another --out, "
+        f"or pass --restart {first} (or --force) to move {run.path(STAGE_SPECS[first].output)}/ aside to "
+        f"{run.path(layout.superseded_name(STAGE_SPECS[first].output, stamp))}/ (and each later stage's folder likewise) "
+        "and start over."
+    )
+
+
+def previous_config(run: RunDir) -> PipelineConfig | None:
+    """The config the run holds (config.toml), or None if it has none or it no longer validates."""
+    try:
+        return load_run_config(run)
+    except (ConfigError, ValueError, OSError):
+        return None
+
+
+def changed_keys(before: PipelineConfig | None, after: PipelineConfig, stage: str) -> list[str]:
+    """'section.key: old -> new' for each key a stage's fingerprint (chained: its sections and every
+    earlier stage's) reads that differs, leaving out the resumable ones."""
+    if before is None:
+        return []
+    sections = [section for name in layout.STAGES[: layout.STAGES.index(stage) + 1] for section in STAGE_SPECS[name].sections]
+    old, new = _fingerprinted(before), _fingerprinted(after)
+    changes = []
+    for section in dict.fromkeys(sections):
+        a, b = _flat(old.get(section), section), _flat(new.get(section), section)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key) and key.split(".")[-1 if "." not in key else 1] not in RESUMABLE_KEYS.get(section, set()):
+                changes.append(f"{key}: {_shown(a.get(key))} -> {_shown(b.get(key))}")
+    return changes
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value} if value is not None else {}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flat(item, f"{prefix}.{key}"))
+    return flat
+
+
+def _shown(value: Any) -> str:
+    text = "(unset)" if value is None else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def set_aside(run: RunDir, name: str) -> str | None:
+    """Move a stage's folder aside within the run (train -> train.superseded-<UTC time>), recorded in
+    run.json; its new name, or None when it held nothing."""
+    output = STAGE_SPECS[name].output
+    if name == "report" or not run.list(output):
+        run.remove(output)  # rebuilt from the rest; or nothing finished, at most a killed write's temporary files
+        return None
+    aside = layout.superseded_name(output, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    while run.exists(aside):  # two in one second
+        aside += "x"
+    run.move(output, aside)
+    manifest = run.manifest()
+    superseded = manifest.setdefault("superseded", [])
+    superseded.append({"stage": name, "folder": aside, "at": now(), "fingerprint": run.stage(name).get("fingerprint")})
+    run.write_json(layout.RUN_MANIFEST, manifest)
+    get_logger(name).warning(
+        f"moved the old {run.path(output)}/ aside to {run.path(aside)}/ (delete it once you no longer need it)"
+    )
+    return aside
 
 
 def _run_one(
@@ -242,11 +390,11 @@ def _run_one(
     beside: Callable[[bool], contextlib.AbstractContextManager] | None = None,
 ) -> None:
     """`beside(keeps_output)`, if given, is a context the stage function runs inside (the sample watcher)."""
-    output, needs_ray = STAGE_SPECS[name].output, STAGE_SPECS[name].needs_ray
+    needs_ray = STAGE_SPECS[name].needs_ray
     _, base, phase = stage_fingerprints
     mode = continuation(entry, base, phase, force)
     if mode == "start":
-        run.remove(output)  # stale or forced: start from an empty folder
+        set_aside(run, name)  # stale and asked for, or forced: start from an empty folder, the old one kept
     logger = get_logger(name)
     logger.info(f"start ({mode})")
     if needs_ray:
@@ -321,7 +469,7 @@ def _sample_watcher(
 
     _, base, phase = sample_fingerprints
     if not train_keeps_output or continuation(run.stage("sample"), base, phase, force) == "start":
-        run.remove(STAGE_SPECS["sample"].output)
+        set_aside(run, "sample")
     _mark_running(run, "sample", sample_fingerprints)
     # Without Ray (tests) the watcher validates in this process and reserves nothing.
     crowded = crowded_out(config, ray.cluster_resources()) if ray.is_initialized() else None

@@ -1,4 +1,4 @@
-"""Raw shards as the ingest stage leaves them (img2dataset's webdataset tars and their stats files),
+"""Raw shards as the ingest stage leaves them (img2dataset's webdataset tars, their stats files and outcome records),
 for the encode tests and others that start from raw images."""
 
 import io
@@ -41,4 +41,6 @@ def write_raw_bytes(run: RunDir, number: int, data: bytes) -> str:
     name = f"{number:05d}.tar"
     run.write_bytes(f"{layout.INGEST_SHARDS}/{name}", data)
     run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_STATS_SUFFIX}", {"successes": 0})
+    outcome = {"shard": number, "attempted": 0, "succeeded": 0, "failed": {}, "bytes": len(data)}
+    run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_OUTCOME_SUFFIX}", outcome)  # the completion marker
     return name

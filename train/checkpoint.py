@@ -3,15 +3,18 @@
 A checkpoint is `RUN/train/checkpoints/step-NNNNNNN/`: the DeepSpeed engine state of every
 rank under `deepspeed/` (Ray Train merges the ranks' folders), the moving average of the
 weights under `ema/` (train.ema), `train_state.json` (step, where the data order stands, the resolution phases)
-and a `COMMITTED` marker rank 0 writes once every rank's upload has returned. Ray Train
-keeps the newest `keep_checkpoints`; a run (rerun, or restarted by Ray Train) resumes from
-the newest folder with the marker.
+and a `COMMITTED` marker rank 0 writes once every rank's upload has returned. Right after it,
+rank 0 prunes to the newest `keep_checkpoints` committed ones (`train.retention`; Ray Train keeps
+every folder); a run (rerun, or restarted by Ray Train) resumes from the newest folder with the marker.
 
 An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
 (safetensors), plus `unet_online` when there is a moving average (then `unet` holds it) and,
 for class-conditional training, `classes.json` (the mode and the class names; the UNet config's
-num_class_embeds counts them plus the null class), published with `RunDir.put_dir` (marker last). Exports are for others to load;
-DeepSpeed's own files are unpickled with `weights_only=False`, so only this run reads them.
+num_class_embeds counts them plus the null class), published with `RunDir.put_dir` (marker last). Exports are for others to load.
+
+DeepSpeed unpickles its own files with `weights_only=False`; resume and `make_universal` read them
+inside `train.safe_load.weights_only_loads`, so every one is loaded with `weights_only=True` and an
+allowlist of DeepSpeed's plain state classes, and a planted pickle is refused naming the file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pipeline.core.rundir import RunDir, now
 from train import distributed, phases
 from train.ema import ExponentialMovingAverage, weights_replaced
 from train.order import BatchPosition
+from train.retention import prune_checkpoints
+from train.safe_load import UnsafeCheckpointError, weights_only_loads
 from train.step import make_noise_scheduler
 
 DEEPSPEED_TAG = "deepspeed"
@@ -71,8 +76,20 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
-def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict, ema: ExponentialMovingAverage | None = None) -> None:
-    """Every rank saves its engine state (and its part of the EMA) and reports it; collective."""
+def save_checkpoint(
+    engine,
+    run: RunDir,
+    state: TrainState,
+    metrics: dict,
+    ema: ExponentialMovingAverage | None = None,
+    keep: int | None = None,
+) -> None:
+    """Every rank saves its engine state (and its part of the EMA) and reports it; collective.
+
+    Once rank 0 has committed it, it prunes older checkpoints down to the newest `keep` committed
+    ones (`train.retention`; None: none pruned). Never before: killed in between, the run would
+    keep no checkpoint to resume from.
+    """
     import ray.train
 
     name = layout.step_name(state.step)
@@ -90,6 +107,10 @@ def save_checkpoint(engine, run: RunDir, state: TrainState, metrics: dict, ema: 
     if distributed.is_rank_zero():
         faults.inject("checkpoint-commit", step=state.step)
         run.write_text(f"{layout.TRAIN_CHECKPOINTS}/{name}/{layout.COMMIT_MARKER}", now() + "\n")
+        if keep is not None:
+            pruned = prune_checkpoints(run, keep)
+            if pruned:
+                distributed.log(f"pruned checkpoints {pruned} (train.keep_checkpoints = {keep})")
 
 
 def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> TrainState:
@@ -125,7 +146,10 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
         if elastic:
             engine._config.load_universal_checkpoint = True  # read once, at this load only
         try:
-            loaded, _ = engine.load_checkpoint(str(local), tag=UNIVERSAL_TAG if elastic else DEEPSPEED_TAG)
+            with weights_only_loads():  # a planted file is refused, never unpickled (train.safe_load)
+                loaded, _ = engine.load_checkpoint(str(local), tag=UNIVERSAL_TAG if elastic else DEEPSPEED_TAG)
+        except UnsafeCheckpointError as error:
+            raise _in_run(error, run, relative, local) from None
         finally:
             engine._config.load_universal_checkpoint = False
         if ema is not None and not ema.load(str(local), saved_world):
@@ -142,6 +166,16 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
         f"{state.streams} data streams){resharded}"
     )
     return state
+
+
+def _in_run(error: UnsafeCheckpointError, run: RunDir, relative: str, local: str | Path) -> UnsafeCheckpointError:
+    """`error` naming the file in the run directory, not its local copy."""
+    try:
+        inside = Path(error.path).resolve().relative_to(Path(local).resolve()).as_posix()
+    except ValueError:
+        return error
+    path = run.path(f"{relative}/{inside}")
+    return UnsafeCheckpointError(path, str(error).replace(error.path, path))
 
 
 _RANK_FILE = re.compile(r"(?:^|/)(?:zero_pp_rank_|rank-)(\d+)[_.]")
@@ -199,8 +233,11 @@ def make_universal(run: RunDir, world: int) -> str | None:
             strict=True,
             inject_missing_state=True,  # our engines are not Megatron's: the layout it needs is plain
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are not ours to show
-            ds_to_universal(arguments)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # its prints are not ours to show
+                ds_to_universal(arguments)
+        except UnsafeCheckpointError as error:
+            raise _in_run(error, run, f"{relative}/{DEEPSPEED_TAG}", source) from None
         run.put_dir(target, f"{relative}/{UNIVERSAL_TAG}")
     return f"{run.path(relative)}: written by {saved_world} workers, universal form made for {world}"
 
@@ -226,7 +263,17 @@ def export_model(
 
     With `ema`, `unet/` holds the averaged weights (what sampling and StableDiffusionPipeline load)
     and `unet_online/` the raw ones. `classes` (`classes_record`) is written as classes.json.
+
+    A committed export is never rewritten: a run killed between an export and its checkpoint
+    redoes the steps from the checkpoint before, and resume is exact, so it would write the same
+    weights, while on an object store old and new files would mix under the old marker meanwhile
+    (and the sample stage may have validated them). Every rank checks before the first collective,
+    and rank 0 commits only after it, so all ranks agree.
     """
+    relative = f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"
+    if run.exists(f"{relative}/{layout.COMMIT_MARKER}"):
+        distributed.log(f"{run.path(relative)} is committed already (an earlier attempt got this far): kept as it is")
+        return
     averaged = ema.full_weights() if ema is not None else None  # collective under ZeRO-3
     with distributed.full_parameters(engine, config.zero_stage):
         if distributed.is_rank_zero():
@@ -241,4 +288,4 @@ def export_model(
                 make_noise_scheduler(config).save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
                 if classes is not None:
                     Path(local, layout.EXPORT_CLASSES).write_text(json.dumps(classes, indent=1))
-                run.put_dir(local, f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}")
+                run.put_dir(local, relative)

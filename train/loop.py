@@ -141,7 +141,7 @@ def _save(
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
     export_model(engine, run, config.train, state.step, ema, classes)
     metrics.publish()
-    save_checkpoint(engine, run, state, _summary(state, metrics), ema)
+    save_checkpoint(engine, run, state, _summary(state, metrics), ema, keep=config.train.keep_checkpoints)
 
 
 def _finish(state: TrainState, metrics: MetricsLog, run: RunDir, stopped: str | None) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 logger = get_logger("train")
 CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
+RAY_CHECKPOINTS_RECORD = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants
 
 
 class TrainStageError(RuntimeError):
@@ -56,6 +57,9 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         run_config=run_config(config, run),
     )
     run.remove(layout.TRAIN_STOPPED)  # from an earlier attempt
+    # Ray Train's record of an earlier attempt's checkpoints: its controller refuses to start when a
+    # folder it names is gone, and ours prunes them (train.retention); we never read it.
+    run.remove(f"{layout.TRAIN_CHECKPOINTS}/{RAY_CHECKPOINTS_RECORD}")
     resharded = reshard_checkpoint(run, train.num_workers)
     if resharded:
         logger.info(resharded)
@@ -68,10 +72,14 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
 
 def reshard_checkpoint(run: RunDir, workers: int) -> str | None:
     """The newest checkpoint's universal form when it was written by another number of workers
-    (`train.checkpoint.make_universal`), made by one Ray task: it reads every rank's partition once."""
+    (`train.checkpoint.make_universal`), made by one Ray task: it reads every rank's partition once.
+    The task runs on the driver's node: a CPU node may hold only ingest's write credentials
+    (docs/kubernetes.md), which cannot write train/."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.get(ray.remote(num_cpus=0.1)(_make_universal).remote(run.url, workers))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.get(ray.remote(num_cpus=0.1, scheduling_strategy=here)(_make_universal).remote(run.url, workers))
 
 
 def _make_universal(run_url: str, workers: int) -> str | None:
@@ -79,17 +87,20 @@ def _make_universal(run_url: str, workers: int) -> str | None:
 
 
 def run_config(config: PipelineConfig, run: RunDir) -> RunConfig:
-    """Where checkpoints go and how many are kept, and how often Ray Train restarts failed workers.
+    """Where checkpoints go, and how often Ray Train restarts failed workers.
 
-    A restart (train.max_failures) starts every worker's `train_worker` again, which resumes from
-    the latest committed checkpoint, as a rerun of the stage does.
+    Ray Train keeps every checkpoint folder (no `num_to_keep`): its retention removes the oldest
+    when it registers a report, which can come before rank 0 commits the new one; rank 0 prunes
+    after the commit instead (`train.retention`, train.keep_checkpoints). A restart
+    (train.max_failures) starts every worker's `train_worker` again, which resumes from the latest
+    committed checkpoint, as a rerun of the stage does.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(
         name=CHECKPOINTS_RUN_NAME,
         storage_path=run.path(layout.TRAIN_DIR),
-        checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
         failure_config=FailureConfig(max_failures=config.train.max_failures),
     )
 

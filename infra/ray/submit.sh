@@ -15,12 +15,13 @@
 #   RAY_AUTH_TOKEN_PATH  a file holding it (Ray's default: ~/.ray/auth_token)
 #   RAY_AUTH_MODE        default token: the client sends the token only in token mode
 #   JOB_ID               submission id (default t2i-DATE-TIME-RANDOM)
+#   PYTHON               a Python with Ray installed, that submits the job (default python3)
 #
 # Prints the job id and how to follow it; the job keeps running after this script returns.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -31,13 +32,29 @@ export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 job_id=${JOB_ID:-t2i-$(date -u +%Y%m%d-%H%M%S)-$RANDOM}
 
-ray job submit \
-    --address "$RAY_ADDRESS" \
-    --submission-id "$job_id" \
-    --working-dir . \
-    --runtime-env infra/ray/runtime_env.yaml \
-    --no-wait \
-    -- pipeline run --out "$out" "$@"
+# The entrypoint is a shell command line on the head: every argument is quoted with shlex.join, so
+# `--out 's3://b/x;id'` stays one argument and runs nothing. Submitted with Ray's SDK, not the `ray
+# job submit` CLI, whose own joining of arguments differs between Ray releases (older ones don't
+# quote `;`, `$`, `|`).
+"${PYTHON:-python3}" - "$job_id" "$out" "$@" <<'PY'
+import os
+import shlex
+import sys
+
+import yaml
+from ray.job_submission import JobSubmissionClient
+
+job_id, out, *options = sys.argv[1:]
+with open("infra/ray/runtime_env.yaml") as file:
+    runtime_env = yaml.safe_load(file)
+runtime_env["working_dir"] = "."
+client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
+client.submit_job(
+    entrypoint=shlex.join(["pipeline", "run", "--out", out, *options]),
+    submission_id=job_id,
+    runtime_env=runtime_env,
+)
+PY
 
 cat <<EOF
 job id: $job_id

@@ -6,8 +6,11 @@ the Downloader fetches, resizes and writes one webdataset shard plus `NNNNN_stat
 module replaces img2dataset's reader and distributor so that each task installs the egress
 guard first (the guard must live in the process that downloads), has its own CPU share and
 retries, and reduces its shard to an outcome (`accounting.shard_outcome`) that it records
-and returns. A shard counts as complete once its `_stats.json` exists (written after the
-tar), so a rerun redoes only missing or partial shards.
+and returns. A shard counts as complete once its outcome record exists, written only after its
+tar was checked against its `_stats.json` (`accounting.check_shard`), so a rerun redoes only
+missing, partial or broken shards. A shard whose task still fails after its retries (killed for
+memory, its worker crashed, it raised) is counted as failed, by why (`shard_failure`), and the
+other shards go on; a storage error (OSError) still fails the stage, as does every shard failing.
 
 The driver stays O(shards) at 100,000 of them: at most a few tasks per CPU are in flight
 (`pipeline.core.inflight.bounded`), each finished shard costs a dict update, and a resumed
@@ -23,7 +26,7 @@ from typing import Any
 
 from ingest.download import accounting
 from ingest.download.url_list import CleanList
-from pipeline.core import layout
+from pipeline.core import faults, layout
 from pipeline.core.config import IngestConfig
 from pipeline.core.inflight import bounded
 from pipeline.core.log import get_logger
@@ -41,7 +44,8 @@ class Downloaded:
     """What `download` leaves: every complete shard's outcome, and how many an earlier run finished."""
 
     outcomes: dict[int, dict[str, Any]]
-    """Shard id -> outcome (`accounting.shard_outcome`) of every complete shard of the list, in no set order."""
+    """Shard id -> outcome (`accounting.shard_outcome`) of every complete shard of the list, and
+    `accounting.failed_shard_outcome` of each whose task failed for good, in no set order."""
     resumed_shards: int
     """Shards complete before this run started (not downloaded again)."""
     incomplete: list[str]
@@ -72,13 +76,16 @@ def _shard_task(
     guard: dict[str, Any],
     url_rewrite: tuple[str, str] | None,
 ) -> dict[str, Any]:
-    """Download one shard (unless `parquet` is None: only its outcome is computed) and return its outcome."""
+    """Download one shard (unless it is whole already, or `parquet` is None: only its outcome is computed) and return its outcome."""
     run = RunDir(run_url)
+    kept = accounting.verified_outcome(run, name)  # finished before its record was written (killed, or an older version)
+    if kept is not None:
+        return kept
     if parquet is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from ingest.download import egress
+        from ingest.download import egress, shard_writer
 
         egress.install(**guard)
         run.remove(accounting.outcome_path(name))  # an earlier try's record must not outlive its shard
@@ -89,9 +96,11 @@ def _shard_task(
             with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             ok, _ = downloader((shard_id, arrow_file))
+        accounting.raise_write_error(run, name, shard_writer.take_error(shard_id))  # a full disk: the OSError itself
         if not ok:  # img2dataset printed the traceback; raising lets Ray retry the shard
             raise RuntimeError(f"shard {name} failed")
-    return accounting.record_outcome(run, name)
+        faults.inject("ingest-shard", shard=shard_id)  # its stats file is written, its outcome record not yet
+    return accounting.record_outcome(run, name)  # checks the tar against the stats file; discards the shard if they disagree
 
 
 def download(settings: IngestConfig, clean: CleanList, run: RunDir, url_rewrite: tuple[str, str] | None = None) -> Downloaded:
@@ -112,32 +121,91 @@ def download(settings: IngestConfig, clean: CleanList, run: RunDir, url_rewrite:
 
     column_list = [*dict.fromkeys(settings.extra_columns), "caption", "url"]  # the order img2dataset's Reader used
     downloader = ray.put(_downloader(settings, run.path(layout.INGEST_SHARDS), column_list, width))
-    guard = {
-        "allow_loopback": settings.allow_loopback,
-        "allow_private": settings.allow_private_addresses,
-        "max_megapixels": settings.max_megapixels,
-    }
+    guard = guard_settings(settings)
     task = ray.remote(_shard_task).options(
         num_cpus=settings.cpus_per_task,
         max_retries=settings.shard_retries,
         retry_exceptions=True,
         # Set before the worker imports cv2, which reads its pixel limit once.
-        runtime_env={"env_vars": egress.env_for(**guard)},
+        runtime_env={"env_vars": {**egress.env_for(**guard), **faults.environment()}},
     )
 
     def submit(shard_id: int) -> Any:
-        if shard_id in listing.complete:  # its files' names, whatever width wrote them
-            return task.remote(run.url, shard_id, listing.complete[shard_id], None, downloader, guard, url_rewrite)
-        name, parquet = accounting.shard_name(shard_id, width), clean.shards[shard_id][0]
+        # A shard with stats but no record keeps its files' names, whatever width wrote them, and is
+        # downloaded again if they disagree (accounting.verified_outcome).
+        name, parquet = listing.complete.get(shard_id) or accounting.shard_name(shard_id, width), clean.shards[shard_id][0]
         return task.remote(run.url, shard_id, name, parquet, downloader, guard, url_rewrite)
 
+    errors: dict[str, BaseException] = {}
+
+    def failed(shard_id: int, error: Exception) -> dict[str, Any]:
+        if isinstance(error, OSError) or isinstance(getattr(error, "cause", None), OSError):
+            raise error  # storage (a full disk, a lost bucket): every other shard would fail the same way
+        name = listing.complete.get(shard_id) or accounting.shard_name(shard_id, width)
+        errors[name] = error
+        why = shard_failure(error)
+        logger.warning(f"shard {name} failed for good ({why}), counted as failed: {_first_line(error)}")
+        return accounting.failed_shard_outcome(shard_id, name, clean.shards[shard_id][1], why)
+
     with ShardBar(logger, "download", total=len(clean.shards), done=len(done)) as bar:
-        for shard_id, outcome in bounded(submit, [*unrecorded, *todo], in_flight_limit(settings.cpus_per_task)):
+        for shard_id, outcome in bounded(submit, [*unrecorded, *todo], in_flight_limit(settings.cpus_per_task), on_error=failed):
             outcomes[shard_id] = outcome
             if shard_id not in listing.complete:  # the bar's rate counts this run's downloads only
                 bar.update(outcome["succeeded"], outcome["failed"])
+    lost = {outcome["name"]: outcome["shard_error"] for outcome in outcomes.values() if "shard_error" in outcome}
+    if lost and len(lost) == len(outcomes):
+        first = min(errors)
+        raise RuntimeError(
+            f"every shard of ingest failed: {_listed(lost)}; shard {first}'s error: {_first_line(errors[first])}"
+        ) from errors[first]
+    if lost:
+        logger.warning(f"{len(lost):,} of {len(outcomes):,} shard(s) failed and are counted as failed: {_listed(lost)}")
     stray = [name for name in listing.incomplete if int(name) >= len(clean.shards)]  # the others were downloaded now
     return Downloaded(outcomes, resumed_shards=len(done), incomplete=stray)
+
+
+def guard_settings(settings: IngestConfig) -> dict[str, Any]:
+    """`egress.install`'s arguments for these settings. Loopback is open to the toy source, whose
+    every URL points at our own loopback server; a URL list gets it only from allow_loopback."""
+    mb = settings.max_response_mb
+    return {
+        "allow_loopback": settings.allow_loopback or settings.source == "toy",
+        "allow_private": settings.allow_private_addresses,
+        "max_megapixels": settings.max_megapixels,
+        "max_response_bytes": None if mb is None else int(mb * 1e6),
+        "request_deadline_s": settings.request_deadline_s,
+    }
+
+
+# Why a shard's task failed for good, by the class of the error ray.get raised (the first match wins).
+SHARD_FAILURES = (
+    ("out_of_memory", ("OutOfMemoryError",)),
+    ("worker_died", ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError")),
+    ("cancelled", ("TaskCancelledError",)),
+    ("write_error", ("ShardWriteError",)),  # its tar and stats file disagreed on every try (accounting.check_shard)
+    ("task_error", ("RayTaskError",)),
+)
+
+
+def shard_failure(error: BaseException) -> str:
+    """'out_of_memory', 'worker_died', 'cancelled', 'task_error' (it raised, on every try) or 'error'."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    for why, classes in SHARD_FAILURES:
+        if names.intersection(classes):
+            return why
+    return "error"
+
+
+def _first_line(error: BaseException) -> str:
+    """The last line of a task's error (Ray's text is the remote traceback), at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+def _listed(lost: dict[str, str], most: int = 20) -> str:
+    """'00003 (out_of_memory), 00007 (task_error)': the first `most` names, then how many more."""
+    shown = ", ".join(f"{name} ({why})" for name, why in sorted(lost.items())[:most])
+    return shown + (f" and {len(lost) - most:,} more" if len(lost) > most else "")
 
 
 def in_flight_limit(cpus_per_task: float) -> int:
@@ -152,7 +220,8 @@ def _downloader(settings: IngestConfig, output: str, column_list: list[str], wid
     """img2dataset's Downloader (and its Resizer) for one shard, as the settings ask."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
+
+    from ingest.download.shard_writer import CheckedSampleWriter
 
     resizer = Resizer(
         image_size=settings.image_size,
@@ -169,7 +238,7 @@ def _downloader(settings: IngestConfig, output: str, column_list: list[str], wid
         max_aspect_ratio=float("inf"),
     )
     return Downloader(
-        sample_writer_class=WebDatasetSampleWriter,
+        sample_writer_class=CheckedSampleWriter,  # keeps the write errors img2dataset swallows
         resizer=resizer,
         thread_count=settings.threads,
         save_caption=True,

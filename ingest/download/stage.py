@@ -22,7 +22,7 @@ from ingest.download.url_list import prepare_url_list
 from pipeline.core import layout, toy
 from pipeline.core.config import IngestConfig, PipelineConfig
 from pipeline.core.log import get_logger
-from pipeline.core.rundir import RunDir, complete_shard_ids
+from pipeline.core.rundir import RunDir
 
 logger = get_logger("ingest")
 # The toy list names this host, so the cleaned list kept in the run stays valid when a resumed run
@@ -48,7 +48,8 @@ def refuse_foreign_shards(settings: IngestConfig, run: RunDir) -> None:
     """Raise if raw shards exist that were not cut from this cleaning of the URL list (an older
     version's split, or other settings'): resuming would skip shard ids that now hold other rows."""
     index = run.read_json(url_list.INDEX) if run.exists(url_list.INDEX) else {}
-    if index.get("fingerprint") == url_list.fingerprint(settings) or not complete_shard_ids(run):
+    # Any shard img2dataset finished counts, recorded or not: an older version wrote no outcome records.
+    if index.get("fingerprint") == url_list.fingerprint(settings) or not accounting.list_shards(run).complete:
         return
     raise RuntimeError(
         f"{run.path(layout.INGEST_SHARDS)} holds shards downloaded from another split of the URL list "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -402,7 +403,13 @@ def prepare_url_list(settings: IngestConfig, run: RunDir) -> CleanList:
     return clean
 
 
+_SHARD_PATH = re.compile(rf"{re.escape(layout.INGEST_URLS)}/\d{{5,}}-\d{{5,}}\.parquet")
+
+
 def _from_index(index: dict[str, Any]) -> CleanList:
+    for path, _ in index["shards"]:  # read back from a file anyone with the run's keys could write
+        if not isinstance(path, str) or not _SHARD_PATH.fullmatch(path):
+            raise ValueError(f"{INDEX} names {path!r}, not a cleaned list's part (ingest/urls/NNNNN-NNNNN.parquet): refused")
     return CleanList(
         rows=index["rows"],
         kept=index["kept"],

@@ -19,6 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.credentials import redact
+
 BATCH_ROWS = 65_536
 
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -36,11 +38,11 @@ def list_files(url_list: str, declared: str = "auto") -> tuple[Any, list[str]]:
         )
         if not files:
             raise ValueError(
-                f"{url_list}: folder holds no {'.' + declared if declared != 'auto' else '.parquet, .csv or .jsonl'} file"
+                f"{redact(url_list)}: folder holds no {'.' + declared if declared != 'auto' else '.parquet, .csv or .jsonl'} file"
             )
         return fs, files
     if not fs.exists(path):
-        raise ValueError(f"{url_list}: URL list not found")
+        raise ValueError(f"{redact(url_list)}: URL list not found")
     return fs, [path]
 
 

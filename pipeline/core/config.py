@@ -16,6 +16,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.buckets import VAE_DOWNSAMPLE, auto_buckets, check_buckets, pixel_step
+from pipeline.core.credentials import embedded_credential
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,11 @@ class IngestConfig(Section):
     )
     min_caption_chars: int = Field(1, ge=0, description="Rows whose caption is shorter are dropped and counted.")
     max_caption_chars: int = Field(2000, ge=1, description="Rows whose caption is longer are dropped and counted.")
-    allow_loopback: bool = Field(False, description="Allow image URLs whose host resolves to loopback (the toy server needs it).")
+    allow_loopback: bool = Field(
+        False,
+        description="Allow image URLs whose host resolves to loopback, for source='urls' (e.g. a local test server); "
+        "source='toy' always reaches its own loopback server, and a URL list never inherits that.",
+    )
     allow_private_addresses: bool = Field(
         False, description="Allow private, link-local and other non-public addresses (refused by default: SSRF)."
     )
@@ -82,6 +87,33 @@ class IngestConfig(Section):
     shard_retries: int = Field(2, ge=0, description="Ray retries of a shard task that failed as a whole.")
     timeout_s: float = Field(10.0, gt=0, description="Per-image download timeout in seconds.")
     retries: int = Field(0, ge=0, description="img2dataset retries per image.")
+    max_response_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Largest response body read per image, in MB (10^6 bytes); a larger one is refused and counted as "
+        "too_large. Unset: 32.",
+    )
+    request_deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock limit of one image request, every redirect and read included (timeout_s bounds each "
+        "wait on the socket, not the whole); a slower one is cut off and counted as timeout. Unset: 60.",
+    )
+
+    @field_validator("url_list")
+    @classmethod
+    def _url_list_holds_no_credentials(cls, value: str | None) -> str | None:
+        # The value lands in the run's config.toml, logs and report: a secret in it would too.
+        if value and (found := embedded_credential(value)):
+            raise ValueError(
+                f"ingest.url_list embeds a credential ({found}); it would be written to the run's config.toml, logs "
+                "and report. Remove it from the URL and give credentials by environment instead: for s3:// the "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables (or an instance role), for gs:// "
+                "GOOGLE_APPLICATION_CREDENTIALS, for https:// fsspec's environment config, e.g. "
+                'FSSPEC_HTTPS=\'{"client_kwargs": {"trust_env": true}}\' with the password in ~/.netrc; or copy '
+                "the list into the run's object store"
+            )
+        return value
 
 
 class EncodeConfig(Section):

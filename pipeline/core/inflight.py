@@ -14,9 +14,15 @@ from typing import Any, TypeVar
 Item = TypeVar("Item")
 
 
-def bounded(submit: Callable[[Item], Any], items: Iterable[Item], limit: int) -> Iterator[tuple[Item, Any]]:
+def bounded(
+    submit: Callable[[Item], Any],
+    items: Iterable[Item],
+    limit: int,
+    on_error: Callable[[Item, Exception], Any] | None = None,
+) -> Iterator[tuple[Item, Any]]:
     """Submit `submit(item)` (an ObjectRef) for each item, at most `limit` in flight; yield
-    (item, result) as each finishes, in completion order. A task's error raises here."""
+    (item, result) as each finishes, in completion order. A task's error raises here, or, with
+    `on_error`, yields (item, on_error(item, error)) and the other items go on."""
     import ray
 
     if limit < 1:
@@ -35,7 +41,14 @@ def bounded(submit: Callable[[Item], Any], items: Iterable[Item], limit: int) ->
             return
         done, _ = ray.wait(list(pending), num_returns=1)
         item = pending.pop(done[0])
-        yield item, ray.get(done[0])
+        if on_error is None:
+            yield item, ray.get(done[0])
+            continue
+        try:
+            result = ray.get(done[0])
+        except Exception as error:  # noqa: BLE001 - the caller decides what a failed item counts as
+            result = on_error(item, error)
+        yield item, result
 
 
 _END: Any = object()

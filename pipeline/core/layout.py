@@ -3,13 +3,18 @@
 CONFIG = "config.toml"
 RUN_MANIFEST = "run.json"
 LOGS = "logs"  # the driver's full log (console.log) for a local run: what the console leaves out
+# The driver's lease on the run (pipeline.core.lease): who drives it, and since when its heartbeat is.
+LEASE = "driver.lease"
 
 # The cleaned URL list: one parquet per raw shard to download and index.json (written last) naming them.
 INGEST_URLS = "ingest/urls"
 INGEST_SHARDS = "ingest/shards"
 INGEST_STATS = "ingest/stats.json"
-# img2dataset writes NNNNN_stats.json after NNNNN.tar: a shard is complete once it exists.
+# img2dataset writes NNNNN_stats.json after NNNNN.tar (even when writing the tar failed).
 SHARD_STATS_SUFFIX = "_stats.json"
+# The download task writes NNNNN_outcome.json last, once the tar holds as many samples as the stats
+# file counts: a shard is complete once both exist (ingest/download/accounting.py).
+SHARD_OUTCOME_SUFFIX = "_outcome.json"
 
 ENCODE_SHARDS = "encode/shards"
 ENCODE_MANIFEST = "encode/manifest.json"
@@ -56,6 +61,11 @@ LATENT_FLIP_STD_KEY = "latent_flip_std.npy"
 CLASS_KEY = "cls"
 
 STAGES = ("ingest", "encode", "train", "sample", "report")
+
+
+def superseded_name(output: str, stamp: str) -> str:
+    """Where a stage's folder is moved when the stage starts over (`--force`, `--restart`): train.superseded-<UTC time>."""
+    return f"{output}.superseded-{stamp}"
 
 
 def step_name(step: int) -> str:

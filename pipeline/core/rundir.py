@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import posixpath
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,16 @@ from pipeline.core import layout
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def inside(relative: str, where: str = "the run directory") -> str:
+    """`relative`, normalised, if it names a path inside the run; else ValueError. Every path the run
+    reads, writes or removes passes here: names read from records (shards, parts) cannot reach out."""
+    text = str(relative)
+    normal = posixpath.normpath(text.replace("\\", "/"))
+    if text.startswith("/") or "://" in text or normal == ".." or normal.startswith("../") or "\0" in text:
+        raise ValueError(f"{text!r} is not a path inside {where}: refused")
+    return normal
 
 
 class RunDir:
@@ -51,7 +62,7 @@ class RunDir:
         return f"{self.url}/{relative}".rstrip("/") if relative else self.url
 
     def _fs_path(self, relative: str) -> str:
-        return f"{self.root}/{relative}".rstrip("/") if relative else self.root
+        return f"{self.root}/{inside(relative, self.url)}".rstrip("/") if relative else self.root
 
     def _fresh_path(self, relative: str) -> str:
         """`_fs_path`, with the filesystem's cached listings of it and of its parents dropped."""
@@ -179,6 +190,18 @@ class RunDir:
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
 
+    def move(self, relative: str, to: str) -> None:
+        """Rename `relative` to `to` inside the run (a server-side copy, then a delete, on object stores)."""
+        source, target = self._fresh_path(relative), self._fresh_path(to)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+        else:  # file by file: s3fs's recursive mv also copies the folder's own (absent) key
+            files = self.fs.find(source)
+            if files:
+                self.fs.copy(files, [target + name[len(source) :] for name in files])
+            self.fs.rm(source, recursive=True)
+
     # manifest ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         return self.read_json(layout.RUN_MANIFEST, default={"stages": {}})
@@ -198,11 +221,23 @@ class RunDir:
 
 # Raw shards: the contract between the ingest stage, which writes them, and encode, which reads them.
 def complete_shard_ids(run: RunDir) -> set[int]:
-    """Shards whose stats file exists: img2dataset writes it after the tar is closed."""
-    return {int(name.split("_")[0]) for name in run.list(layout.INGEST_SHARDS, suffix=layout.SHARD_STATS_SUFFIX)}
+    """Shards with both a stats file and an outcome record. img2dataset writes its stats file even
+    when writing the tar failed (a full disk); the download task writes the outcome record last,
+    only once the tar holds as many samples as the stats file counts. One listing: no file is read."""
+    return _complete_ids(run.list(layout.INGEST_SHARDS))
 
 
 def complete_shards(run: RunDir) -> list[str]:
-    """Names of the tars later stages may read (a killed download leaves a tar without stats)."""
-    done = complete_shard_ids(run)
-    return [name for name in run.list(layout.INGEST_SHARDS, suffix=".tar") if int(name.split(".")[0]) in done]
+    """Names of the complete shards' tars (`complete_shard_ids`): the only raw tars later stages read."""
+    names = run.list(layout.INGEST_SHARDS)
+    done = _complete_ids(names)
+    return [name for name in names if name.endswith(".tar") and name[:-4].isdigit() and int(name[:-4]) in done]
+
+
+def _complete_ids(names: list[str]) -> set[int]:
+    kinds: dict[str, set[str]] = {}
+    for name in names:
+        for suffix in (layout.SHARD_STATS_SUFFIX, layout.SHARD_OUTCOME_SUFFIX):
+            if name.endswith(suffix) and name[: -len(suffix)].isdigit():
+                kinds.setdefault(name[: -len(suffix)], set()).add(suffix)
+    return {int(stem) for stem, found in kinds.items() if len(found) == 2}

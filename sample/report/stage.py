@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
+from pipeline.core.credentials import redact
 from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 
@@ -378,7 +379,7 @@ def models_section(manifest: dict[str, Any] | None) -> str:
 def config_section(run: RunDir) -> str:
     if not run.exists(layout.CONFIG):
         return note(f"No {layout.CONFIG} in the run directory.")
-    return f"<pre>{esc(run.read_text(layout.CONFIG))}</pre>"
+    return f"<pre>{esc(redact(run.read_text(layout.CONFIG)))}</pre>"  # a run made before url_list was checked
 
 
 def render(config: PipelineConfig | None, run: RunDir) -> str:

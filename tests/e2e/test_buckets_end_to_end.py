@@ -52,6 +52,7 @@ def write_raw_toy_shard(run: RunDir, number: int, count: int) -> dict[str, tuple
             sizes[key] = image.size
     run.write_bytes(f"{layout.INGEST_SHARDS}/{number:05d}.tar", buffer.getvalue())
     run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_STATS_SUFFIX}", {"successes": count})
+    run.write_json(f"{layout.INGEST_SHARDS}/{number:05d}{layout.SHARD_OUTCOME_SUFFIX}", {"shard": number, "succeeded": count})
     return sizes
 
 

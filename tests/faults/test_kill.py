@@ -144,7 +144,7 @@ def clean_run(tmp_path_factory) -> Path:
     return out
 
 
-def copy_up_to_train(clean: Path, out: Path, max_failures: int) -> Path:
+def copy_up_to_train(clean: Path, out: Path, max_failures: int, keep_checkpoints: int = 3) -> Path:
     """A copy of the clean run without its train, sample and report outputs (run with --force)."""
     from pipeline.core.config import to_toml
     from pipeline.runner import load_run_config
@@ -152,7 +152,8 @@ def copy_up_to_train(clean: Path, out: Path, max_failures: int) -> Path:
     shutil.copytree(clean, out, ignore=shutil.ignore_patterns("train", "sample", "report"))
     run = RunDir(str(out))
     config = load_run_config(run)
-    train = config.train.model_copy(update={"max_failures": max_failures})  # resumable: same fingerprint
+    update = {"max_failures": max_failures, "keep_checkpoints": keep_checkpoints}  # resumable: same fingerprint
+    train = config.train.model_copy(update=update)
     run.write_text(layout.CONFIG, to_toml(config.model_copy(update={"train": train})))
     return out
 
@@ -174,6 +175,16 @@ def test_whole_run_killed_mid_encode_then_mid_train_resumes_to_the_clean_result(
     resume = json.loads((out / layout.ENCODE_MANIFEST).read_text())["resume"]
     assert resume["kept_shards"] >= 1 and resume["kept_shards"] + resume["encoded_shards"] == 4, resume
     assert committed(out) == [4]
+
+    # 2b. Rerun with a changed key: refused before anything runs, the checkpoint and config kept. Not
+    #     "another driver holds ...": the killed driver's lease is taken over at once.
+    config = (out / layout.CONFIG).read_text()
+    refused = pipeline(*run_args(out), "--set", "train.lr=1e-4")
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "stage 'train' would start over" in refused.stderr and "train.lr: 0.0005 -> 0.0001" in refused.stderr
+    assert "--restart train" in refused.stderr and "--out" in refused.stderr
+    assert committed(out) == [4] and (out / layout.CONFIG).read_text() == config
+    assert stages(out)["train"]["status"] == "running"  # run.json untouched
 
     # 3. The same command once more finishes, from the step-4 checkpoint.
     succeeded(pipeline(*run_args(out)))
@@ -221,16 +232,29 @@ def test_a_rank_killed_mid_checkpoint_never_leaves_a_half_checkpoint_to_resume_f
     assert committed(out) == [4, 8]
 
 
+def written(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file under `folder` by its inode and modification time: what a rewrite would change."""
+    return {str(path.relative_to(folder)): (path.stat().st_ino, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
 def test_rank_zero_killed_before_the_commit_marker_leaves_the_previous_checkpoint_in_charge(clean_run, tmp_path):
-    out = copy_up_to_train(clean_run, tmp_path / "run", max_failures=0)
-    # Every rank has uploaded its step-8 files and reported them; rank 0 dies before COMMITTED.
-    fault = {"point": "checkpoint-commit", "action": "kill", "step": 8, "once": str(tmp_path / "fired")}
+    # keep_checkpoints = 1: the step-4 checkpoint may go only once step 8 is committed (Ray Train's
+    # own retention removed it when it registered step 8's report, before the marker).
+    out = copy_up_to_train(clean_run, tmp_path / "run", max_failures=0, keep_checkpoints=1)
+    # Every rank has uploaded its step-8 files and reported them; rank 0 dies before COMMITTED, 8 s
+    # later: Ray Train's controller (polling every 2 s) has registered step 8's report by then.
+    fault = {"point": "checkpoint-commit", "action": "kill", "step": 8, "delay_s": 8, "once": str(tmp_path / "fired")}
     assert pipeline("train", str(out), "--force", fault=fault).returncode != 0
     assert committed(out) == [4] and (out / layout.TRAIN_CHECKPOINTS / LAST / "train_state.json").exists()
+    # The step-8 export was committed before the checkpoint: the rerun must keep it, not rewrite it.
+    export = out / layout.TRAIN_EXPORT / LAST
+    assert (export / layout.COMMIT_MARKER).exists()
+    exported = written(export)
 
     succeeded(pipeline("train", str(out)))
     assert stages(out)["train"]["resumed_from"] == [4]  # uncommitted: not trusted, redone
-    assert committed(out) == [4, 8]
+    assert committed(out) == [8]  # step 4 pruned once step 8 was committed
+    assert written(export) == exported
     assert_same_training(out, clean_run)
 
 

@@ -87,6 +87,7 @@ def test_as_many_raw_shards_as_workers_pass_the_check(tmp_path):
         stage.check_inputs(config(3), run)
 
 
+@pytest.mark.e2e  # real Ray Train workers (about 25 s): `make test-e2e` runs it
 @pytest.mark.timeout(300)
 def test_workers_given_too_few_shards_fail_together_instead_of_hanging(tmp_path, ray_local, monkeypatch):
     """Past the driver's check (bypassed here), every rank raises the same error in setup,

@@ -23,9 +23,9 @@ Weight loaders checked (grep: torch.load, from_pretrained, load_state_dict, safe
 - `train.ema.ExponentialMovingAverage.load`: `torch.load(weights_only=True)`; tested here.
 - `sample.fid`: `torch.load(weights_only=True)` or safetensors, refusing other pickles
   (tests/sample); `sample.clip_score`: `CLIPModel.from_pretrained(use_safetensors=True)`.
-- DeepSpeed's `engine.load_checkpoint` unpickles with `weights_only=False`: it only ever reads
-  checkpoints this run wrote under RUN/train/checkpoints (see train/checkpoint.py), never a
-  path from the config.
+- DeepSpeed's `engine.load_checkpoint` and `ds_to_universal` call `torch.load(weights_only=False)`;
+  resume and `make_universal` run them inside `train.safe_load.weights_only_loads` (weights_only=True
+  and an allowlist): a planted checkpoint is refused, tested in tests/train/test_checkpoint_untrusted.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
 # Uses a running Docker engine if `docker info` answers; else, as root, installs Debian's
 # docker.io and debootstrap if missing and starts a private dockerd (no iptables, no bridge)
 # that it stops at the end. Where no engine can be had it prints "skipped: no Docker engine
-# (reason)" and exits 0; every other failure exits non-zero. About 10 minutes the first time
+# (reason)" and exits 0, except under CI (CI=true), where that fails too (exit 1, with the reason);
+# every other failure exits non-zero. About 10 minutes the first time
 # on 2 cores (apt, debootstrap, wheels); reruns reuse the Debian base and the wheels.
 #
 # The wheels come from the host's pip settings: here torch is the CPU wheel on local disk; on a
@@ -34,6 +35,11 @@ IMAGE=t2i-image-test/pipeline:latest
 mkdir -p "$WORK"
 
 skip() {
+    # Under CI (.ci/run exports CI=true) the image test runs or fails: no engine is a failure.
+    if [ "${CI:-}" = true ]; then
+        echo "FAIL: no Docker engine ($1), and under CI (CI=true) the image test must run" >&2
+        exit 1
+    fi
     echo "skipped: no Docker engine ($1)"
     exit 0
 }

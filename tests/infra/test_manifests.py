@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,7 +182,7 @@ def as_pod_template(template: dict) -> dict:
 
 def test_there_is_something_to_check():
     kinds = {doc["kind"] for _, doc in raw_documents()}
-    assert {"RayJob", "RayCluster", "ServiceAccount", "Secret"} <= kinds
+    assert {"RayJob", "RayCluster", "ServiceAccount", "Secret", "NetworkPolicy"} <= kinds
     assert {p.relative_to(K8S).as_posix() for p in kustomizations()} >= {"overlays/example/rayjob", "overlays/example/raycluster"}
 
 
@@ -353,3 +356,242 @@ def test_overlay_values_land_where_they_should():
             assert doc["spec"]["entrypoint"] == (
                 f"pipeline run --preset sd15-256 --config /config/run.toml --out {values['out']} --set train.num_workers={gpu_workers}"
             )
+
+
+# --- (e) network policies, read-only root filesystems, ingest's own credentials --------------------
+
+DOCS_KUBERNETES = ROOT / "docs" / "kubernetes.md"
+HEAD_PORTS = {6379: "GCS", 8265: "dashboard and job API", 10001: "Ray client"}
+METADATA_IP = "169.254.169.254"
+INGEST_GROUP = "cpu"
+INGEST_SECRET = "t2i-pipeline-ingest-object-store"
+STORE_SECRET = "t2i-pipeline-object-store"
+
+
+def ray_folders() -> list[Path]:
+    """The kustomizations that render a Ray cluster (RayJob or RayCluster)."""
+    return [folder for folder in kustomizations() if any(doc["apiVersion"] == "ray.io/v1" for doc in render(folder))]
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """Kubernetes label selector semantics (matchLabels and matchExpressions); {} matches every pod."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def cluster_pods(doc: dict, cluster: str | None = None) -> dict[str, dict]:
+    """{role: labels} of the pods KubeRay makes from `doc`: the template's labels plus its own
+    (ray.io/cluster: the RayCluster's name, generated for a RayJob; ray.io/node-type; ray.io/group)."""
+    cluster = cluster or (f"{doc['metadata']['name']}-x7k2q" if doc["kind"] == "RayJob" else doc["metadata"]["name"])
+    pods = {}
+    for part, template in pod_templates(doc):
+        labels = dict(template.get("metadata", {}).get("labels", {}))
+        if part == "submitter":
+            labels.update({"batch.kubernetes.io/job-name": doc["metadata"]["name"]})
+        else:
+            group = "headgroup" if part == "head" else part.removeprefix("worker group ")
+            labels.update(
+                {
+                    "ray.io/cluster": cluster,
+                    "ray.io/node-type": "head" if part == "head" else "worker",
+                    "ray.io/group": group,
+                    "ray.io/is-ray-node": "yes",
+                    "app.kubernetes.io/name": "kuberay",
+                    "app.kubernetes.io/created-by": "kuberay-operator",
+                }
+            )
+        pods[part] = labels
+    return pods
+
+
+def foreign_pods(doc: dict) -> dict[str, dict]:
+    """Pods in the same namespace that are not this cluster's: another cluster's Ray pods, a plain pod."""
+    other = copy.deepcopy(doc)
+    for _, template in pod_templates(other):
+        template.setdefault("metadata", {}).setdefault("labels", {})["app.kubernetes.io/instance"] = "someone-else"
+    pods = {f"other cluster's {part}": labels for part, labels in cluster_pods(other, cluster="someone-else").items()}
+    pods["a plain pod"] = {"app": "notebook"}
+    pods["an unlabelled pod"] = {}
+    return pods
+
+
+def policies_for(documents: list[dict], labels: dict, policy_type: str) -> list[dict]:
+    return [
+        doc
+        for doc in documents
+        if doc["kind"] == "NetworkPolicy"
+        and policy_type in doc["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(doc["spec"]["podSelector"], labels)
+    ]
+
+
+def rule_allows_port(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(item.get("port") == port and item.get("protocol", "TCP") == "TCP" for item in ports)
+
+
+def ingress_sources(documents: list[dict], target: dict, port: int) -> list[dict] | None:
+    """The peers allowed to reach `target` on TCP `port`; None when no Ingress policy selects it (all allowed)."""
+    policies = policies_for(documents, target, "Ingress")
+    if not policies:
+        return None
+    peers = []
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if rule_allows_port(rule, port):
+                peers += rule.get("from") or [{}]  # no `from`: every source
+    return peers
+
+
+def peer_admits_pod(peer: dict, labels: dict) -> bool:
+    """Whether `peer` (of a policy in the pod's namespace) admits a pod with `labels` in that namespace."""
+    if set(peer) != {"podSelector"}:  # ipBlock, namespaceSelector or {}: more than this namespace's labelled pods
+        return True
+    return selector_matches(peer["podSelector"], labels)
+
+
+@pytest.mark.parametrize("folder", ray_folders(), ids=lambda p: p.relative_to(K8S).as_posix())
+def test_only_the_clusters_own_pods_reach_the_head(folder):
+    documents = render(folder)
+    (ray_object,) = [doc for doc in documents if doc["apiVersion"] == "ray.io/v1"]
+    own, foreign = cluster_pods(ray_object), foreign_pods(ray_object)
+    head = own["head"]
+    declared = {port["containerPort"] for port in pod_templates(ray_object)[0][1]["spec"]["containers"][0]["ports"]}
+    assert set(HEAD_PORTS) <= declared
+    for port, what in HEAD_PORTS.items():
+        peers = ingress_sources(documents, head, port)
+        assert peers is not None, f"no NetworkPolicy limits who reaches the head's {what} port {port}"
+        assert all(set(peer) == {"podSelector"} for peer in peers), f"port {port}: {peers}"
+        admitted = {role for role, labels in {**own, **foreign}.items() if any(peer_admits_pod(p, labels) for p in peers)}
+        assert not admitted & set(foreign), f"port {port} ({what}) is open to {sorted(admitted & set(foreign))}"
+        assert {part for part in own if part.startswith("worker group")} <= admitted, f"workers can't reach port {port}"
+    if ray_object["kind"] == "RayJob":  # the submitter reaches the job API, not the GCS
+        submitter = own["submitter"]
+        assert any(peer_admits_pod(peer, submitter) for peer in ingress_sources(documents, head, 8265))
+        assert not any(peer_admits_pod(peer, submitter) for peer in ingress_sources(documents, head, 6379))
+    # Every Ray pod is behind an Ingress policy; the workers too accept only their own cluster.
+    for part, labels in own.items():
+        if part != "submitter":
+            peers = ingress_sources(documents, labels, 12345)
+            assert peers is not None, part
+            assert not any(peer_admits_pod(peer, pod) for peer in peers for pod in foreign.values()), part
+
+
+def ip_allowed(peers: list[dict], address: str) -> bool:
+    """Whether an egress rule's `to` peers admit `address` through an ipBlock."""
+    ip = ipaddress.ip_address(address)
+
+    def inside(cidr: str) -> bool:
+        network = ipaddress.ip_network(cidr)
+        return ip.version == network.version and ip in network
+
+    blocks = [peer["ipBlock"] for peer in peers if "ipBlock" in peer]
+    return any(inside(block["cidr"]) and not any(inside(e) for e in block.get("except", [])) for block in blocks)
+
+
+@pytest.mark.parametrize("folder", ray_folders(), ids=lambda p: p.relative_to(K8S).as_posix())
+def test_the_ingest_group_cannot_reach_the_metadata_service_or_the_cluster_services(folder):
+    documents = render(folder)
+    (ray_object,) = [doc for doc in documents if doc["apiVersion"] == "ray.io/v1"]
+    pods = cluster_pods(ray_object)
+    ingest = pods[f"worker group {INGEST_GROUP}"]
+    policies = policies_for(documents, ingest, "Egress")
+    assert policies, "no Egress policy selects the ingest group"
+    rules = [rule for policy in policies for rule in policy["spec"].get("egress", [])]
+    assert all(rule.get("to") for rule in rules), "an egress rule without `to` lets the ingest pods reach anything"
+    peers = [peer for rule in rules for peer in rule["to"]]
+    # The service CIDR: the overlay's value where there is one, else the base's placeholder.
+    values = yaml.safe_load(OVERLAY_VALUES.read_text())
+    (literals,) = [g["literals"] for g in values["configMapGenerator"] if g["name"] == "t2i-pipeline-values"]
+    overlay_cidr = dict(literal.split("=", 1) for literal in literals)["serviceCIDR"]
+    service_cidr = overlay_cidr if "overlays" in folder.parts else "10.96.0.0/12"
+    service_net = ipaddress.ip_network(service_cidr)
+    for address in (METADATA_IP, str(service_net[1]), str(service_net[-2]), "fd00:ec2::254"):
+        assert not ip_allowed(peers, address), f"the ingest group may reach {address}"
+    assert ip_allowed(peers, "93.184.215.14") and ip_allowed(peers, "2606:2800:21f:cb07:6820:80da:af6b:8b2c")  # image hosts
+    # Its own cluster (the GCS through the head) and DNS stay reachable.
+    assert any(set(peer) == {"podSelector"} and selector_matches(peer["podSelector"], pods["head"]) for peer in peers)
+    dns = {"k8s-app": "kube-dns"}
+    assert any(
+        selector_matches(peer.get("podSelector", {"matchLabels": {"x": "y"}}), dns) and rule_allows_port(rule, 53)
+        for rule in rules
+        for peer in rule["to"]
+    )
+    # Only the ingest group is held back: encode and train pods download models.
+    for part, labels in pods.items():
+        if part != f"worker group {INGEST_GROUP}":
+            assert not policies_for(documents, labels, "Egress"), part
+
+
+@pytest.mark.parametrize("source", ["raw", "rendered"])
+def test_root_filesystems_are_read_only_with_writable_tmp_and_caches(source):
+    documents = raw_documents() if source == "raw" else all_rendered()
+    ray_objects = [(where, doc) for where, doc in documents if doc["apiVersion"] == "ray.io/v1"]
+    assert ray_objects
+    for where, doc in ray_objects:
+        for part, template in pod_templates(doc):
+            pod = template["spec"]
+            volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                name = f"{where} {doc['kind']} {part} {container['name']}"
+                assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+                mounts = {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
+                # Ray keeps its session, logs and spilled objects under /tmp/ray; model and kernel caches under ~/.cache.
+                needed = ["/tmp"] if part == "submitter" else ["/tmp", "/home/ray/.cache", "/dev/shm"]
+                for path in needed:
+                    assert path in mounts and "emptyDir" in volumes[mounts[path]], f"{name}: no emptyDir at {path}"
+                if part != "submitter":
+                    env = {item["name"]: item.get("value", "") for item in container["env"]}
+                    for variable in ("TRITON_CACHE_DIR", "MPLCONFIGDIR"):  # default outside ~/.cache
+                        assert env[variable].startswith("/home/ray/.cache/"), f"{name}: {variable}"
+
+
+def test_the_image_home_is_where_the_caches_are_mounted():
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    assert "USER 1000:100" in dockerfile and "WORKDIR /home/ray/" in dockerfile
+    # No cache variable moves a cache elsewhere on the (read-only) root.
+    assert not [line for line in dockerfile.splitlines() if line.startswith("ENV") and ("HF_" in line or "CACHE" in line)]
+
+
+@pytest.mark.parametrize("source", ["raw", "rendered"])
+def test_only_the_ingest_group_holds_the_ingest_credentials(source):
+    documents = raw_documents() if source == "raw" else all_rendered()
+    ray_objects = [(where, doc) for where, doc in documents if doc["apiVersion"] == "ray.io/v1"]
+    for where, doc in ray_objects:
+        for part, template in pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                secrets = {item["secretRef"]["name"] for item in container.get("envFrom", []) if "secretRef" in item}
+                if part == f"worker group {INGEST_GROUP}":
+                    assert secrets == {INGEST_SECRET}, f"{where} {part}: {secrets}"
+                elif part != "submitter":
+                    assert secrets == {STORE_SECRET}, f"{where} {part}: {secrets}"
+                else:
+                    assert not secrets, f"{where} submitter: {secrets}"
+    names = {doc["metadata"]["name"] for where, doc in raw_documents() if doc["kind"] == "Secret"}
+    assert {INGEST_SECRET, STORE_SECRET} <= names
+
+
+def test_docs_give_an_ingest_policy_that_writes_only_ingest():
+    text = DOCS_KUBERNETES.read_text()
+    assert INGEST_SECRET in text
+    policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, flags=re.S)]
+    (policy,) = [p for p in policies if "Statement" in p]
+    writes = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    for statement in policy["Statement"]:
+        actions = {statement["Action"]} if isinstance(statement["Action"], str) else set(statement["Action"])
+        resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+        assert statement["Effect"] == "Allow" and not any("*" in action for action in actions), statement
+        if actions & writes:
+            assert all(resource.endswith("/ingest/*") for resource in resources), statement
+    assert any("s3:PutObject" in json.dumps(statement) for statement in policy["Statement"])

@@ -57,11 +57,74 @@ def test_changed_section_reruns_that_stage_and_later_ones_only(tmp_path, fake_st
     run = RunDir(tmp_path)
     runner.run_stages(load_config("tiny"), run)
     calls.clear()
-    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4"]), run)
+    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4"]), run, restart="train")
     assert calls == ["train", "sample", "report"]
     calls.clear()
-    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4", "sample.steps=5"]), run)
+    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4", "sample.steps=5"]), run, restart="sample")
     assert calls == ["sample", "report"]
+
+
+def test_a_changed_key_never_starts_a_stage_over_on_its_outputs_unasked(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    (tmp_path / "train" / "step-0000500").mkdir()
+    before = run.read_text(layout.CONFIG)
+    calls.clear()
+    changed = load_config("tiny", overrides=["train.lr=0.000123", "ingest.toy_count=96"])
+    with pytest.raises(runner.StageError) as refused:
+        runner.run_stages(changed, run)
+    message = str(refused.value)
+    # The first stage that would start over, the keys that changed (old -> new), both ways out.
+    assert "stage 'ingest' would start over" in message
+    assert f"ingest.toy_count: {load_config('tiny').ingest.toy_count} -> 96" in message
+    assert "--out" in message and "--restart ingest" in message and "--force" in message
+    assert "train.lr" not in message  # the first blocked stage's chain only: ingest reads no train key
+    assert calls == []  # nothing ran, nothing was written
+    assert run.read_text(layout.CONFIG) == before
+    assert (tmp_path / "train" / "step-0000500").is_dir()
+    with pytest.raises(runner.StageError, match=r"train.lr: 0.0005 -> 0.000123"):
+        runner.run_stages(load_config("tiny", overrides=["train.lr=0.000123"]), run)
+
+
+def test_restart_moves_the_old_outputs_aside_and_records_them(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    (tmp_path / "train" / "step-0000500").mkdir()
+    old_fingerprint = run.stage("train")["fingerprint"]
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["train.lr=1e-4"]), run, restart="train")
+    assert calls == ["train", "sample", "report"]
+    aside = sorted(path.name for path in tmp_path.glob("train.superseded-*"))
+    assert len(aside) == 1 and (tmp_path / aside[0] / "step-0000500").is_dir()  # kept, not deleted
+    assert not (tmp_path / "train" / "step-0000500").exists()  # the stage started from an empty folder
+    assert len(list(tmp_path.glob("sample.superseded-*"))) == 1
+    assert not list(tmp_path.glob("report.superseded-*"))  # rebuilt from the rest: nothing to keep
+    records = {entry["stage"]: entry for entry in run.manifest()["superseded"]}
+    assert records["train"]["folder"] == aside[0] and records["train"]["fingerprint"] == old_fingerprint
+    with pytest.raises(runner.StageError, match="--restart 'nonsense'"):
+        runner.run_stages(load_config("tiny"), run, restart="nonsense")
+
+
+def test_force_moves_outputs_aside_instead_of_deleting_them(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    run = RunDir(tmp_path)
+    runner.run_stages(load_config("tiny"), run)
+    runner.run_stages(load_config("tiny"), run, stages=["ingest"], force=True)
+    assert [path.name.split(".")[0] for path in tmp_path.glob("*.superseded-*")] == ["ingest"]
+    assert (next(tmp_path.glob("ingest.superseded-*")) / "out.txt").read_text() == "x"
+
+
+def test_a_stage_without_outputs_starts_over_without_asking(tmp_path, fake_stages):
+    calls, fail = fake_stages
+    run = RunDir(tmp_path)
+    fail["ingest"] = 1
+    with pytest.raises(RuntimeError):
+        runner.run_stages(load_config("tiny"), run)
+    calls.clear()
+    runner.run_stages(load_config("tiny", overrides=["ingest.toy_count=96"]), run)  # ingest wrote nothing
+    assert calls == list(layout.STAGES)
 
 
 def test_single_stage_requires_earlier_stages_done(tmp_path, fake_stages):
@@ -91,10 +154,11 @@ def test_raising_max_steps_resumes_training_and_keeps_its_outputs(tmp_path, fake
     assert (tmp_path / "train" / "checkpoint-from-before").exists()  # resumed, not wiped
     assert (tmp_path / "sample" / "validated-before").exists()  # validation stays incremental
     calls.clear()
-    runner.run_stages(load_config("tiny", overrides=["train.max_steps=3000", "train.lr=1e-4"]), run)
+    runner.run_stages(load_config("tiny", overrides=["train.max_steps=3000", "train.lr=1e-4"]), run, restart="train")
     assert calls == ["train", "sample", "report"]
     assert not (tmp_path / "train" / "checkpoint-from-before").exists()  # a real change starts over
     assert not (tmp_path / "sample" / "validated-before").exists()
+    assert (next(tmp_path.glob("train.superseded-*")) / "checkpoint-from-before").exists()  # set aside
 
 
 TRAIN_OPTIONS = [
@@ -190,18 +254,35 @@ def test_a_new_resolution_keeps_every_later_stages_output(tmp_path, fake_stages)
     # Kept for the stages to continue from: encode reuses its text embeddings, train its checkpoint.
     assert all((tmp_path / name / "from-before").exists() for name in ("encode", "train", "sample"))
     assert run.stage("train")["phase_fingerprint"] == runner.phase_fingerprints(load_config("tiny"))["train"]
-    runner.run_stages(load_config("tiny", overrides=["encode.resolution=32", "train.lr=1e-4"]), run)
+    runner.run_stages(load_config("tiny", overrides=["encode.resolution=32", "train.lr=1e-4"]), run, restart="train")
     assert (tmp_path / "encode" / "from-before").exists() and not (tmp_path / "train" / "from-before").exists()
 
 
 def test_a_stage_whose_output_version_rose_resumes_in_an_older_run():
-    """encode 2 adds the manifest's latent_shards: a run encoded before is resumed (which rewrites the
-    manifest and re-encodes nothing), not skipped as done nor started over; later stages' bases hold."""
-    from pipeline.runner import _chain, continuation, fingerprints
+    """encode 2 adds the manifest's latent_shards, ingest 2 the checked outcome records: a run made before
+    is resumed (which brings the outputs up to date and redoes nothing), not skipped as done nor started
+    over; later stages' bases hold."""
+    from pipeline.runner import STAGE_SPECS, _chain, continuation, fingerprints
 
     config = load_config("tiny")
     now, before = fingerprints(config), _chain(config, {})  # `before`: the fingerprints without versions
-    assert now["ingest"][0] == before["ingest"]
-    assert now["encode"][0] != before["encode"]
-    entry = {"status": "done", "fingerprint": before["encode"], "base_fingerprint": now["encode"][1]}
-    assert continuation(entry, now["encode"][1], "") == "resume"
+    assert STAGE_SPECS["ingest"].version > 1 and STAGE_SPECS["encode"].version > 1
+    for stage in ("ingest", "encode"):
+        assert now[stage][0] != before[stage]
+        entry = {"status": "done", "fingerprint": before[stage], "base_fingerprint": now[stage][1]}
+        assert continuation(entry, now[stage][1], "") == "resume"
+
+
+def test_the_cli_passes_restart_to_the_runner(tmp_path, fake_stages):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    calls, _ = fake_stages
+    out = str(tmp_path / "run")
+    assert CliRunner().invoke(app, ["run", "--out", out]).exit_code == 0
+    refused = CliRunner().invoke(app, ["run", "--out", out, "--set", "train.lr=1e-4"])
+    assert refused.exit_code == 2 and "--restart train" in refused.output
+    calls.clear()
+    assert CliRunner().invoke(app, ["run", "--out", out, "--set", "train.lr=1e-4", "--restart", "train"]).exit_code == 0
+    assert calls == ["train", "sample", "report"] and list((tmp_path / "run").glob("train.superseded-*"))

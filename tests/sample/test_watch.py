@@ -49,6 +49,7 @@ def test_a_failed_validation_is_recorded_not_raised_and_the_watcher_goes_on(synt
     assert [e["step"] for e in entries(synthetic_run)] == [10, 20]
 
 
+@pytest.mark.e2e  # real Ray Train workers and a watcher actor (about 30 s): `make test-e2e` runs it
 def test_exports_are_validated_while_the_train_stage_runs(tmp_path, ray_local, monkeypatch):
     run = write_latent_run(tmp_path / "run")
     config = load_config(
@@ -128,7 +129,7 @@ def test_the_runner_watches_training_and_the_sample_stage_keeps_what_was_watched
     monkeypatch.setattr(runner, "stage_function", lambda name: train if name == "train" else real_stage_function(name))
     monkeypatch.setattr(runner, "ensure_ray", lambda config: None)
     for force in (False, True):  # under force too, what the watcher did for this training stays
-        runner.run_stages(config, synthetic_run, ["train", "sample"], force=force)
+        runner.run_stages(config, synthetic_run, ["train", "sample"], force=force, restart="train")
         stage = synthetic_run.stage("sample")
         assert stage["status"] == "done" and stage["watch"] == {"started": True, "validated": [10], "errors": {}}
         assert stage["counts"]["validated_during_training"] == 1 and stage["counts"]["newly_validated"] == 0
@@ -210,7 +211,7 @@ def run_with_a_stand_in_train_stage(synthetic_run, model_dirs, tmp_path, monkeyp
     seen = {}
 
     def train_stage(config, run):
-        for step in (20, 30):  # train/ was emptied: training starts over
+        for step in (20, 30):  # train/ was moved aside: training starts over
             export_step(run, step, tmp_path)
         seen["watch"] = run.stage("sample").get("watch")  # what the runner recorded before training
         deadline = time.monotonic() + 120
@@ -222,7 +223,7 @@ def run_with_a_stand_in_train_stage(synthetic_run, model_dirs, tmp_path, monkeyp
     real_stage_function = runner.stage_function
     monkeypatch.setattr(runner, "stage_function", lambda name: train_stage if name == "train" else real_stage_function(name))
     monkeypatch.setattr(runner, "ensure_ray", lambda config: None)  # ray_local is up
-    runner.run_stages(config, synthetic_run, ["train", "sample"])
+    runner.run_stages(config, synthetic_run, ["train", "sample"], restart="train")  # over the fixture's exports
     return seen
 
 

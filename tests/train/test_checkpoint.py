@@ -86,3 +86,33 @@ def test_a_rank_copies_only_its_part_of_a_checkpoint():
         "deepspeed_universal/zero/conv_in.weight/fp32.pt",
         "deepspeed_universal/mp_rank_00_model_states.pt",
     ]
+
+
+def test_a_committed_export_is_never_rewritten(tmp_path):
+    """A rerun that reaches a step whose export is committed (killed between export and checkpoint)
+    keeps every file of it as it is, even with other weights in hand."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.core.config import load_config
+    from train.checkpoint import export_model
+    from train.unet import build_unet
+
+    config = load_config("tiny").train
+    unet = build_unet(config.unet, cross_attention_dim=32, sample_size=8)
+    run = RunDir(tmp_path / "run")
+    export_model(SimpleNamespace(module=unet), run, config, step=4)
+    export = tmp_path / "run" / layout.TRAIN_EXPORT / layout.step_name(4)
+    files = sorted(path for path in export.rglob("*") if path.is_file())
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in files}
+
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(1.0)
+    export_model(SimpleNamespace(module=unet), run, config, step=4)
+    assert sorted(path for path in export.rglob("*") if path.is_file()) == files
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in files} == before
+
+    export_model(SimpleNamespace(module=unet), run, config, step=8)  # a step not exported yet is
+    assert run.committed_steps(layout.TRAIN_EXPORT) == [4, 8]

@@ -178,14 +178,15 @@ def test_the_same_vae_weights_under_another_path_are_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("max_failures", [0, 3, -1])
-def test_ray_train_restarts_failed_workers_train_max_failures_times(tmp_path, max_failures):
+def test_run_config_passes_train_max_failures_and_keeps_every_checkpoint_folder(tmp_path, max_failures):
+    """Only the RunConfig: a real restart of a killed worker is tests/faults/test_kill.py's."""
     from pipeline.core.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     built = run_config(config(6, f"train.max_failures={max_failures}"), run)
     assert built.failure_config.max_failures == max_failures
     assert built.name == "checkpoints" and built.storage_path == run.path(layout.TRAIN_DIR)
-    assert built.checkpoint_config.num_to_keep == 3
+    assert built.checkpoint_config.num_to_keep is None  # retention is ours, after each commit (train.retention)
 
 
 def test_a_diverged_run_fails_the_stage_naming_the_intact_checkpoint(tmp_path):

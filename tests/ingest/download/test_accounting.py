@@ -82,13 +82,15 @@ MESSAGES += [
 
 
 def test_egress_phrases_are_classified():
-    egress = pytest.importorskip("ingest.download.egress")
+    from ingest.download import egress  # a plain import: an error in our own module fails, never skips
+
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_ADDRESS} 10.0.0.1>") == "refused_address"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_SCHEME} 'gopher'>") == "refused_address"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_REDIRECT} 'file:///x'>") == "refused_address"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_BOMB}: 900 MP>") == "too_large"
     assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_SIZE}: 1 GB>") == "too_large"
     assert classify("failed_to_resize", f"OpenCV error: pixels <= {egress.CV2_PIXEL_LIMIT_MESSAGE}") == "too_large"
+    assert classify("failed_to_download", f"<urlopen error {egress.REFUSED_DEADLINE}: no complete answer in 60 s>") == "timeout"
 
 
 @pytest.mark.parametrize("status, message, reason", MESSAGES)

@@ -139,6 +139,7 @@ def restore_global_state():
     environ = dict(os.environ)
     pil_limit = Image.MAX_IMAGE_PIXELS
     yield
+    egress.uninstall()  # urlopen and img2dataset's download_image too
     urllib.request.install_opener(opener)
     os.environ.clear()
     os.environ.update(environ)

@@ -293,3 +293,17 @@ def test_clean_caption():
     assert clean_caption("caf\udcff", 1, 10) == (None, "caption_not_utf8")
     assert clean_caption("caf\u00e9".encode(), 1, 10) == ("caf\u00e9", None)
     assert clean_caption(1234, 1, 10) == ("1234", None)
+
+
+@pytest.mark.parametrize("planted", ["../../victim.parquet", "/etc/passwd", "ingest/urls/../../../victim.parquet"])
+def test_an_index_naming_a_file_outside_the_cleaned_list_is_refused(tmp_path, planted):
+    """index.json is read back on resume: a path planted in it must not be read (nor its shard written)."""
+    source = tmp_path / "urls.parquet"
+    write_parquet(source)
+    config, run = settings(str(source)), RunDir(tmp_path / "run")
+    run.write_json(
+        ul.INDEX,
+        {"fingerprint": ul.fingerprint(config), "rows": 1, "kept": 1, "dropped": {}, "nulled": {}, "shards": [[planted, 1]]},
+    )
+    with pytest.raises(ValueError, match="refused"):
+        prepare_url_list(config, run)

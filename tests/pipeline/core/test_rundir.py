@@ -1,4 +1,7 @@
 import os
+import uuid
+
+import pytest
 
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
@@ -94,3 +97,60 @@ def test_s3_listings_see_what_another_process_wrote(s3_server):
     assert run.stage("ingest") == {"status": "done"}  # the rewritten manifest, not its cached size
     run.remove("scratch")
     assert "Contents" not in s3.list_objects_v2(Bucket="rundir-fresh", Prefix="run/scratch/")
+
+
+@pytest.mark.parametrize("name", ["../victim", "shards/../../victim", "/tmp/victim", "s3://bucket/victim", "a\0b"])
+def test_no_path_outside_the_run_is_read_written_or_removed(tmp_path, name):
+    """Names read from records (shards, parts) reach these calls: none may leave the run."""
+    (tmp_path / "victim").write_text("kept")
+    run = RunDir(tmp_path / "run")
+    for call in (
+        run.remove,
+        run.read_bytes,
+        run.exists,
+        lambda path: run.write_text(path, "x"),
+        lambda path: run.move(path, "y"),
+    ):
+        with pytest.raises(ValueError, match="not a path inside"):
+            call(name)
+    assert (tmp_path / "victim").read_text() == "kept"
+
+
+def test_paths_that_stay_inside_are_normalised(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_text("encode/shards/../progress/a.json", "{}")
+    assert (tmp_path / "encode" / "progress" / "a.json").exists()
+    run.move("encode/progress", "encode.superseded-1/progress")
+    assert (tmp_path / "encode.superseded-1" / "progress" / "a.json").exists()
+
+
+def test_move_on_an_object_store_keeps_every_file():
+    run = RunDir(f"memory://move-{uuid.uuid4().hex[:6]}")
+    run.write_text("train/checkpoints/step-0000002/COMMITTED", "t")
+    run.write_text("train/export/a.json", "{}")
+    run.move("train", "train.superseded-x")
+    assert run.list("train") == []
+    assert run.read_text("train.superseded-x/checkpoints/step-0000002/COMMITTED") == "t"
+    assert run.read_text("train.superseded-x/export/a.json") == "{}"
+
+
+def test_a_stage_set_aside_and_the_lease_on_a_real_s3_server(s3_server):
+    """What the runner does on an object store: move a stage's folder aside whole; hold the run's lease."""
+    import boto3
+
+    from pipeline.core.lease import Lease, LeaseHeld
+
+    boto3.client("s3").create_bucket(Bucket="rundir-aside")
+    run = RunDir("s3://rundir-aside/run")
+    run.write_text(f"train/checkpoints/{layout.step_name(4)}/{layout.COMMIT_MARKER}", "t\n")
+    run.write_text("train/metrics.jsonl", "{}\n")
+    run.move("train", "train.superseded-x")
+    assert run.list("train") == [] and run.committed_steps("train.superseded-x/checkpoints") == [4]
+    first = Lease(run, "pipeline run first").acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="pipeline run first"):
+            Lease(run, "pipeline run second").acquire()
+    finally:
+        first.release()
+    assert not run.exists(layout.LEASE)
+    Lease(run).acquire().release()

@@ -2,7 +2,7 @@
 report/index.html from disk, every image must decode, and a full-page screenshot is kept.
 
 `.ci/run` installs Chromium; elsewhere this test is skipped, with the reason, when
-/usr/bin/chromium (or $CHROMIUM) is missing.
+/usr/bin/chromium (or $CHROMIUM) is missing. Under CI (CI=true) a missing Chromium fails it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,15 @@ IMAGES_STATE = """() => Array.from(document.images).map(image => ({
     src: image.currentSrc.slice(0, 40), loaded: image.complete && image.naturalWidth > 0,
     width: image.naturalWidth, height: image.naturalHeight}))"""
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (.ci/run installs it)")
+
+@pytest.fixture(autouse=True)
+def chromium_present():
+    """Skip without Chromium, with the reason; under CI (CI=true) fail instead: this test must run there."""
+    if not Path(CHROMIUM).exists():
+        missing = f"no Chromium at {CHROMIUM} (.ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing}, and under CI this test must run")
+        pytest.skip(missing)
 
 
 def open_in_chromium(page_path: Path, screenshot: Path | None = None) -> tuple[list[dict], list[str]]:
