@@ -249,7 +249,11 @@ class TrainConfig(Section):
         description="What the UNet is conditioned on: caption embeddings; class labels (encode.class_field) through a "
         "learned class embedding with one extra null class for guidance, the text input then being the empty caption's; or both.",
     )
-    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="What the UNet predicts.")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction",
+        description="What the UNet predicts. v-prediction stays well-posed where the schedule leaves almost no signal "
+        "(the cosine schedule's last steps); epsilon with that schedule and trailing spacing is refused.",
+    )
     noise_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = Field(
         "squaredcos_cap_v2", description="DDPM beta schedule."
     )
@@ -413,7 +417,20 @@ class PipelineConfig(Section):
             raise ValueError(f"sample.class_labels {unknown} are not in encode.classes {self.encode.classes}")
         if self.encode.buckets is not None:
             self._resolve_buckets()
+        self._well_posed_schedule()
         return self
+
+    def _well_posed_schedule(self) -> None:
+        """Epsilon-prediction on the cosine schedule, sampled from t = 999 (trailing spacing), divides the
+        noise estimate's error by sqrt(alpha_bar) ~ 5e-5 at the first step (Lin et al. 2023): refused."""
+        train, sample = self.train, self.sample
+        if (train.prediction_type, train.noise_schedule, sample.timestep_spacing) == ("epsilon", "squaredcos_cap_v2", "trailing"):
+            raise ValueError(
+                "train.prediction_type = 'epsilon' with train.noise_schedule = 'squaredcos_cap_v2' and "
+                "sample.timestep_spacing = 'trailing' is ill-posed: sampling starts at t = 999, where this schedule "
+                "keeps sqrt(alpha_bar) ~ 5e-5 of the image, so every error of the predicted noise is amplified ~20,000x. "
+                "Use train.prediction_type = 'v_prediction' (the default), or another noise_schedule or timestep_spacing"
+            )
 
     def _resolve_buckets(self) -> None:
         if self.ingest.resize_mode in ("center_crop", "border"):

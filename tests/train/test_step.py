@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.config import load_config
+from pipeline.core.config import PRESETS, ConfigError, PipelineConfig, load_config
 from train import distributed
 from train.checkpoint import TrainState
 from train.order import BatchPosition
@@ -44,7 +44,10 @@ def make_engine(lr: float = 1e-3) -> PlainEngine:
 
 
 def scheduler(prediction_type: str = "epsilon"):
-    config = load_config("tiny", overrides=[f'train.prediction_type="{prediction_type}"']).train
+    # Epsilon with the cosine schedule is refused under trailing spacing (sampling's business, not this test's).
+    config = load_config(
+        "tiny", overrides=[f'train.prediction_type="{prediction_type}"', 'sample.timestep_spacing="leading"']
+    ).train
     return make_noise_scheduler(config)
 
 
@@ -224,3 +227,32 @@ def test_finite_parameters_check_sees_one_bad_weight():
     with torch.no_grad():
         list(module.parameters())[-1].view(-1)[0] = float("inf")
     assert not distributed.all_ranks_finite_parameters(module)
+
+
+# The schedule each preset's UNet follows. sd15: SD-1.5's scheduler_config.json
+# (runwayml/stable-diffusion-v1-5/scheduler); tiny: its own, cosine with v-prediction.
+REFERENCE_SCHEDULES = {
+    "sd15": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"},
+    "tiny": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_on_the_schedule_of_the_model_it_follows(preset):
+    from diffusers import DDPMScheduler
+
+    config = load_config(preset).train
+    reference = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **REFERENCE_SCHEDULES[config.unet])
+    ours = make_noise_scheduler(config)
+    assert ours.config.prediction_type == reference.config.prediction_type
+    torch.testing.assert_close(ours.alphas_cumprod, reference.alphas_cumprod, rtol=0, atol=0)
+
+
+def test_epsilon_on_the_cosine_schedule_sampled_from_pure_noise_is_refused_naming_the_keys():
+    with pytest.raises(ConfigError) as refused:
+        load_config("tiny", overrides=['train.prediction_type="epsilon"'])
+    for key in ("train.prediction_type", "train.noise_schedule", "sample.timestep_spacing"):
+        assert key in str(refused.value)
+    load_config("tiny", overrides=['train.prediction_type="epsilon"', 'sample.timestep_spacing="leading"'])
+    load_config("tiny", overrides=['train.prediction_type="epsilon"', 'train.noise_schedule="scaled_linear"'])
+    assert PipelineConfig().train.prediction_type == "v_prediction"  # a config file that omits the keys is well-posed
