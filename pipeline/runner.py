@@ -125,7 +125,7 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
 # Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
 # as unset optional keys are, so runs made before the key existed stay valid.
 NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"conditioning": "text", "record_samples": False, "placement_strategy": "PACK"}
+    "train": {"conditioning": "text", "record_samples": False, "placement_strategy": "PACK", "rescale_betas_zero_snr": False}
 }
 
 

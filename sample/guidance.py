@@ -103,7 +103,8 @@ def make_scheduler(name: str, training_scheduler_config: Mapping[str, Any], time
     """A sampling scheduler built from the exported training scheduler's config, so the beta
     schedule, number of training timesteps and prediction_type are the ones the UNet learned.
 
-    "trailing" spacing starts at the last training timestep, where the latent is pure noise;
+    "trailing" spacing starts at the last training timestep, pure noise under the cosine schedule
+    or with `rescale_betas_zero_snr` (which the exported config carries), not under SD's betas;
     "leading" (diffusers' default) starts lower, near t=950 for 20 steps, where the model
     expects some signal and reads it from the noise, so the seed rather than the prompt picks
     low-frequency content such as a background colour (Lin et al., "Common Diffusion Noise

@@ -20,7 +20,8 @@ def make_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
     """The DDPM forward process training uses; exported next to the UNet for sampling.
 
     `clip_sample=False` because latents are scaled, not bounded to [-1, 1]. Unset beta_start and
-    beta_end keep diffusers' defaults.
+    beta_end keep diffusers' defaults. `rescale_betas_zero_snr` lands in the scheduler's config, so
+    the export carries it and every sampler built from that config (sample.guidance) inherits it.
     """
     betas = {key: getattr(config, key) for key in ("beta_start", "beta_end") if getattr(config, key) is not None}
     return DDPMScheduler(
@@ -28,6 +29,7 @@ def make_noise_scheduler(config: TrainConfig) -> DDPMScheduler:
         beta_schedule=config.noise_schedule,
         prediction_type=config.prediction_type,
         clip_sample=False,
+        rescale_betas_zero_snr=config.rescale_betas_zero_snr,
         **betas,
     )
 

@@ -258,6 +258,13 @@ class TrainConfig(Section):
         "squaredcos_cap_v2", description="DDPM beta schedule."
     )
     num_train_timesteps: int = Field(1000, ge=1, description="Diffusion timesteps.")
+    rescale_betas_zero_snr: bool = Field(
+        False,
+        description="Rescale the betas so the last timestep holds no signal (zero terminal SNR, Lin et al. 2023; "
+        "diffusers' rescale_betas_zero_snr), so that trailing spacing samples from pure noise with any schedule "
+        "(SD's scaled_linear keeps sqrt(alpha_bar) ~ 0.07 of the image at t = 999). Exported in the scheduler config, "
+        "so samplers inherit it. Needs prediction_type = 'v_prediction'.",
+    )
     beta_start: float | None = Field(
         None,
         gt=0,
@@ -329,6 +336,11 @@ class TrainConfig(Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if self.init_subfolder and not self.init_from:
             raise ValueError("init_subfolder is set but init_from is not")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "rescale_betas_zero_snr needs prediction_type = 'v_prediction': at zero terminal SNR the noise "
+                f"is all there is at the last timestep, so predicting it ({self.prediction_type!r}) says nothing of the image"
+            )
         return self
 
 

@@ -256,3 +256,33 @@ def test_epsilon_on_the_cosine_schedule_sampled_from_pure_noise_is_refused_namin
     load_config("tiny", overrides=['train.prediction_type="epsilon"', 'sample.timestep_spacing="leading"'])
     load_config("tiny", overrides=['train.prediction_type="epsilon"', 'train.noise_schedule="scaled_linear"'])
     assert PipelineConfig().train.prediction_type == "v_prediction"  # a config file that omits the keys is well-posed
+
+
+@pytest.mark.parametrize(
+    "schedule", [[], ['train.noise_schedule="scaled_linear"', "train.beta_start=0.00085", "train.beta_end=0.012"]]
+)
+def test_zero_terminal_snr_reaches_pure_noise_and_travels_with_the_export(schedule, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from sample.guidance import SCHEDULERS, make_scheduler
+
+    plain = make_noise_scheduler(load_config("tiny", overrides=schedule).train)
+    config = load_config("tiny", overrides=[*schedule, "train.rescale_betas_zero_snr=true"]).train
+    rescaled = make_noise_scheduler(config)
+    assert float(plain.alphas_cumprod[-1]) > 0 and float(rescaled.alphas_cumprod[-1]) < 1e-12  # no signal at t = 999
+    rescaled.save_pretrained(tmp_path / "scheduler")  # what an export holds
+    exported = DDPMScheduler.load_config(tmp_path / "scheduler")
+    assert exported["rescale_betas_zero_snr"] is True
+    for name in SCHEDULERS:  # every sampler built from the export inherits it
+        assert make_scheduler(name, exported).config.rescale_betas_zero_snr is True, name
+    loss = train_step(make_engine(), make_batch(), rescaled, torch.zeros(TEXT_SHAPE), 0.1, torch.Generator().manual_seed(1))
+    assert math.isfinite(loss["loss"])
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_stays_out_of_fingerprints_when_off():
+    from pipeline.runner import _fingerprinted
+
+    with pytest.raises(ConfigError, match="rescale_betas_zero_snr needs prediction_type = 'v_prediction'"):
+        load_config("tiny", overrides=["train.rescale_betas_zero_snr=true", 'train.prediction_type="epsilon"'])
+    assert "rescale_betas_zero_snr" not in _fingerprinted(load_config("tiny"))["train"]  # runs made before it keep theirs
+    assert _fingerprinted(load_config("tiny", overrides=["train.rescale_betas_zero_snr=true"]))["train"]["rescale_betas_zero_snr"]
