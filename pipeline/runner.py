@@ -290,9 +290,9 @@ def _run_planned(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
 def refuse_starting_over(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
     """StageError, before anything runs or is written, if a wanted stage would start over on outputs it
     holds without being asked to (`plan.forced`): the message names the keys that changed and the ways out."""
-    blocked = []
+    blocked, entries = [], run.manifest()["stages"]
     for name in plan.wanted:
-        entry = run.stage(name)
+        entry = entries.get(name, {"status": "pending"})
         if (
             plan.forced[name]
             or plan.up_to_date(name, entry)
@@ -311,12 +311,11 @@ def refuse_starting_over(config: PipelineConfig, run: RunDir, plan: Plan) -> Non
         else "run.json records it under another config (an earlier stage's, or train.init_from's weights)"
     )
     held = ", ".join(f"{run.path(STAGE_SPECS[name].output)}/" for name in blocked)
-    stamp = "<time>"
     raise StageError(
         f"stage {first!r} would start over on the finished work in {held}; "
         f"{why}\nNothing was changed. Either keep this run and start the new config elsewhere with another --out, "
         f"or pass --restart {first} (or --force) to move {run.path(STAGE_SPECS[first].output)}/ aside to "
-        f"{run.path(layout.superseded_name(STAGE_SPECS[first].output, stamp))}/ (and each later stage's folder likewise) "
+        f"{run.path(layout.superseded_name(STAGE_SPECS[first].output, '<time>'))}/ (and each later stage's folder likewise) "
         "and start over."
     )
 
@@ -339,8 +338,9 @@ def changed_keys(before: PipelineConfig | None, after: PipelineConfig, stage: st
     changes = []
     for section in dict.fromkeys(sections):
         a, b = _flat(old.get(section), section), _flat(new.get(section), section)
+        resumable = {f"{section}.{key}" for key in RESUMABLE_KEYS.get(section, ())}
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key) and key.split(".")[-1 if "." not in key else 1] not in RESUMABLE_KEYS.get(section, set()):
+            if a.get(key) != b.get(key) and ".".join(key.split(".")[:2]) not in resumable:  # section.key of a table's key
                 changes.append(f"{key}: {_shown(a.get(key))} -> {_shown(b.get(key))}")
     return changes
 

@@ -8,27 +8,6 @@ from pipeline.core.config import load_config
 from pipeline.core.rundir import RunDir
 
 
-@pytest.fixture
-def fake_stages(monkeypatch):
-    calls = []
-    fail = {}
-
-    def make(name):
-        def stage(config, run):
-            calls.append(name)
-            if fail.get(name):
-                fail[name] -= 1
-                raise RuntimeError(f"{name} broke")
-            run.write_text(f"{name}/out.txt", "x")
-            return {"counts": {"n": 1}}
-
-        return stage
-
-    monkeypatch.setattr(runner, "stage_function", make)
-    monkeypatch.setattr(runner, "ensure_ray", lambda config: None)
-    return calls, fail
-
-
 def test_finished_run_skips_every_stage(tmp_path, fake_stages):
     calls, _ = fake_stages
     config, run = load_config("tiny"), RunDir(tmp_path)
