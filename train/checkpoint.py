@@ -29,8 +29,8 @@ from pathlib import Path
 from pipeline.core import faults, layout
 from pipeline.core.config import TrainConfig
 from pipeline.core.rundir import RunDir, now
-from train import distributed, phases
-from train.ema import ExponentialMovingAverage, weights_replaced
+from train import distributed, masters, phases
+from train.ema import ExponentialMovingAverage, averaged_parameters, weights_replaced
 from train.order import BatchPosition
 from train.retention import prune_checkpoints
 from train.safe_load import UnsafeCheckpointError, weights_only_loads
@@ -263,6 +263,8 @@ def export_model(
 
     With `ema`, `unet/` holds the averaged weights (what sampling and StableDiffusionPipeline load)
     and `unet_online/` the raw ones. `classes` (`classes_record`) is written as classes.json.
+    Both are fp32 whatever `train.precision`: the trained weights are the optimizer's fp32 masters
+    (`train.masters`), not the module's bf16 copies, so `init_from` an export resumes from them.
 
     A committed export is never rewritten: a run killed between an export and its checkpoint
     redoes the steps from the checkpoint before, and resume is exact, so it would write the same
@@ -274,15 +276,18 @@ def export_model(
     if run.exists(f"{relative}/{layout.COMMIT_MARKER}"):
         distributed.log(f"{run.path(relative)} is committed already (an earlier attempt got this far): kept as it is")
         return
-    averaged = ema.full_weights() if ema is not None else None  # collective under ZeRO-3
+    trainable = averaged_parameters(engine.module)
+    kind = masters.layout(trainable)
+    online = masters.whole(trainable, masters.local_parts(trainable, getattr(engine, "optimizer", None)), kind)
+    averaged = ema.full_weights() if ema is not None else None  # both collective under ZeRO 1-3
     with distributed.full_parameters(engine, config.zero_stage):
         if distributed.is_rank_zero():
             with tempfile.TemporaryDirectory(prefix="export-") as local:
                 unet = engine.module
-                if averaged is None:
-                    unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
-                else:
-                    unet.save_pretrained(f"{local}/{layout.EXPORT_UNET_ONLINE}", safe_serialization=True)
+                online_folder = layout.EXPORT_UNET if averaged is None else layout.EXPORT_UNET_ONLINE
+                with weights_replaced(unet, online):
+                    unet.save_pretrained(f"{local}/{online_folder}", safe_serialization=True)
+                if averaged is not None:
                     with weights_replaced(unet, averaged):
                         unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
                 make_noise_scheduler(config).save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")

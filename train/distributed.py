@@ -100,6 +100,13 @@ def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     return parts
 
 
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place; collective."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -1,11 +1,13 @@
-"""An exponential moving average of the UNet's weights, kept where the weights are.
+"""An exponential moving average of the UNet's fp32 master weights, kept where the masters are.
 
-Under ZeRO 0-2 every rank holds whole parameters, and keeps a whole fp32 average. Under
-ZeRO-3 a rank holds only its partition of each parameter (`param.ds_tensor`: elements
-`[rank * n, (rank + 1) * n)` of the flattened parameter, the last one zero-padded), and
-averages just that, so the average is partitioned like the weights. `full_weights` gathers
-it whole for an export. Frozen parameters (train.freeze) never move, so only trainable ones
-are averaged (`averaged_parameters`).
+It averages the optimizer's fp32 masters (`train.masters`), not the module's weights: under
+bf16 these are rounded copies that small updates do not move. Each rank averages the part of
+the masters it holds, so the average is spread over the ranks like them: under ZeRO-3 each
+parameter's partition, under ZeRO 1-2 the rank's span of the flattened parameters, without
+ZeRO the whole. A checkpoint holds each rank's 1/world slice of every flattened average
+(`save`), whatever the ZeRO stage, so a resume may change the world size (`load`).
+`full_weights` joins the average whole for an export. Frozen parameters (train.freeze) never
+move, so only trainable ones are averaged (`averaged_parameters`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.core.config import TrainConfig
-from train import distributed
+from train import distributed, masters
+from train.masters import Part
 
 EMA_DIR = "ema"  # in a checkpoint folder: rank-R.pt, each rank's part (see `save`)
 
@@ -32,70 +35,68 @@ def warmed_up_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def local_tensor(parameter: torch.nn.Parameter) -> torch.Tensor:
-    """What this rank holds of `parameter`: its ZeRO-3 partition, or the parameter itself."""
-    return getattr(parameter, "ds_tensor", parameter)
-
-
 class ExponentialMovingAverage:
-    """`average = d * average + (1 - d) * weights` after every optimizer step, in fp32, on this rank's part."""
+    """`average = d * average + (1 - d) * master` after every optimizer step, in fp32, on this rank's part.
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    `optimizer` is the engine's (where the masters are, see `train.masters`); without it the
+    parameters themselves are averaged.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, optimizer=None):
         self.parameters = averaged_parameters(module)
-        self.partitioned = hasattr(self.parameters[0], "ds_tensor")  # ZeRO-3
+        self.optimizer = optimizer
+        self.kind = masters.layout(self.parameters)
         self.decay = decay
         self.restart()
 
     @classmethod
-    def of(cls, module: torch.nn.Module, config: TrainConfig) -> ExponentialMovingAverage | None:
-        """The average `train.ema_decay` asks for; None when it is 0 (off)."""
-        return cls(module, config.ema_decay) if config.ema_decay > 0 else None
+    def of(cls, engine, config: TrainConfig) -> ExponentialMovingAverage | None:
+        """The average of `engine`'s UNet that `train.ema_decay` asks for; None when it is 0 (off)."""
+        return cls(engine.module, config.ema_decay, engine.optimizer) if config.ema_decay > 0 else None
+
+    @property
+    def partitioned(self) -> bool:
+        return self.kind == "partitioned"
 
     def restart(self) -> None:
-        """Start over from the current weights, as if no update had been made."""
+        """Start over from the current masters, as if no update had been made."""
         self.updates = 0
-        self.averages = [local_tensor(p).detach().float().clone() for p in self.parameters]
+        parts = masters.local_parts(self.parameters, self.optimizer)
+        self.starts = [part.start for part in parts]
+        self.averages = [part.tensor.detach().float().clone() for part in parts]
 
     @torch.no_grad()
     def update(self) -> None:
         """Call after each optimizer step, on every rank (not after a skipped step or a micro-batch
         inside an accumulation window: the weights did not move)."""
         weight = 1.0 - warmed_up_decay(self.decay, self.updates)
-        for average, parameter in zip(self.averages, self.parameters):
-            average.lerp_(local_tensor(parameter).detach().float(), weight)
+        for average, part in zip(self.averages, masters.local_parts(self.parameters, self.optimizer)):
+            average.lerp_(part.tensor.detach().float(), weight)
         self.updates += 1
 
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "averages": self.averages}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["averages"]
-        shapes = [tuple(t.shape) for t in saved], [tuple(t.shape) for t in self.averages]
-        if shapes[0] != shapes[1]:
-            raise RuntimeError("the checkpoint's EMA does not fit this UNet (another model, ZeRO stage or world size)")
-        self.updates = int(state["updates"])
-        self.averages = [s.to(a.device, torch.float32) for s, a in zip(saved, self.averages)]
-
     def save(self, folder: str | Path) -> None:
-        """Write this rank's part under `folder/ema/rank-R.pt`: its ZeRO-3 partition, or under ZeRO 0-2
-        its 1/world slice of each flattened average (so that a resume reads 1/world of the average)."""
+        """Write this rank's 1/world slice of each flattened average under `folder/ema/rank-R.pt`
+        (its ZeRO-3 partition is that slice); call on every rank (collective under ZeRO 1-2)."""
         path = Path(folder, EMA_DIR, f"rank-{distributed.rank()}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
-        parts = self.averages if self.partitioned else [self._slice(average.flatten()) for average in self.averages]
+        parts = self.averages if self.partitioned else [_slice(self._whole_flat(i)) for i in range(len(self.averages))]
         torch.save({"updates": self.updates, "averages": parts}, path)
 
     def load(self, folder: str | Path, saved_world: int | None = None) -> bool:
         """Read the average from a checkpoint folder; False (and nothing changed) if it has none.
 
-        With this world size a rank reads its own part (under ZeRO 0-2 the parts are then gathered
-        whole, a collective). A checkpoint of `saved_world` other ranks is resharded: each
-        parameter's parts are joined in rank order, cut to its size and split anew. `whole.pt`
-        (checkpoints before parts) is read as it is.
+        With this world size a rank reads its own slices (then, unless they are its ZeRO-3
+        partitions, the slices are gathered whole, a collective). A checkpoint of `saved_world`
+        other ranks is resharded: each parameter's slices are joined in rank order and cut to
+        this rank's part. `whole.pt` (checkpoints before slices) is read as it is.
         """
         world, rank = distributed.world_size(), distributed.rank()
         whole = Path(folder, EMA_DIR, "whole.pt")
         if not self.partitioned and whole.exists():
-            self.load_state_dict(torch.load(whole, map_location="cpu", weights_only=True))
+            state = torch.load(whole, map_location="cpu", weights_only=True)
+            flats = [average.flatten() for average in state["averages"]]
+            self._check_fits(flats, 1)
+            self._adopt(int(state["updates"]), [self._cut(flat, i) for i, flat in enumerate(flats)])
             return True
         saved_world = saved_world or world
         ranks = [rank] if saved_world == world else list(range(saved_world))
@@ -115,40 +116,42 @@ class ExponentialMovingAverage:
                 else distributed.all_gather(saved[0]["averages"][index].to(average.device))
             )
             flat = torch.cat([part.flatten().to(average.device) for part in parts])
-            if self.partitioned:
-                flat = flat[: self.parameters[index].ds_numel]
-                averages.append(self._slice(flat, average.numel()).view_as(average))
-            else:
-                averages.append(flat[: average.numel()].view_as(average))
-        self.load_state_dict({"updates": saved[0]["updates"], "averages": averages})
+            averages.append(self._cut(flat[: masters.numel_of(self.parameters[index])], index))
+        self._adopt(int(saved[0]["updates"]), averages)
         return True
 
+    def full_weights(self) -> list[torch.Tensor] | None:
+        """The whole averaged parameters, in `averaged_parameters(module)` order and their shapes,
+        on rank 0 (None elsewhere); collective under ZeRO 1-3."""
+        return masters.whole(self.parameters, self._parts(), self.kind)
+
+    def _parts(self) -> list[Part]:
+        return [Part(average, start) for average, start in zip(self.averages, self.starts)]
+
+    def _whole_flat(self, index: int) -> torch.Tensor:
+        return masters.whole_flat(self.parameters[index], self._parts()[index], self.kind)
+
+    def _cut(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """This rank's part of a parameter's whole flattened average: where its masters are, zero-padded."""
+        start, size = self.starts[index], self.averages[index].numel()
+        mine = flat[start : start + size]
+        return torch.cat([mine, mine.new_zeros(size - mine.numel())])
+
+    def _adopt(self, updates: int, averages: list[torch.Tensor]) -> None:
+        self.updates = updates
+        self.averages = [new.to(old.device, torch.float32).reshape(old.shape) for new, old in zip(averages, self.averages)]
+
     def _check_fits(self, parts: list[torch.Tensor], saved_world: int) -> None:
-        numels = [p.ds_numel if self.partitioned else a.numel() for p, a in zip(self.parameters, self.averages)]
+        numels = [masters.numel_of(parameter) for parameter in self.parameters]
         if len(parts) != len(numels) or any(part.numel() != -(-n // saved_world) for part, n in zip(parts, numels)):
             raise RuntimeError("the checkpoint's EMA does not fit this UNet (another model or ZeRO stage)")
 
-    @staticmethod
-    def _slice(flat: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """This rank's `size` elements of `flat` (ceil(len / world) by default), zero-padded at the end."""
-        size = size or -(-flat.numel() // distributed.world_size())
-        mine = flat[distributed.rank() * size : (distributed.rank() + 1) * size]
-        return torch.cat([mine, mine.new_zeros(size - mine.numel())])
 
-    def full_weights(self) -> list[torch.Tensor] | None:
-        """The whole averaged parameters, in `averaged_parameters(module)` order, on rank 0 (None elsewhere).
-
-        Collective under ZeRO-3: each parameter's partitions are gathered, joined in rank
-        order and cut to the parameter's size.
-        """
-        if not self.partitioned:
-            return list(self.averages) if distributed.is_rank_zero() else None
-        weights = []
-        for average, parameter in zip(self.averages, self.parameters):
-            parts = distributed.all_gather(average, getattr(parameter, "ds_process_group", None))
-            if distributed.is_rank_zero():
-                weights.append(torch.cat(parts)[: parameter.ds_numel].view(parameter.ds_shape))
-        return weights if distributed.is_rank_zero() else None
+def _slice(flat: torch.Tensor) -> torch.Tensor:
+    """This rank's ceil(len / world) elements of `flat`, zero-padded at the end."""
+    size = -(-flat.numel() // distributed.world_size())
+    mine = flat[distributed.rank() * size : (distributed.rank() + 1) * size]
+    return torch.cat([mine, mine.new_zeros(size - mine.numel())])
 
 
 def averaged_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -158,14 +161,15 @@ def averaged_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @contextlib.contextmanager
 def weights_replaced(module: torch.nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Within: `module`'s (whole) averaged parameters hold `weights`; after: their own values again."""
-    parameters = averaged_parameters(module)
-    own = [p.detach().clone() for p in parameters]
-    with torch.no_grad():
-        for parameter, weight in zip(parameters, weights):
-            parameter.copy_(weight)
-        try:
-            yield
-        finally:
-            for parameter, value in zip(parameters, own):
-                parameter.copy_(value)
+    """Within: `module`'s (whole) averaged parameters hold `weights`, as they are (fp32 stays fp32
+    in a bf16 module), and the others fp32 copies of their own; after: their own tensors again."""
+    parameters = list(module.parameters())
+    own = [parameter.data for parameter in parameters]
+    given = dict(zip(map(id, averaged_parameters(module)), weights))
+    try:
+        for parameter in parameters:
+            parameter.data = given[id(parameter)] if id(parameter) in given else parameter.data.float()
+        yield
+    finally:
+        for parameter, data in zip(parameters, own):
+            parameter.data = data

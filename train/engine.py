@@ -30,10 +30,17 @@ def deepspeed_config(config: TrainConfig, hidden_size: int | None = None) -> dic
         "zero_optimization": zero,
         "bf16": {"enabled": config.precision == "bf16"},
         "fp16": {"enabled": config.precision == "fp16"},
+        # Gradients are averaged over the workers in fp32: DeepSpeed's default under bf16/fp16 is the
+        # low precision, where a sum over 64 workers loses the small ones.
+        "communication_data_type": "fp32",
         # We log ourselves (train.metrics); DeepSpeed's own step prints would only interleave.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if config.precision != "fp32" and config.zero_stage > 0:
+        # ...and summed over micro-batches and kept until the step in fp32 (DeepSpeed keeps them in
+        # the model's dtype by default, and refuses fp32 without ZeRO).
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     return deep_merge(generated, config.deepspeed)
 
 

@@ -72,7 +72,7 @@ def train_worker(loop_config: dict) -> None:
     worker = setup_worker(loop_config)
     config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.spec, worker.engine
     train = config.train
-    ema = ExponentialMovingAverage.of(engine.module, train)  # None when train.ema_decay is 0
+    ema = ExponentialMovingAverage.of(engine, train)  # None when train.ema_decay is 0
     state = resume(engine, run, ema)
     if begin_phase(state, latent_resolution(run)):  # latents of another resolution: go on from this checkpoint
         distributed.log(f"phase {len(state.phases)}: {state.phases[-1]['resolution']} px from step {state.step}")

@@ -32,7 +32,7 @@ def _save_rank(rank: int, world: int, folder: str, port: int) -> None:
     train = load_config("tiny", overrides=["train.zero_stage=2", "train.batch_size_per_worker=2"]).train
     torch.manual_seed(0)
     engine = make_engine(build_unet(train.unet, 64, 8), train)
-    ema = ExponentialMovingAverage.of(engine.module, train)
+    ema = ExponentialMovingAverage.of(engine, train)
     generator = torch.Generator().manual_seed(rank)
     noisy = torch.randn(2, 4, 8, 8, generator=generator)
     loss = engine(noisy, torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 77, 64, generator=generator))

@@ -366,7 +366,7 @@ def unet_worker(run: RunDir, shape: BenchShape, batch: int) -> dict[str, Any]:
     parameters = parameter_count(unet)
     log(f"{parameters / 1e6:.1f}M-parameter UNet on {device}, batch {batch}, bf16, ZeRO-2")
     engine = make_engine(unet, train)
-    ema = ExponentialMovingAverage.of(engine.module, train)
+    ema = ExponentialMovingAverage.of(engine, train)
     noise_scheduler, options = make_noise_scheduler(train), loss_options(train)
     empty_caption = torch.from_numpy(spec.empty_caption_embedding).float()
     order = DataOrder(spec.shard_counts, 1, train.shuffle_window_shards, config.seed)

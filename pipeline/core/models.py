@@ -96,7 +96,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
-    """[B, model_max_length, hidden] last hidden states, SD-style (padded to max length, truncated)."""
+    """[B, model_max_length, hidden] last hidden states, SD-style (padded to max length, truncated), fp32.
+
+    Always in fp32, under an autocast or not (encode runs the VAE under one with `encode.precision`):
+    captions at encode, the empty caption in the manifest and prompts at sampling must be the same
+    function of the text, and the text encoder costs little next to the VAE.
+    """
     tokens = tokenizer(
         list(prompts),
         padding="max_length",
@@ -105,7 +110,8 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
         return_tensors="pt",
     )
     input_ids = tokens.input_ids.to(text_encoder.device)
-    return text_encoder(input_ids).last_hidden_state
+    with torch.autocast(text_encoder.device.type, enabled=False):
+        return text_encoder(input_ids).last_hidden_state
 
 
 def vae_scaling_factor(vae: AutoencoderKL) -> float:

@@ -142,10 +142,10 @@ def test_a_zero_3_average_is_resharded_for_another_world_size(tmp_path, monkeypa
 
 
 def test_the_tiny_preset_keeps_an_average_and_zero_turns_it_off():
-    layer = linear(1.0)
+    engine = SimpleNamespace(module=linear(1.0), optimizer=None)
     assert load_config("tiny").train.ema_decay == 0.999
-    assert ExponentialMovingAverage.of(layer, load_config("tiny").train).decay == 0.999
-    assert ExponentialMovingAverage.of(layer, load_config("tiny", overrides=["train.ema_decay=0"]).train) is None
+    assert ExponentialMovingAverage.of(engine, load_config("tiny").train).decay == 0.999
+    assert ExponentialMovingAverage.of(engine, load_config("tiny", overrides=["train.ema_decay=0"]).train) is None
     with pytest.raises(ConfigError, match="train.ema_decay"):
         load_config("tiny", overrides=["train.ema_decay=1.0"])
 

@@ -86,6 +86,25 @@ def test_encode_batch_shapes_scaling_and_text_padding():
     np.testing.assert_allclose(text[1].astype(np.float32), empty, atol=1e-2)
 
 
+def test_text_is_encoded_in_fp32_under_the_encoders_autocast_as_sampling_encodes_it():
+    """encode.precision = "bf16" runs the encoders under bf16 autocast (on a GPU; here on the CPU): the
+    VAE in bf16, the text encoder still in fp32, so captions, the manifest's empty caption and the
+    prompts sampling encodes are the same function of the text."""
+    from sample.export import Checkpoint
+
+    config = EncodeConfig(precision="bf16")
+    encoders = Encoders.load(config)
+    captions = ["a red circle on a blue background", ""]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        arrays = encode.encode_batch(torch.zeros(2, 3, 64, 64), captions, encoders, 1.0, config)
+    fields = dict.fromkeys(["step", "unet", "vae", "scheduler_config", "empty_embedding", "latent_shape", "scaling_factor"])
+    sampling = Checkpoint(**fields, tokenizer=encoders.tokenizer, text_encoder=encoders.text_encoder)
+    sampled = sampling.embed(captions).numpy().astype(np.float16)
+    np.testing.assert_array_equal(arrays[layout.TEXT_EMBEDDING_KEY], sampled)
+    _, manifest = encode.build_manifest(config)
+    np.testing.assert_array_equal(from_base64_npy(manifest["empty_caption_embedding"]), sampled[1])
+
+
 def test_long_captions_are_truncated_to_77_tokens_like_sd():
     encoders = Encoders.load(EncodeConfig())
     long = " ".join(["red"] * 200)
