@@ -6,6 +6,9 @@ PIP := $(BIN)/pip
 OUT ?= runs/demo
 # Keep the CPU torch wheel: pinned first, then every later install is constrained to it.
 TORCH_SPEC ?= torch==2.13.0
+# Where torch comes from: unset, pip's own indexes (PyPI's Linux torch is the CUDA build, several GB);
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build (~200 MB). README: Installing.
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -15,12 +18,14 @@ export HF_HUB_OFFLINE := 1
 .PHONY: demo test test-e2e faults install lint clean-demo
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and f"Python 3.11 or newer is needed (tomllib), not {sys.version.split()[0]}: make $(MAKECMDGOALS) PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	@echo "Installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX)) first (CPU build ~200 MB, CUDA build several GB), then the rest"
+	$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(PIP) install --quiet -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	$(PIP) install --progress-bar on -c $(VENV)/torch-constraint.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

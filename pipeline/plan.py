@@ -154,10 +154,10 @@ class PresetFacts:
 
 
 def preset_facts(preset: str) -> PresetFacts:
-    from pipeline.core.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config, preset_name
 
-    name = {"sd15": "sd15-256"}.get(preset, preset)
     try:
+        name = preset_name(preset)  # an alias (sd15) as every command takes it
         config = load_config(name)
     except ConfigError as error:
         raise PlanError("--preset", str(error)) from None

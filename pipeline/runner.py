@@ -28,17 +28,18 @@ import hashlib
 import importlib
 import json
 import time
+import tomllib
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import tomllib
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.core import layout, log
 from pipeline.core.config import ConfigError, PipelineConfig, to_toml, validate
+from pipeline.core.errors import StageFailure
 from pipeline.core.lease import Lease, LeaseHeld
 from pipeline.core.log import get_logger
 from pipeline.core.ray_runtime import ensure_ray
@@ -52,15 +53,18 @@ class StageError(RuntimeError):
 # Errors of the output location itself (full, read-only, not permitted, not a folder): one line
 # naming the path is all a user needs, not a traceback from deep in a library.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+# Creating the run directory: also a parent that cannot be made (--out /proc/x). Not for a stage's errors,
+# where a missing file is more often an input than the output location.
+RUN_DIR_ERRNOS = STORAGE_ERRNOS | {errno.ENOENT}
 
 
-def storage_error(error: BaseException | None) -> OSError | None:
-    """The innermost OSError of STORAGE_ERRNOS behind `error` (through `raise ... from` and Ray's
+def storage_error(error: BaseException | None, errnos: set[int] = STORAGE_ERRNOS) -> OSError | None:
+    """The innermost OSError of `errnos` behind `error` (through `raise ... from` and Ray's
     `cause`: Ray's wrappers pose as OSErrors too, with their own text as the file name), or None."""
     found, seen = None, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        if isinstance(error, OSError) and error.errno in errnos:
             found = error
         cause = getattr(error, "cause", None)
         error = cause if isinstance(cause, BaseException) else error.__cause__ or error.__context__
@@ -251,7 +255,7 @@ def run_stages(
     except LeaseHeld as error:
         raise StageError(str(error)) from error
     except OSError as error:
-        if storage_error(error) is None:
+        if storage_error(error, RUN_DIR_ERRNOS) is None:
             raise
         raise StageError(f"cannot write the run directory {run.url}: {error.strerror or error}") from error
     try:
@@ -407,6 +411,8 @@ def _run_one(
             summary = function(config, run) or {}
     except BaseException as error:
         _record_failure(name, run, error, round(time.monotonic() - started, 2))
+        if isinstance(error, StageFailure):  # expected, and its message says it all: one line, no traceback
+            raise StageError(f"stage {name!r} failed: {error}") from error
         raise
     seconds = round(time.monotonic() - started, 2)
     run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": seconds})

@@ -11,6 +11,17 @@ dropout trained it on) and `cond` its prediction given the prompt. A class-condi
 also gets class labels: the image's class in `cond`, the null class (which dropout put in
 place of the label, in the same draw as the empty caption) in `uncond`. s = 0 samples the
 unconditional model, s = 1 the conditional one, s > 1 pushes further towards the prompt.
+diffusers' StableDiffusionPipeline differs below 1: it skips guidance for any s <= 1 and samples
+the conditional model, so the two agree from s = 1 up only.
+
+At high scales the guided prediction overshoots: on the tiny demo at s = 7.5 its standard
+deviation is 7x the conditional prediction's at t = 999 and 1.5x halfway down, and a
+deterministic (ODE) sampler carries that excess into wrong colours however many
+steps it takes (docs/sampling.md#guidance-rescale). `guidance_rescale` phi (Lin et al., "Common Diffusion
+Noise Schedules and Sample Steps are Flawed", 2023, section 3.4; diffusers' `guidance_rescale`)
+rescales the guided prediction to the conditional prediction's standard deviation, per image,
+and mixes: phi * rescaled + (1 - phi) * guided. It applies only where both halves are computed
+(s other than 0 and 1).
 
 Every image draws its noise (initial and, for stochastic schedulers, per step) from its own
 generator seeded with its own seed, so an image does not depend on what else is in its batch.
@@ -63,14 +74,27 @@ class Sampling:
     """How the steps are spread over the training timesteps (see `make_scheduler`)."""
     batch_size: int = 16
     """Images denoised together; the UNet sees twice that when both guidance halves are needed."""
+    guidance_rescale: float = 0.0
+    """phi in [0, 1]: mix of the guided prediction rescaled to the conditional one's standard deviation
+    (see the module docstring); 0 is plain guidance."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale {self.guidance_rescale} is not in [0, 1]")
 
     @classmethod
     def from_config(cls, sample: SampleConfig, guidance_scale: float) -> Sampling:
         """The sample stage's settings (`sample.*`) at one of its guidance scales."""
-        return cls(guidance_scale, sample.seeds, sample.steps, sample.scheduler, sample.timestep_spacing, sample.batch_size)
+        return cls(
+            guidance_scale,
+            sample.seeds,
+            sample.steps,
+            sample.scheduler,
+            sample.timestep_spacing,
+            sample.batch_size,
+            sample.guidance_rescale,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,10 +158,12 @@ def predict_with_guidance(
     guidance_scale: float,
     cond_labels: torch.Tensor | None = None,
     uncond_labels: torch.Tensor | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """`uncond + s * (cond - uncond)`, both halves in one batched UNet call; at s = 0 only the
     unconditional half is computed and at s = 1 only the conditional one (same result, half the work).
-    The labels ([B] class indices) go with their half when the UNet is class-conditional."""
+    The labels ([B] class indices) go with their half when the UNet is class-conditional.
+    With both halves, `guidance_rescale` > 0 then applies `rescale_guided`."""
 
     def labels(*halves):
         return {} if cond_labels is None else {"class_labels": torch.cat(halves)}
@@ -153,7 +179,16 @@ def predict_with_guidance(
         **labels(uncond_labels, cond_labels),
     ).sample
     uncond, cond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    return rescale_guided(guided, cond, guidance_rescale) if guidance_rescale else guided
+
+
+def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023, section 3.4 (diffusers' `rescale_noise_cfg`): `guided` scaled per image to
+    `cond`'s standard deviation, mixed with `guided` itself by `phi`."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
 
 
 @torch.inference_mode()
@@ -165,9 +200,11 @@ def sample_latents(
     seeds: Sequence[int],
     steps: int,
     latent_shape: Sequence[int],
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Denoise one batch: image i is conditioned on row i of `rows` (its embedding [77, D], and its
     class against the null class when `rows` has class labels) and seeded by seeds[i].
+    `guidance_rescale`: see `predict_with_guidance`.
     Returns latents [B, *latent_shape] in the UNet's scaled latent space (see `decode`)."""
     if len(seeds) != len(rows.embeddings):
         raise ValueError(f"{len(seeds)} seeds for {len(rows.embeddings)} prompt embeddings")
@@ -186,7 +223,9 @@ def sample_latents(
     latents = noise.to(device, dtype) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, timestep)
-        prediction = predict_with_guidance(unet, model_input, timestep, cond, uncond, guidance_scale, **labels)
+        prediction = predict_with_guidance(
+            unet, model_input, timestep, cond, uncond, guidance_scale, **labels, guidance_rescale=guidance_rescale
+        )
         latents = scheduler.step(prediction, timestep, latents, generator=generators).prev_sample
     return latents
 
@@ -218,7 +257,16 @@ def sample_images(
         batch = pairs[start : start + sampling.batch_size]
         batch_rows = rows.select([row for row, _ in batch])
         seeds = [seed for _, seed in batch]
-        latents = sample_latents(unet, scheduler, batch_rows, sampling.guidance_scale, seeds, sampling.steps, latent_shape)
+        latents = sample_latents(
+            unet,
+            scheduler,
+            batch_rows,
+            sampling.guidance_scale,
+            seeds,
+            sampling.steps,
+            latent_shape,
+            sampling.guidance_rescale,
+        )
         images.append(decode(vae, latents, scaling_factor))
     flat = np.concatenate(images)
     return flat.reshape(len(rows.embeddings), len(sampling.seeds), *flat.shape[1:])

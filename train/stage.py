@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
+from pipeline.core.errors import StageFailure
 from pipeline.core.identity import EncoderMismatchError, check_run_encoders
 from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
@@ -32,8 +33,9 @@ CHECKPOINTS_RUN_NAME = layout.TRAIN_CHECKPOINTS.rsplit("/", 1)[1]
 RAY_CHECKPOINTS_RECORD = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants
 
 
-class TrainStageError(RuntimeError):
-    """Training could not start or did not finish; the message says why."""
+class TrainStageError(StageFailure):
+    """Training could not start or did not finish; the message says why (if a worker crashed: Ray's, with the
+    worker's traceback)."""
 
 
 def run_stage(config: PipelineConfig, run: RunDir) -> dict:

@@ -21,6 +21,7 @@ from ingest.download.toy_server import serve_directory, write_toy_images
 from ingest.download.url_list import prepare_url_list
 from pipeline.core import layout, toy
 from pipeline.core.config import IngestConfig, PipelineConfig
+from pipeline.core.errors import StageFailure
 from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 
@@ -51,7 +52,7 @@ def refuse_foreign_shards(settings: IngestConfig, run: RunDir) -> None:
     # Any shard img2dataset finished counts, recorded or not: an older version wrote no outcome records.
     if index.get("fingerprint") == url_list.fingerprint(settings) or not accounting.list_shards(run).complete:
         return
-    raise RuntimeError(
+    raise StageFailure(
         f"{run.path(layout.INGEST_SHARDS)} holds shards downloaded from another split of the URL list "
         f"({'an older version' if not index else 'other ingest settings'} cut it): their shard ids do not match "
         "this list's. Resume with the settings and version that started them, or rerun the stage with --force"
@@ -83,6 +84,6 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     stats["resumed_shards"] = downloaded.resumed_shards
     run.write_json(layout.INGEST_STATS, stats)
     if stats["succeeded"] == 0:
-        raise RuntimeError(f"ingest downloaded no image out of {stats['attempted']}: {json.dumps(stats['failed'])}")
+        raise StageFailure(f"ingest downloaded no image out of {stats['attempted']}: {json.dumps(stats['failed'])}")
     counts = {"attempted": stats["attempted"], "succeeded": stats["succeeded"], "shards": stats["shards"]}
     return {"counts": counts, "outputs": [layout.INGEST_SHARDS, layout.INGEST_STATS]}

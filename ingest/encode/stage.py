@@ -34,6 +34,7 @@ from pipeline.core import faults, layout
 from pipeline.core.arrays import to_base64_npy
 from pipeline.core.buckets import bucket_name, check_buckets
 from pipeline.core.config import EncodeConfig, PipelineConfig
+from pipeline.core.errors import StageFailure
 from pipeline.core.identity import configured_names
 from pipeline.core.inflight import bounded
 from pipeline.core.log import get_logger
@@ -300,7 +301,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     run.write_json(layout.ENCODE_MANIFEST, manifest)
     reuse.finish(run, previous, set(state))  # only now: a crash before this resumes from the record
     if counts["samples"] == 0:
-        raise RuntimeError("encode wrote no sample: no image of any raw shard decoded")
+        raise StageFailure("encode wrote no sample: no image of any raw shard decoded")
     return {"counts": stage_counts(counts, found, classes), "outputs": [layout.ENCODE_SHARDS, layout.ENCODE_MANIFEST]}
 
 

@@ -1,18 +1,26 @@
-"""`pipeline bench sample`: the fewest steps at which each scheduler matches 1000-step DDPM.
+"""`pipeline bench sample`: the fewest steps at which a scheduler matches 1000-step DDPM.
 
-The reference is DDPM with `ddpm_steps` steps (1000: one per training timestep) on the run's
-latest export, over the config's prompts x `seeds` at one guidance scale; its prompt accuracy
-is the toy judge's share of correct images, as in the sample stage (`sample.validate.stage`). Each
-scheduler (ddim, dpmsolver++, euler, and ddpm itself) then walks up `ladder` and stops at the
-first step count whose accuracy is within `tolerance` of the reference. Accuracy is not
-monotone in steps (a step count can be lucky on 96 images), so the first hit is reported, not
-a bisection, and every accuracy seen is in the JSON. `speedup` = ddpm_steps / the fewest
-steps of any scheduler; `wall_speedup` compares the seconds of the same two runs.
+The reference is DDPM with `ddpm_steps` steps (1000: one per training timestep) and plain
+guidance on the run's latest export, over the config's prompts x `seeds` at one guidance scale;
+its prompt accuracy is the toy judge's share of correct images, as in the sample stage
+(`sample.validate.stage`). Each scheduler then samples with the config's `sample.guidance_rescale`
+(the sample stage's setting) and walks up `ladder` to the first step count whose accuracy is
+within `tolerance` of the reference. Accuracy is not monotone in steps (a step count can be
+lucky on 48 images), so the first hit is reported, not a bisection, and every accuracy seen is
+in the JSON. `speedup` = ddpm_steps / the fewest steps of any scheduler; `wall_speedup`
+compares the seconds of the same two runs.
+
+What keeps it short: the ladder ends at 40 steps, past which speedup 25 is out of reach; the
+schedulers run in `SCHEDULERS`' order, the config's default first, and once one hits at N steps
+the others only walk the rungs below N (`below` in their entry), since they can no longer be the
+fastest. Two seeds per prompt (the sample stage's), 48 images on the tiny preset.
+`config_sampler` is the sample stage's own scheduler and steps (`sample.scheduler`,
+`sample.steps`), measured once against the same bar.
 
 Every (scheduler, steps) samples all prompts x seeds in one `generate` call on one intra-op
 thread (the tiny UNet gains nothing from more), with the config's timestep spacing. On 2
-shared cores one UNet step of 96 images takes about 0.5 s: the reference alone is ~10 minutes,
-and a scheduler that never reaches the bar walks the whole ladder (~1,550 steps, ~13 minutes).
+shared cores one UNet step of 48 images takes about 0.3-0.4 s: the reference is 5-7 minutes,
+and the whole bench about 8-10.
 
     make demo                   # trains runs/demo, which the bench reads (it never trains)
     pipeline bench sample       # or --run DIR
@@ -39,13 +47,14 @@ from sample.judge import is_correct
 
 DEFAULT_RUN = "runs/demo"
 DDPM_STEPS = 1000
-# Up to 50: past ddpm_steps / 25 a scheduler cannot meet the speedup target, and a scheduler that
-# plateaus just under the bar would otherwise walk every rung (about 40 minutes on 2 cores).
-LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
-# Four seeds per prompt: 96 images on the tiny preset, so one image moves accuracy by ~0.01.
-SEEDS = (0, 1, 2, 3)
+# Up to 40 = DDPM_STEPS / 25: past it a scheduler cannot meet the speedup target of 25.
+LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40)
+# The sample stage's two seeds per prompt: 48 images on the tiny preset (one image moves accuracy
+# by ~0.02), which halves the 1000-step reference (13.9 minutes for 96 images on 2 busy cores).
+SEEDS = (0, 1)
 TOLERANCE = 0.05
-# The likely fastest first; ddpm itself last, as it needs the most steps.
+# The sample stage's default first (the likely fastest: a hit there shortens every later ladder);
+# ddpm itself last, as it needs the most steps.
 SCHEDULERS = ("dpmsolver++", "euler", "ddim", "ddpm")
 
 log = logger("sample")
@@ -68,6 +77,20 @@ def first_hit(measure, ladder: list[int], threshold: float) -> tuple[int | None,
     return None, seen
 
 
+def search_all(measure, schedulers: tuple[str, ...], rungs: list[int], threshold: float) -> dict[str, dict[str, Any]]:
+    """Each scheduler's `_search` entry, in order, calling `measure(name, steps)`. Once one hits at
+    N steps, the later ones walk only the rungs below N: at N or more they cannot be the fastest."""
+    entries: dict[str, dict[str, Any]] = {}
+    best: int | None = None
+    for name in schedulers:
+        below = [steps for steps in rungs if best is None or steps < best]
+        entries[name] = _search(partial(measure, name), below, threshold)
+        entries[name]["below"] = best
+        if entries[name]["steps"] is not None:
+            best = entries[name]["steps"]
+    return entries
+
+
 def _missing_run_message(run_dir: RunDir) -> str | None:
     if not run_dir.exists(layout.CONFIG):
         return (
@@ -88,9 +111,12 @@ def run_bench(
     ladder: tuple[int, ...] = LADDER,
     tolerance: float = TOLERANCE,
     schedulers: tuple[str, ...] = SCHEDULERS,
+    guidance_rescale: float | None = None,
 ) -> dict[str, Any]:
-    """`cpus` is taken for the CLI's uniform call only: sampling runs here, on one thread."""
+    """`cpus` is taken for the CLI's uniform call only: sampling runs here, on one thread.
+    `guidance_rescale`: the schedulers' (None: the config's `sample.guidance_rescale`); the reference's is 0."""
     run_dir, config = _trained_run(run)
+    rescale = config.sample.guidance_rescale if guidance_rescale is None else guidance_rescale
     prompts, seeds = list(config.sample.prompts), [int(seed) for seed in seeds]
     specs = [parse_caption(prompt) for prompt in prompts]  # a ValueError names a prompt the judge cannot read
     images = len(prompts) * len(seeds)
@@ -103,16 +129,18 @@ def run_bench(
         reference = Sampling(guidance_scale, seeds, ddpm_steps, "ddpm", spacing, batch_size)
 
         def measure(scheduler: str, steps: int) -> tuple[float, float]:
-            return _measure(checkpoint, prompts, specs, replace(reference, scheduler=scheduler, steps=steps))
+            sampling = replace(reference, scheduler=scheduler, steps=steps, guidance_rescale=rescale)
+            return _measure(checkpoint, prompts, specs, sampling)
 
         log(
             f"{run_dir.url} step {checkpoint.step}: {len(prompts)} prompts x seeds {seeds}, guidance "
-            f"{guidance_scale:g}, {spacing} spacing, {device}; reference ddpm {ddpm_steps} steps"
+            f"{guidance_scale:g} (rescale {rescale:g}), {spacing} spacing, {device}; reference ddpm {ddpm_steps} steps"
         )
-        reference_accuracy, reference_seconds = measure("ddpm", ddpm_steps)
+        reference_accuracy, reference_seconds = _measure(checkpoint, prompts, specs, reference)
         rungs = sorted(steps for steps in set(ladder) if steps < ddpm_steps)
         threshold = reference_accuracy - tolerance - 1e-9
-        per_scheduler = {name: _search(partial(measure, name), rungs, threshold) for name in schedulers}
+        per_scheduler = search_all(measure, schedulers, rungs, threshold)
+        default_accuracy, default_seconds = measure(config.sample.scheduler, config.sample.steps)
 
     best = _fastest(per_scheduler, images)
     return {
@@ -126,9 +154,18 @@ def run_bench(
         "reference_images_per_s": round(images / reference_seconds, 3),
         "tolerance": tolerance,
         "per_scheduler": per_scheduler,
+        "config_sampler": {
+            "scheduler": config.sample.scheduler,
+            "steps": config.sample.steps,
+            "accuracy": round(default_accuracy, 4),
+            "seconds": round(default_seconds, 2),
+            "within_tolerance": default_accuracy >= threshold,
+        },
         "run": run_dir.url,
         "checkpoint": checkpoint.step,
         "guidance_scale": guidance_scale,
+        "guidance_rescale": rescale,
+        "reference_guidance_rescale": reference.guidance_rescale,
         "seeds": seeds,
         "prompts": len(prompts),
         "images": images,

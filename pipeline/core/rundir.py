@@ -29,7 +29,7 @@ from pipeline.core import layout
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def inside(relative: str, where: str = "the run directory") -> str:

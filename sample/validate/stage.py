@@ -50,6 +50,7 @@ SETTINGS = (
     "scheduler",
     "steps",
     "timestep_spacing",
+    "guidance_rescale",
     "clip_model",
     "fid_inception",
     "fid_reference",

@@ -23,11 +23,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
-import tomllib
 import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate missing: pip install -e '.[dev]'")

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,20 @@ from sample import export, generate
 from sample.guidance import Sampling
 
 
-@pytest.mark.parametrize(("scheduler", "guidance_scale"), [("ddim", 7.5), ("dpmsolver++", 3.0), ("euler", 1.0), ("ddpm", 7.5)])
-def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_dirs, tmp_path, scheduler, guidance_scale):
+# Scales above 1 only: for s <= 1 diffusers skips guidance and samples the conditional model, where
+# s = 0 here is the unconditional one (see sample.guidance). guidance_rescale is diffusers' own.
+@pytest.mark.parametrize(
+    ("scheduler", "guidance_scale", "guidance_rescale"),
+    [("ddim", 7.5, 0.0), ("dpmsolver++", 3.0, 0.0), ("dpmsolver++", 7.5, 0.7), ("euler", 1.5, 0.0), ("ddpm", 7.5, 0.7)],
+)
+def test_stable_diffusion_pipeline_draws_the_same_images(
+    synthetic_run, model_dirs, tmp_path, scheduler, guidance_scale, guidance_rescale
+):
     config = sample_config(model_dirs)
     checkpoint = export.load_checkpoint(synthetic_run, config, 20, str(tmp_path), torch.device("cpu"))
     seeds = [3, 11]
-    ours = generate.generate(checkpoint, PROMPTS, Sampling(guidance_scale, seeds, 4, scheduler), negative_prompt="")
+    sampling = Sampling(guidance_scale, seeds, 4, scheduler, guidance_rescale=guidance_rescale)
+    ours = generate.generate(checkpoint, PROMPTS, sampling, negative_prompt="")
 
     pipe = generate.stable_diffusion_pipeline(checkpoint, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -36,6 +45,7 @@ def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_di
         width=RESOLUTION,
         num_inference_steps=4,
         guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
         output_type="np",
     ).images
     theirs = (theirs * 255).round().astype(np.uint8).reshape(ours.shape)
@@ -43,6 +53,9 @@ def test_stable_diffusion_pipeline_draws_the_same_images(synthetic_run, model_di
     # (x + 1) * 127.5 against (x / 2 + 0.5) * 255: equal but for float rounding at .5.
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert not np.array_equal(ours[0, 0], ours[0, 1])  # the seeds matter, so the check has teeth
+    if guidance_rescale:  # and so does the rescale
+        plain = generate.generate(checkpoint, PROMPTS, replace(sampling, guidance_rescale=0.0), negative_prompt="")
+        assert np.abs(ours.astype(int) - plain.astype(int)).max() > 1
 
 
 def test_default_negative_prompt_is_the_manifests_empty_caption(synthetic_run, model_dirs, tmp_path):
@@ -82,7 +95,9 @@ def test_cli_writes_one_png_per_prompt_and_seed(synthetic_run, model_dirs, tmp_p
     assert result.stdout.split() == [str(out / name) for name in names]
 
     checkpoint = export.load_checkpoint(synthetic_run, config, 10, str(tmp_path), torch.device("cpu"))
-    expected = generate.generate(checkpoint, PROMPTS, Sampling(guidance_scale=3.0, seeds=[5, 6], steps=3, scheduler="euler"))
+    assert config.sample.guidance_rescale == 0.7  # the CLI samples with the config's rescale
+    sampling = Sampling(guidance_scale=3.0, seeds=[5, 6], steps=3, scheduler="euler", guidance_rescale=0.7)
+    expected = generate.generate(checkpoint, PROMPTS, sampling)
     written = np.stack([np.asarray(Image.open(out / name)) for name in names]).reshape(expected.shape)
     np.testing.assert_array_equal(written, expected)
     assert not synthetic_run.exists(layout.SAMPLE_VALIDATION)  # the validation stage did not run

@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from pydantic import ValidationError
 from sample_support import LATENT_SHAPE, TEXT_DIM, tiny_unet, tiny_vae, training_scheduler
 
+from pipeline.core.config import SampleConfig
 from sample.guidance import (
     SCHEDULERS,
     ConditionRows,
@@ -17,6 +20,7 @@ from sample.guidance import (
     decode,
     make_scheduler,
     predict_with_guidance,
+    rescale_guided,
     sample_images,
     sample_latents,
 )
@@ -73,6 +77,62 @@ def test_scale_zero_is_unconditional_and_one_is_conditional(scheduler_name):
     torch.testing.assert_close(run(cond, uncond, 1.0), run(cond, other, 1.0))  # uncond is ignored at s=1
     torch.testing.assert_close(run(cond, cond, 7.5), run(cond, other, 1.0))  # equal halves: no guidance effect
     assert not torch.allclose(run(cond, uncond, 7.5), run(cond, uncond, 1.0))
+
+
+class ScaleStub(StubUNet):
+    """Predicts x * mean(embedding): the guided prediction's spread grows with the scale."""
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.batch_sizes.append(len(x))
+        return SimpleNamespace(sample=x * encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1))
+
+
+def test_guidance_rescale_pulls_the_guided_spread_back_to_the_conditional_one():
+    unet = ScaleStub()
+    x = torch.randn(2, *LATENT_SHAPE)
+    t = torch.tensor(500)
+    cond, uncond = embeddings(2.0), embeddings(-1.0)  # cond predicts 2x, uncond -x
+    guided = -x + 7.5 * (2 * x - -x)  # 21.5x
+    torch.testing.assert_close(predict_with_guidance(unet, x, t, cond, uncond, 7.5), guided)
+    torch.testing.assert_close(predict_with_guidance(unet, x, t, cond, uncond, 7.5, guidance_rescale=1.0), 2 * x)
+    mixed = predict_with_guidance(unet, x, t, cond, uncond, 7.5, guidance_rescale=0.7)
+    torch.testing.assert_close(mixed, 0.7 * 2 * x + 0.3 * guided)
+    # s = 0 and s = 1 compute one half only: nothing to rescale against, and nothing to rescale.
+    torch.testing.assert_close(predict_with_guidance(unet, x, t, cond, uncond, 0.0, guidance_rescale=0.7), -x)
+    torch.testing.assert_close(predict_with_guidance(unet, x, t, cond, uncond, 1.0, guidance_rescale=0.7), 2 * x)
+
+
+def test_rescale_is_diffusers_rescale_noise_cfg_per_image():
+    generator = torch.Generator().manual_seed(0)
+    guided, cond = torch.randn(3, *LATENT_SHAPE, generator=generator) * 5, torch.randn(3, *LATENT_SHAPE, generator=generator)
+    for phi in (0.0, 0.7, 1.0):
+        torch.testing.assert_close(rescale_guided(guided, cond, phi), rescale_noise_cfg(guided, cond, guidance_rescale=phi))
+    # Per image: image 0 alone gives what it gives in the batch.
+    torch.testing.assert_close(rescale_guided(guided[:1], cond[:1], 0.7), rescale_guided(guided, cond, 0.7)[:1])
+
+
+def test_guidance_rescale_defaults_to_lin_et_al_and_must_lie_in_0_1():
+    # Plain guidance at 7.5 made every deterministic sampler fall short of 1000-step DDPM (issue 21).
+    sample = SampleConfig()
+    assert sample.guidance_rescale == 0.7 and sample.scheduler == "dpmsolver++" and sample.steps == 20
+    assert Sampling.from_config(sample, 7.5).guidance_rescale == 0.7
+    assert Sampling.from_config(sample.model_copy(update={"guidance_rescale": 0.0}), 7.5).guidance_rescale == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValidationError, match="guidance_rescale"):
+            SampleConfig(guidance_rescale=bad)
+        with pytest.raises(ValueError, match="guidance_rescale"):
+            Sampling(7.5, [0], 20, "ddim", guidance_rescale=bad)
+
+
+def test_sample_latents_applies_the_rescale():
+    unet = ScaleStub()
+    scheduler = make_scheduler("ddim", training_scheduler().config)
+    rows = ConditionRows(embeddings(2.0), embeddings(-1.0))
+    run = lambda s, phi: sample_latents(unet, scheduler, rows, s, [3, 4], 3, LATENT_SHAPE, guidance_rescale=phi)  # noqa: E731
+    assert not torch.allclose(run(7.5, 0.7), run(7.5, 0.0))
+    # phi = 1 on this stub: the conditional prediction (up to float round-off of the std ratio)
+    torch.testing.assert_close(run(7.5, 1.0), run(1.0, 0.0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(1.0, 0.7), run(1.0, 0.0))
 
 
 def test_uncond_embedding_may_be_one_for_all():

@@ -17,6 +17,7 @@ import urllib.request
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -337,7 +338,7 @@ def test_connects_to_the_checked_address_without_a_second_lookup(server, monkeyp
 
 def _self_signed(hostname: str):
     x509 = pytest.importorskip("cryptography.x509")
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -345,7 +346,7 @@ def _self_signed(hostname: str):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

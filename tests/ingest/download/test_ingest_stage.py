@@ -15,6 +15,7 @@ from ingest.download.stage import TOY_BASE_URL, refuse_foreign_shards, run_stage
 from ingest.download.toy_server import serve_directory
 from pipeline.core import layout
 from pipeline.core.config import IngestConfig, load_config
+from pipeline.core.errors import StageFailure
 from pipeline.core.rundir import RunDir
 from pipeline.core.toy import parse_caption
 from sample.judge import is_correct
@@ -91,10 +92,10 @@ def test_shards_from_another_split_of_the_list_are_refused_not_mixed(tmp_path):
     settings = IngestConfig(source="urls", url_list=str(tmp_path / "urls.parquet"))
     refuse_foreign_shards(settings, run)  # nothing downloaded yet: fine
     run.write_json(f"{layout.INGEST_SHARDS}/00000{layout.SHARD_STATS_SUFFIX}", {"count": 1})
-    with pytest.raises(RuntimeError, match="an older version .* rerun the stage with --force"):
+    with pytest.raises(StageFailure, match="an older version .* rerun the stage with --force"):  # one line, no traceback
         refuse_foreign_shards(settings, run)  # shards but no index: cut by an older version
     run.write_json(url_list.INDEX, {"fingerprint": "other"})
-    with pytest.raises(RuntimeError, match="other ingest settings"):
+    with pytest.raises(StageFailure, match="other ingest settings"):
         refuse_foreign_shards(settings, run)
     run.write_json(url_list.INDEX, {"fingerprint": url_list.fingerprint(settings)})
     refuse_foreign_shards(settings, run)  # this cleaning's shards: resumed

@@ -6,9 +6,10 @@ from sample_support import PROMPTS, sample_config
 from typer.testing import CliRunner
 
 from pipeline import cli as pipeline_cli
-from pipeline.bench.sample import SCHEDULERS, first_hit, run_bench
+from pipeline.bench import sample as bench_sample
+from pipeline.bench.sample import SCHEDULERS, first_hit, run_bench, search_all
 from pipeline.core import layout
-from pipeline.core.config import to_toml
+from pipeline.core.config import PipelineConfig, to_toml
 
 LADDER = (4, 1, 2, 40)  # unsorted, and 40 is past the reference: the bench sorts and drops it
 DDPM_STEPS = 20
@@ -24,17 +25,22 @@ def bench_run(synthetic_run, model_dirs):
 def check_entries(report: dict) -> None:
     assert set(report["per_scheduler"]) == set(SCHEDULERS)
     threshold = report["reference_accuracy"] - report["tolerance"]
-    for name, entry in report["per_scheduler"].items():
+    best = None  # the fewest steps of the schedulers before: later ones walk only the rungs below it
+    for name in SCHEDULERS:
+        entry = report["per_scheduler"][name]
+        assert entry["below"] == best, name
+        rungs = [steps for steps in report["ladder"] if best is None or steps < best]
         ladder = {int(steps): accuracy for steps, accuracy in entry["ladder"].items()}
-        assert list(ladder) == report["ladder"][: len(ladder)], name  # walked up in order, from the bottom
+        assert list(ladder) == rungs[: len(ladder)], name  # walked up in order, from the bottom
         assert all(0 <= accuracy <= 1 for accuracy in ladder.values())
-        if entry["steps"] is None:  # no hit: every rung tried, none close enough
-            assert list(ladder) == report["ladder"] and entry["accuracy"] is None and entry["seconds"] is None
+        if entry["steps"] is None:  # no hit: every rung below the best tried, none close enough
+            assert list(ladder) == rungs and entry["accuracy"] is None and entry["seconds"] is None
             assert all(accuracy < threshold for accuracy in ladder.values())
         else:  # stopped at the first hit
             assert max(ladder) == entry["steps"] and entry["accuracy"] == ladder[entry["steps"]] >= threshold
             assert all(accuracy < threshold for steps, accuracy in ladder.items() if steps < entry["steps"])
             assert entry["seconds"] > 0 and entry["search_seconds"] >= entry["seconds"]
+            best = entry["steps"]
 
 
 def test_bench_finds_the_first_hit_per_scheduler_and_the_speedup(bench_run):
@@ -42,6 +48,11 @@ def test_bench_finds_the_first_hit_per_scheduler_and_the_speedup(bench_run):
     assert report["bench"] == "sample" and report["device"] == "cpu" and report["threads"] == 1
     assert report["ddpm_steps"] == DDPM_STEPS and report["ladder"] == [1, 2, 4]
     assert report["checkpoint"] == 20 and report["seeds"] == list(SEEDS) and report["guidance_scale"] == 7.5
+    # The schedulers use the config's guidance rescale; the 1000-step reference plain guidance.
+    assert report["guidance_rescale"] == 0.7 and report["reference_guidance_rescale"] == 0.0
+    default = report["config_sampler"]  # the config's ddim at 2 steps (sample_config)
+    assert (default["scheduler"], default["steps"]) == ("ddim", 2) and 0 <= default["accuracy"] <= 1
+    assert default["within_tolerance"] == (default["accuracy"] >= report["reference_accuracy"] - report["tolerance"] - 1e-9)
     assert report["images"] == len(PROMPTS) * len(SEEDS) and report["timestep_spacing"] == "trailing"
     assert 0 <= report["reference_accuracy"] <= 1 and report["reference_seconds"] > 0
     check_entries(report)
@@ -61,6 +72,27 @@ def test_bench_without_a_hit_reports_every_rung_and_no_speedup(bench_run):
     report = run_bench(run=bench_run.url, seeds=(0,), ddpm_steps=4, ladder=(1, 2), tolerance=-2.0, schedulers=("ddim",))
     assert report["speedup"] is None and report["fastest"] is None and report["wall_speedup"] is None
     assert report["per_scheduler"]["ddim"]["steps"] is None and list(report["per_scheduler"]["ddim"]["ladder"]) == ["1", "2"]
+
+
+def test_later_schedulers_walk_only_the_rungs_below_the_best_hit_so_far():
+    bars = {"slow": 30, "fast": 8, "never": 99, "faster": 3}  # the fewest steps each reaches the bar in
+    calls = []
+
+    def measure(name, steps):
+        calls.append((name, steps))
+        return (1.0 if steps >= bars[name] else 0.0), 0.1
+
+    entries = search_all(measure, tuple(bars), [1, 2, 4, 8, 10, 30, 40], threshold=0.5)
+    assert {name: entry["steps"] for name, entry in entries.items()} == {"slow": 30, "fast": 8, "never": None, "faster": 4}
+    assert {name: entry["below"] for name, entry in entries.items()} == {"slow": None, "fast": 30, "never": 8, "faster": 8}
+    assert [steps for name, steps in calls if name == "never"] == [1, 2, 4]  # stopped below "fast"'s 8
+    assert [steps for name, steps in calls if name == "fast"] == [1, 2, 4, 8]
+    assert len(calls) == 6 + 4 + 3 + 3
+
+
+def test_the_ladder_ends_where_speedup_25_is_out_of_reach_and_the_default_scheduler_runs_first():
+    assert max(bench_sample.LADDER) == bench_sample.DDPM_STEPS // 25 == 40
+    assert SCHEDULERS[0] == PipelineConfig().sample.scheduler
 
 
 def test_first_hit_stops_at_the_first_rung_that_reaches_the_bar_even_if_a_later_one_falls():

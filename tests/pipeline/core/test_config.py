@@ -1,5 +1,6 @@
-import pytest
 import tomllib
+
+import pytest
 
 from pipeline.core.config import PRESETS, ConfigError, load_config, to_toml, validate
 

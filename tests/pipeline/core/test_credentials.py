@@ -4,11 +4,11 @@ them. And the dependency floors that carry protections we rely on."""
 
 from __future__ import annotations
 
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 from typer.testing import CliRunner
