@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +20,21 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client gone mid-response (a download task cancelled when the stage gave up) is not an error
+        of ours; anything else is still printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @contextmanager
 def serve_directory(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve `directory` on host:<free port> in a background thread; yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = ThreadingHTTPServer((host, 0), handler)
-    server.daemon_threads = True
+    server = _QuietServer((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="toy-http", daemon=True)
     thread.start()
     try:

@@ -222,7 +222,8 @@ def test_the_ingest_stage_on_a_full_disk_fails_with_one_line_and_counts_no_cut_s
     rerun = pipeline_ingest(folder / "run")
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     stats = run.read_json(layout.INGEST_STATS)
-    assert (stats["attempted"], stats["succeeded"], stats["failed"], stats["shards"]) == (120, 120, {}, 4)
+    summary = (stats["attempted"], stats["succeeded"], stats["failed"], stats["shards"])
+    assert summary == (120, 120, {}, 4), (stats, rerun.stderr[-4000:])
     assert assert_whole(run) == {0, 1, 2, 3}
 
 

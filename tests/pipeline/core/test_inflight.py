@@ -38,6 +38,39 @@ def test_bounded_raises_a_tasks_error_and_refuses_a_limit_below_one(ray_local):
         list(bounded(task.remote, [0], limit=0))
 
 
+def test_leaving_on_an_error_stops_the_tasks_still_in_flight(ray_local, tmp_path):
+    """A task that fails while others still run (a full disk): those are cancelled, not left running
+    after the stage has given up (they would record shards of connection errors once the toy
+    server is gone). Each blocked one waits for a file that never comes, so only cancelling ends it."""
+    ray = ray_local
+
+    def work(item: int, release: str) -> int:
+        import os
+        import time
+
+        if item == 0:
+            raise OSError(28, "No space left on device")
+        while not os.path.exists(release):
+            time.sleep(0.05)
+        return item
+
+    task = ray.remote(work).options(num_cpus=0.1, max_retries=0)
+    refs = []
+
+    def submit(item):
+        refs.append(task.remote(item, str(tmp_path / "release")))
+        return refs[-1]
+
+    def give_up(item, error):
+        raise error
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="No space left"):
+        list(bounded(submit, range(3), limit=3, on_error=give_up))
+    for ref in refs[1:]:
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=60)
+
+
 def test_shard_bar_counts_rates_failures_and_logs_every_tenth(caplog):
     logger = logging.getLogger("pipeline.test-bar")
     with (
