@@ -266,6 +266,9 @@ def plan(
     resolution: int | None = typer.Option(None, "--resolution", help="Side in px; default: the preset's encode.resolution."),
     gpu: str | None = typer.Option(None, "--gpu", help="A100-40GB, A100-80GB, H100, L4 or CPU; default: by train.use_gpu."),
     gpus: int | None = typer.Option(None, "--gpus", help="GPUs (CPU: nodes) in all; default: train.num_workers."),
+    encode_actors: int | None = typer.Option(
+        None, "--encode-actors", metavar="N", parser=_whole_number, help="Encoder actors; default: encode.num_actors."
+    ),
     nodes: int | None = typer.Option(None, "--nodes", help="Nodes that download; default: GPUs / GPUs per node."),
     network_gbps: float = typer.Option(10.0, "--network-gbps", help="Network per node, Gbit/s."),
     price: float | None = typer.Option(None, "--price-per-gpu-hour", help="USD; default: the GPU's AWS on-demand price."),
@@ -292,6 +295,7 @@ def plan(
             preset=planning.preset_facts(preset),
             gpu=gpu,
             gpus=gpus,
+            encode_actors=encode_actors,
             resolution=resolution,
             nodes=nodes,
             network_gbps=network_gbps,
@@ -324,7 +328,26 @@ def config_show(
 
 
 def main() -> None:
-    app()
+    """The `pipeline` command. A usage mistake (an unknown option, a value of the wrong type) is one line, as every
+    other expected mistake is, not click's usage block."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's own click
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as error:  # `pipeline config`: the help, as before
+        error.show()
+        code = 2
+    except UsageError as error:
+        where = f" (see {error.ctx.command_path} --help)" if error.ctx else ""
+        typer.secho(f"{error.format_message()}{where}", fg=typer.colors.RED, err=True)
+        code = 2
+    except ClickException as error:
+        error.show()
+        code = error.exit_code
+    except (typer.Abort, KeyboardInterrupt):  # as click's standalone mode says it
+        typer.echo("Aborted!", err=True)
+        code = 1
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

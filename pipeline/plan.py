@@ -8,7 +8,7 @@ here. Pure functions over numbers; no torch, so the command answers at once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.core.buckets import VAE_DOWNSAMPLE
@@ -37,6 +37,7 @@ class Estimate:
     unit: str
     formula: str
     uses: list[str] = field(default_factory=list)  # names of the assumptions (or inputs) it rests on
+    high: float | None = None  # at mfu_low, where the MFU was assumed: the range is value to high
 
 
 # FLOPs (matmul and conv, multiply-add = 2) counted with torch.utils.flop_counter.FlopCounterMode
@@ -151,6 +152,7 @@ class PresetFacts:
     vae_passes: int
     workers: int
     use_gpu: bool
+    encode_actors: int  # encode.num_actors: encode runs on this many devices, however many the run holds
 
 
 def preset_facts(preset: str) -> PresetFacts:
@@ -174,6 +176,7 @@ def preset_facts(preset: str) -> PresetFacts:
         vae_passes=2 if encode.flip_copies else 1,
         workers=train.num_workers,
         use_gpu=train.use_gpu,
+        encode_actors=encode.num_actors,
     )
 
 
@@ -196,6 +199,8 @@ class PlanInputs:
     """A key of DEVICES (A100-40GB, A100-80GB, H100, L4, CPU); None: A100-80GB if the preset trains on GPUs, else CPU."""
     gpus: int | None = None
     """GPUs (CPU: nodes) in all; None: the preset's train.num_workers."""
+    encode_actors: int | None = None
+    """Encoder actors, one device each (at most `gpus`); None: the preset's encode.num_actors."""
     resolution: int | None = None
     """Image side in px; None: the preset's encode.resolution."""
     nodes: int | None = None
@@ -227,6 +232,7 @@ class Setup:
     gpus: int
     resolution: int
     nodes: int
+    encoders: int  # devices encoding at once: encode actors, at most the GPUs
 
 
 @dataclass(frozen=True)
@@ -260,18 +266,30 @@ HOUR = 3600.0
 
 
 def plan(inputs: PlanInputs) -> dict[str, Any]:
-    """The assumptions and estimates of one run, as plain data (see `render`)."""
-    setup = resolve(inputs)
-    ledger = Ledger()
-    assume_inputs(ledger, inputs, setup)
-    download_s = estimate_download(ledger, inputs, setup)
-    estimate_storage(ledger, inputs, setup)
-    rates = assume_rates(ledger, inputs, setup)
-    encode_gpu_s = estimate_encode(ledger, inputs, setup, rates)
-    train_gpu_s = estimate_train(ledger, inputs, setup, rates)
-    estimate_total_and_cost(ledger, inputs, setup, download_s + (encode_gpu_s + train_gpu_s) / setup.gpus)
-    if inputs.preset.unet == "sd15":
-        check_against_sd_v1(ledger, rates.mfu)
+    """The assumptions and estimates of one run, as plain data (see `render`). Where a GPU's MFU is assumed
+    rather than given, each estimate resting on it also carries `high`: its value at `mfu_low`, the MFU SD v1's
+    own training achieved by this FLOP model, so the plan reads as a range."""
+    setup, ledger = _ledger(inputs)
+    if inputs.mfu is None and setup.device.peak_flops is not None:
+        low = sd_v1_flops() / (DEVICES["A100-40GB"].peak_flops * SD_V1_HOURS * HOUR)
+        mfu_at = next(index for index, a in enumerate(ledger.assumptions) if a.name == "mfu") + 1
+        ledger.assumptions.insert(
+            mfu_at,
+            Assumption(
+                "mfu_low",
+                low,
+                "of peak",
+                f"the low end of every range: what SD v1's training achieved by this FLOP model (its model card's "
+                f"{SD_V1_HOURS:,} A100-h, {SD_V1_CARD}; check_sd_v1_implied_mfu)",
+            ),
+        )
+        _, slow = _ledger(replace(inputs, mfu=low))
+        ledger.estimates = [
+            replace(estimate, high=other.value, uses=[*estimate.uses, "mfu_low"])
+            if not estimate.name.startswith("check_") and estimate.value is not None and other.value != estimate.value
+            else estimate
+            for estimate, other in zip(ledger.estimates, slow.estimates, strict=True)
+        ]
     return {
         "inputs": {
             "images": inputs.images,
@@ -280,10 +298,26 @@ def plan(inputs: PlanInputs) -> dict[str, Any]:
             "gpu": setup.gpu,
             "gpus": setup.gpus,
             "nodes": setup.nodes,
+            "encode_actors": setup.encoders,
         },
         "assumptions": {a.name: {"value": a.value, "unit": a.unit, "source": a.source} for a in ledger.assumptions},
         "estimates": {e.name: {k: v for k, v in asdict(e).items() if k != "name"} for e in ledger.estimates},
     }
+
+
+def _ledger(inputs: PlanInputs) -> tuple[Setup, Ledger]:
+    setup = resolve(inputs)
+    ledger = Ledger()
+    assume_inputs(ledger, inputs, setup)
+    download_s = estimate_download(ledger, inputs, setup)
+    estimate_storage(ledger, inputs, setup)
+    rates = assume_rates(ledger, inputs, setup)
+    encode_s = estimate_encode(ledger, inputs, setup, rates)
+    train_gpu_s = estimate_train(ledger, inputs, setup, rates)
+    estimate_total_and_cost(ledger, inputs, setup, download_s + encode_s + train_gpu_s / setup.gpus)
+    if inputs.preset.unet == "sd15":
+        check_against_sd_v1(ledger, rates.mfu)
+    return setup, ledger
 
 
 def resolve(inputs: PlanInputs) -> Setup:
@@ -295,6 +329,7 @@ def resolve(inputs: PlanInputs) -> Setup:
     checks = [
         ("--images", inputs.images >= 1, "must be at least 1"),
         ("--gpus", gpus >= 1, "must be at least 1"),
+        ("--encode-actors", inputs.encode_actors is None or inputs.encode_actors >= 1, "must be at least 1"),
         ("--resolution", resolution >= 64 and resolution % VAE_DOWNSAMPLE == 0, "must be a multiple of 8, at least 64"),
         ("--nodes", inputs.nodes is None or inputs.nodes >= 1, "must be at least 1"),
         ("--network-gbps", inputs.network_gbps > 0, "must be positive"),
@@ -310,7 +345,9 @@ def resolve(inputs: PlanInputs) -> Setup:
     for option, ok, message in checks:
         if not ok:
             raise PlanError(option, message)
-    return Setup(gpu, device, gpus, resolution, nodes=inputs.nodes or math.ceil(gpus / device.per_node))
+    actors = preset.encode_actors if inputs.encode_actors is None else inputs.encode_actors
+    nodes = inputs.nodes or math.ceil(gpus / device.per_node)
+    return Setup(gpu, device, gpus, resolution, nodes, encoders=min(actors, gpus))
 
 
 def assume_inputs(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> None:
@@ -326,6 +363,10 @@ def assume_inputs(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> None:
     ledger.assume("gpu", gpu, "", gpu_source)
     ledger.assume("gpus", setup.gpus, gpu, GIVEN if inputs.gpus is not None else f"preset {preset.name} train.num_workers")
     ledger.assume("nodes", setup.nodes, "nodes", f"{setup.device.per_node} {gpu} per node" if nodes_default else GIVEN)
+    actors_source = GIVEN if inputs.encode_actors is not None else f"preset {preset.name} encode.num_actors"
+    if setup.encoders < (inputs.encode_actors or preset.encode_actors):
+        actors_source += f", at most one per GPU ({setup.gpus})"
+    ledger.assume("encode_actors", setup.encoders, "actors", actors_source)
 
 
 def estimate_download(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> float:
@@ -468,8 +509,17 @@ def estimate_encode(ledger: Ledger, inputs: PlanInputs, setup: Setup, rates: Rat
     ledger.estimate(
         "encode_gpu_hours", encode_gpu_s / HOUR, "GPU-h", "images x (vae + text FLOPs) / (peak x mfu)", ["images", *uses]
     )
-    ledger.estimate("encode_hours", encode_gpu_s / setup.gpus / HOUR, "h", "encode_gpu_hours / gpus", ["gpus", *uses])
-    return encode_gpu_s
+    encode_s = encode_gpu_s / setup.encoders
+    ledger.estimate("encode_hours", encode_s / HOUR, "h", "encode_gpu_hours / encode_actors", ["encode_actors", *uses])
+    if setup.encoders < setup.gpus:  # billed meanwhile (`billing`)
+        ledger.estimate(
+            "encode_idle_gpu_hours",
+            encode_s * (setup.gpus - setup.encoders) / HOUR,
+            "GPU-h",
+            "encode_hours x (gpus - encode_actors): held, not encoding; more encode actors shorten it",
+            ["gpus", "encode_actors", *uses],
+        )
+    return encode_s
 
 
 def estimate_train(ledger: Ledger, inputs: PlanInputs, setup: Setup, rates: Rates) -> float:
@@ -522,13 +572,29 @@ def estimate_total_and_cost(ledger: Ledger, inputs: PlanInputs, setup: Setup, wa
     ledger.assume(
         "billing", "whole run", "", "assumed: the run holds its GPUs from download to the last step, as `pipeline run` does"
     )
-    ledger.estimate("total_hours", wall_s / HOUR, "h", "download + encode + train, one after another", ["gpus", "nodes"])
+    ledger.estimate(
+        "total_hours", wall_s / HOUR, "h", "download + encode + train, one after another", ["gpus", "nodes", "encode_actors"]
+    )
     ledger.estimate(
         "cost_usd",
         None if price is None else wall_s / HOUR * setup.gpus * price,
         "USD",
         "total_hours x gpus x price_per_gpu_hour",
         ["price_per_gpu_hour", "billing", "gpus"],
+    )
+
+
+def sd_v1_flops() -> float:
+    """SD v1's schedule (SD_V1_STEPS at SD_V1_BATCH) in FLOPs, the VAE and CLIP run every step (no cached latents then)."""
+    return sum(
+        steps_at
+        * SD_V1_BATCH
+        * (
+            quadratic_flops(UNET_TRAIN_FLOPS["sd15"], px)
+            + quadratic_flops(VAE_ENCODE_FLOPS["sd15"], px)
+            + TEXT_ENCODE_FLOPS["sd15"]
+        )
+        for px, steps_at in SD_V1_STEPS.items()
     )
 
 
@@ -542,16 +608,7 @@ def check_against_sd_v1(ledger: Ledger, mfu: float) -> None:
     ledger.assume(
         "sd_v1_hours", SD_V1_HOURS, "A100-h", f"SD v1 model card: Hardware Type A100 PCIe 40GB, Hours used 150000, {SD_V1_CARD}"
     )
-    sd_flops = sum(
-        steps_at
-        * SD_V1_BATCH
-        * (
-            quadratic_flops(UNET_TRAIN_FLOPS["sd15"], px)
-            + quadratic_flops(VAE_ENCODE_FLOPS["sd15"], px)
-            + TEXT_ENCODE_FLOPS["sd15"]
-        )
-        for px, steps_at in SD_V1_STEPS.items()
-    )
+    sd_flops = sd_v1_flops()
     a100 = DEVICES["A100-40GB"].peak_flops
     uses = ["sd_v1_schedule", "unet_train_flops", "vae_encode_flops", "mfu"]
     ledger.estimate(
@@ -596,8 +653,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         (
             f"pipeline plan: {inputs['images']:,} images at {inputs['resolution']} px, preset {inputs['preset']}, "
-            f"{inputs['gpus']} x {inputs['gpu']} on {inputs['nodes']} node(s)"
+            f"{inputs['gpus']} x {inputs['gpu']} on {inputs['nodes']} node(s), encode on {inputs['encode_actors']} actor(s)"
         ),
+        *(["'X to Y': X at the assumed mfu, Y at mfu_low"] if "mfu_low" in result["assumptions"] else []),
         "",
         "Assumptions",
     ]
@@ -608,7 +666,10 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"  {name:<{width}}  {values[name]:<{value_width}}  {a['source']}")
     lines += ["", "Estimates"]
     width = max(map(len, result["estimates"]))
-    shown = {name: _number(e["value"], e["unit"]) for name, e in result["estimates"].items()}
+    shown = {
+        name: _number(e["value"], e["unit"]) + (f" to {_number(e['high'], e['unit'])}" if e.get("high") is not None else "")
+        for name, e in result["estimates"].items()
+    }
     value_width = max(map(len, shown.values()))
     for name, e in result["estimates"].items():
         lines.append(f"  {name:<{width}}  {shown[name]:<{value_width}}  = {e['formula']}  [{', '.join(e['uses'])}]")

@@ -37,7 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core import layout, log
+from pipeline.core import layout, log, resources
 from pipeline.core.config import ConfigError, PipelineConfig, to_toml, validate
 from pipeline.core.errors import StageFailure
 from pipeline.core.lease import Lease, LeaseHeld
@@ -269,6 +269,14 @@ def run_stages(
 def _run_planned(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
     if log.log_file():
         log.get_logger("run").info(f"{run.url}; full log in {log.log_file()}")
+    on_ray = [
+        name
+        for name in plan.wanted
+        if STAGE_SPECS[name].needs_ray and (plan.forced[name] or not plan.up_to_date(name, run.stage(name)))
+    ]
+    if on_ray:  # every stage's request, before the first starts: not a day of encoding, then a refused train
+        ensure_ray(config.ray)
+        refuse_unfit(config, on_ray)
     watched = False
     for name in layout.STAGES:
         entry = run.stage(name)
@@ -403,6 +411,7 @@ def _run_one(
     logger.info(f"start ({mode})")
     if needs_ray:
         ensure_ray(config.ray)
+        refuse_unfit(config, [name])  # again: nodes may have gone since the run started
     started = time.monotonic()
     _mark_running(run, name, stage_fingerprints)
     try:
@@ -418,6 +427,27 @@ def _run_one(
     run.update_stage(name, **{**summary, "status": "done", "finished": now(), "seconds": seconds})
     counts = ", ".join(f"{key} {value}" for key, value in (summary.get("counts") or {}).items())
     logger.info(f"done in {seconds:.1f} s" + (f": {counts}" if counts else ""))
+
+
+def refuse_unfit(config: PipelineConfig, names: list[str]) -> None:
+    """StageError naming the keys and numbers where a stage of `names` asks Ray for more than the cluster has or
+    its autoscaler can add (pipeline.core.resources): Ray would wait for it forever."""
+    if not config.ray.check_resources:
+        return
+    cluster = resources.current_cluster()
+    if cluster is None:
+        get_logger("run").warning(
+            "an autoscaler runs but reported no maximum to Ray: whether "
+            + ", ".join(names)
+            + " can get the resources it asks for is not checked"
+        )
+        return
+    reasons = [reason for name in names if (reason := resources.unfit(name, config, cluster))]
+    if reasons:
+        why = "; ".join(reasons)
+        raise StageError(
+            f"{why}. Nothing was started (where an autoscaler Ray does not know of adds nodes, --set ray.check_resources=false)"
+        )
 
 
 def _mark_running(run: RunDir, name: str, stage_fingerprints: tuple[str, str, str]) -> None:

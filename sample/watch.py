@@ -31,21 +31,10 @@ from typing import Any
 from pipeline.core import layout
 from pipeline.core.config import PipelineConfig
 from pipeline.core.log import get_logger
+from pipeline.core.resources import training_reservation
 from pipeline.core.rundir import RunDir
 
 logger = get_logger("watch")
-
-
-def training_reservation(config: PipelineConfig) -> dict[str, float]:
-    """What the train stage's Ray Train run reserves in all: its workers, as train/stage.py asks for them, and
-    Ray Train's own trainer/controller actor, which ScalingConfig.total_resources counts (none in Ray Train V2,
-    whose controller takes 0 CPUs)."""
-    from ray.train import ScalingConfig
-
-    train = config.train
-    per_worker = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=per_worker)
-    return {resource: float(amount) for resource, amount in scaling.total_resources.items()}
 
 
 def crowded_out(config: PipelineConfig, cluster: dict[str, float]) -> str | None:

@@ -416,6 +416,11 @@ class SampleConfig(Section):
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster to join; unset starts a local instance (or uses RAY_ADDRESS).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance; unset lets Ray count them.")
+    check_resources: bool = Field(
+        True,
+        description="Before a stage starts, refuse a request the cluster can never grant (its totals, or an autoscaler's "
+        "reported maximum) instead of waiting for it; false where an autoscaler Ray does not know of adds nodes.",
+    )
 
 
 class PipelineConfig(Section):

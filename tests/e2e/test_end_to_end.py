@@ -85,23 +85,3 @@ def test_half_finished_run_resumes_at_the_first_incomplete_stage(tiny_run):
     assert after["stages"]["sample"]["status"] == after["stages"]["report"]["status"] == "done"
     assert after["stages"]["sample"]["counts"]["newly_validated"] == 0
     assert (tiny_run / layout.REPORT_INDEX).exists()
-
-
-@pytest.mark.e2e  # a second training run: `make test-e2e`
-def test_raising_max_steps_continues_training_and_validates_only_new_exports(tiny_run):
-    before = json.loads((tiny_run / layout.RUN_MANIFEST).read_text())
-    overrides = [item for item in SMALL if not item.startswith("train.max_steps")] + ["train.max_steps=12"]
-    result = pipeline("run", "--preset", "tiny", "--out", str(tiny_run), *[a for item in overrides for a in ("--set", item)])
-    assert result.returncode == 0, result.stderr[-4000:]
-    after = json.loads((tiny_run / layout.RUN_MANIFEST).read_text())
-    for name in ("ingest", "encode"):
-        assert after["stages"][name]["finished"] == before["stages"][name]["finished"]
-    assert after["stages"]["train"]["steps"] == 12
-    rows = [json.loads(line) for line in (tiny_run / layout.TRAIN_METRICS).read_text().splitlines()]
-    assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # no step trained twice
-    assert (tiny_run / layout.TRAIN_EXPORT / layout.step_name(4) / layout.COMMIT_MARKER).exists()
-    validation = json.loads((tiny_run / layout.SAMPLE_VALIDATION).read_text())
-    assert [entry["step"] for entry in validation["checkpoints"]] == [4, 8, 12]
-    sample = after["stages"]["sample"]
-    # The new export is validated once: by the watcher beside training (sample.watch) or by the stage after it.
-    assert sample["counts"]["newly_validated"] + len(sample.get("watch", {}).get("validated", [])) == 1

@@ -1,6 +1,8 @@
 """The tiny pipeline through the CLI with its run directory on S3 (the moto server of `s3_server`;
 the endpoint and credentials come from the environment conftest sets), then the run's contract
-read back from the bucket."""
+read back from the bucket; then raising train.max_steps continues that run in the bucket."""
+
+import json
 
 import boto3
 import pytest
@@ -34,3 +36,25 @@ def test_tiny_run_on_s3(s3_server, tmp_path):
     local = RunDir(url).get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(8)}", tmp_path / "export")
     unet = UNet2DConditionModel.from_pretrained(local / layout.EXPORT_UNET)
     assert sum(parameter.numel() for parameter in unet.parameters()) > 0
+
+    raising_max_steps_continues_training_and_validates_only_new_exports(url)
+
+
+def raising_max_steps_continues_training_and_validates_only_new_exports(url: str) -> None:
+    run = RunDir(url)
+    before = run.manifest()
+    overrides = [item for item in SMALL if not item.startswith("train.max_steps")] + ["train.max_steps=12"]
+    result = pipeline("run", "--preset", "tiny", "--out", url, *set_args(overrides), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = run.manifest()
+    for name in ("ingest", "encode"):
+        assert after["stages"][name]["finished"] == before["stages"][name]["finished"]
+    assert after["stages"]["train"]["steps"] == 12
+    rows = [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines()]
+    assert [row["step"] for row in rows] == sorted({row["step"] for row in rows})  # no step trained twice
+    assert run.exists(f"{layout.TRAIN_EXPORT}/{layout.step_name(4)}/{layout.COMMIT_MARKER}")
+    validation = run.read_json(layout.SAMPLE_VALIDATION)
+    assert [entry["step"] for entry in validation["checkpoints"]] == [4, 8, 12]
+    sample = after["stages"]["sample"]
+    # The new export is validated once: by the watcher beside training (sample.watch) or by the stage after it.
+    assert sample["counts"]["newly_validated"] + len(sample.get("watch", {}).get("validated", [])) == 1

@@ -353,9 +353,77 @@ def test_overlay_values_land_where_they_should():
         # One GPU per encode actor: more actors than GPU pods would wait forever.
         assert tomllib.loads(config["data"]["run.toml"])["encode"]["num_actors"] <= gpu_workers
         if doc["kind"] == "RayJob":
-            assert doc["spec"]["entrypoint"] == (
-                f"pipeline run --preset sd15-256 --config /config/run.toml --out {values['out']} --set train.num_workers={gpu_workers}"
-            )
+            (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+            env = {item["name"]: item.get("value") for item in head["env"]}
+            # Ray runs the entrypoint through a shell, with the head's environment (a job's driver inherits it).
+            argv = subprocess.run(
+                ["bash", "-c", 'pipeline() { printf "%s\\n" "$@"; }; ' + doc["spec"]["entrypoint"]],
+                env={"PIPELINE_OUT": env["PIPELINE_OUT"], "PIPELINE_GPU_WORKERS": env["PIPELINE_GPU_WORKERS"]},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+            assert argv == [
+                "run", "--preset", "sd15-256", "--config", "/config/run.toml", "--out", values["out"],
+                "--set", f"train.num_workers={gpu_workers}",
+            ]  # fmt: skip
+
+
+def test_the_run_directory_is_replaced_by_name_and_a_moved_target_fails_the_render(tmp_path):
+    """Not by its position in the entrypoint: an overlay whose target is gone fails to render instead of
+    putting the bucket where another token was."""
+    rayjob = (K8S / "rayjob" / "rayjob.yaml").read_text()
+    assert "$PIPELINE_OUT" in rayjob and "s3://" not in yaml.safe_load(rayjob)["spec"]["entrypoint"]
+    assert "index:" not in OVERLAY_VALUES.read_text()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "rayjob.yaml").write_text(rayjob.replace("name: PIPELINE_OUT", "name: PIPELINE_RUN_DIR"))
+    (base / "networkpolicy.yaml").write_text((K8S / "rayjob" / "networkpolicy.yaml").read_text())
+    common = os.path.relpath(K8S / "common", base)
+    (base / "kustomization.yaml").write_text(f"resources:\n  - {common}\n  - rayjob.yaml\n  - networkpolicy.yaml\n")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    components = os.path.relpath(OVERLAY_VALUES.parent, overlay)
+    (overlay / "kustomization.yaml").write_text(f"resources:\n  - ../base\ncomponents:\n  - {components}\n")
+    result = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "PIPELINE_OUT" in result.stderr, result.stderr
+
+
+def test_the_commented_pull_secret_patch_puts_it_on_every_pods_service_account(tmp_path):
+    """The values file's commented imagePullSecrets patch, uncommented as its comment says, renders."""
+    text = OVERLAY_VALUES.read_text()
+    block = re.search(r"^# patches:\n((?:#.*\n)+)", text, flags=re.M)
+    patch = "patches:\n" + "".join(line[2:] + "\n" for line in block.group(1).splitlines())
+    overlay = os.path.relpath(K8S / "overlays" / "example" / "rayjob", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources:\n  - {overlay}\n{patch}")
+    result = subprocess.run([tool("kubectl"), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (account,) = [doc for doc in documents if doc["kind"] == "ServiceAccount"]
+    assert account["imagePullSecrets"] == [{"name": "regcred"}]
+    (rayjob,) = [doc for doc in documents if doc["kind"] == "RayJob"]
+    accounts = {template["spec"]["serviceAccountName"] for _, template in pod_templates(rayjob)}
+    assert accounts == {account["metadata"]["name"]}  # every pod, the submitter too, pulls with it
+
+
+def test_the_model_cache_component_mounts_one_volume_where_models_load():
+    documents = render(K8S / "overlays" / "example" / "rayjob-model-cache")
+    (claim,) = [doc for doc in documents if doc["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (rayjob,) = [doc for doc in documents if doc["kind"] == "RayJob"]
+    mounted = {}
+    for part, template in pod_templates(rayjob):
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in template["spec"].get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
+        for container in template["spec"]["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in claims:
+                    mounted[part] = (claims[mount["name"]], mount["mountPath"])
+    cache = (claim["metadata"]["name"], "/home/ray/.cache/huggingface")  # HF_HOME's default under the image's home
+    assert mounted == {"head": cache, "worker group gpu": cache}, mounted
 
 
 # --- (e) network policies, read-only root filesystems, ingest's own credentials --------------------
@@ -366,6 +434,7 @@ METADATA_IP = "169.254.169.254"
 INGEST_GROUP = "cpu"
 INGEST_SECRET = "t2i-pipeline-ingest-object-store"
 STORE_SECRET = "t2i-pipeline-object-store"
+HF_SECRET = "t2i-pipeline-huggingface"
 
 
 def ray_folders() -> list[Path]:
@@ -574,12 +643,14 @@ def test_only_the_ingest_group_holds_the_ingest_credentials(source):
                 secrets = {item["secretRef"]["name"] for item in container.get("envFrom", []) if "secretRef" in item}
                 if part == f"worker group {INGEST_GROUP}":
                     assert secrets == {INGEST_SECRET}, f"{where} {part}: {secrets}"
-                elif part != "submitter":
-                    assert secrets == {STORE_SECRET}, f"{where} {part}: {secrets}"
+                elif part != "submitter":  # and where models load, the optional Hugging Face token
+                    assert secrets == {STORE_SECRET, HF_SECRET}, f"{where} {part}: {secrets}"
+                    (hf,) = [item["secretRef"] for item in container["envFrom"] if item["secretRef"]["name"] == HF_SECRET]
+                    assert hf["optional"] is True, f"{where} {part}: public models need no token"
                 else:
                     assert not secrets, f"{where} submitter: {secrets}"
     names = {doc["metadata"]["name"] for where, doc in raw_documents() if doc["kind"] == "Secret"}
-    assert {INGEST_SECRET, STORE_SECRET} <= names
+    assert {INGEST_SECRET, STORE_SECRET, HF_SECRET} <= names
 
 
 def test_docs_give_an_ingest_policy_that_writes_only_ingest():

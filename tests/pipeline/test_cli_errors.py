@@ -102,6 +102,19 @@ def test_every_command_takes_the_same_preset_names():
     assert one_line(pipeline("plan", "--images", "10", "--preset", "sd")) == f"--preset: {expected}"
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["plan", "--images", "abc"], "Invalid value for '--images': 'abc' is not a whole number (see pipeline plan --help)"),
+        (["plan", "--imagez", "3"], "No such option: --imagez (Possible options: --images) (see pipeline plan --help)"),
+        (["run", "--preset", "tiny", "--out"], "Option '--out' requires an argument."),
+    ],
+)
+def test_a_usage_mistake_click_catches_is_one_line_too(args, line):
+    """Not click's usage block (Usage:, Try ..., Error: ...)."""
+    assert one_line(pipeline(*args)) == line
+
+
 def test_plan_takes_a_count_written_as_a_float_when_it_is_whole():
     result = pipeline("plan", "--images", "1e8", "--json")
     assert result.returncode == 0, result.stderr
@@ -192,6 +205,20 @@ def test_too_few_samples_for_the_workers_is_one_line(tmp_path, ray_local):
     assert code == 2 and not any("Traceback" in line for line in lines), lines
     assert lines[-1].startswith("stage 'train' failed: ") and "1 latent shard(s) for 2 data streams" in lines[-1]
     assert RunDir(run.url).stage("train")["status"] == "failed"
+
+
+@pytest.mark.timeout(120)
+def test_a_request_the_cluster_can_never_grant_is_one_line_before_any_stage(tmp_path, ray_local):
+    """On the session's 2-CPU Ray with no GPU, training on GPUs would wait forever after ingest and encode."""
+    out = tmp_path / "run"
+    code, lines = stage_in_process("run", "--preset", "tiny", "--out", str(out), "--set", "train.use_gpu=true")
+    assert code == 2 and not any("Traceback" in line for line in lines), lines
+    assert lines[-1].startswith(
+        "stage 'train' cannot start: each training worker asks for 1 CPU, 1 GPU on one node "
+        "(train.num_workers = 2 x (train.cpus_per_worker = 1, one GPU each: train.use_gpu)) but the largest node has "
+        "2 CPU, 0 GPU (ray.cluster_resources())"
+    )
+    assert RunDir(out).manifest()["stages"] == {}
 
 
 # -- sampling prints its own lines only -------------------------------------------------------------

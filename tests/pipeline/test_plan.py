@@ -60,14 +60,50 @@ def test_in_steps_training_does_not_grow_with_images():
 
 
 @pytest.mark.parametrize("preset, gpu, gpus", CASES)
-def test_doubling_gpus_halves_encode_and_train_wall_time_not_gpu_hours(preset, gpu, gpus):
+def test_doubling_gpus_halves_train_wall_time_and_encode_only_with_its_actors(preset, gpu, gpus):
     facts = preset_facts(preset)
+    actors = min(facts.encode_actors, gpus)
     one = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=gpus, epochs=2)))
-    two = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=2 * gpus, epochs=2)))
-    for name in ("encode_hours", "train_hours"):
-        assert two[name] == pytest.approx(one[name] / 2, rel=1e-12), name
+    more_gpus = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=2 * gpus, epochs=2)))
+    both = values(plan(PlanInputs(images=10**7, preset=facts, gpu=gpu, gpus=2 * gpus, encode_actors=2 * actors, epochs=2)))
+    assert more_gpus["train_hours"] == pytest.approx(one["train_hours"] / 2, rel=1e-12)
+    assert more_gpus["encode_hours"] == one["encode_hours"]  # encode runs on encode.num_actors, not on every GPU
+    assert both["encode_hours"] == pytest.approx(one["encode_hours"] / 2, rel=1e-12)
     for name in ("encode_gpu_hours", "train_gpu_hours"):
-        assert two[name] == pytest.approx(one[name], rel=1e-12), name
+        assert more_gpus[name] == pytest.approx(one[name], rel=1e-12), name
+
+
+def test_sd15_encodes_on_its_8_actors_while_64_gpus_are_billed():
+    facts = preset_facts("sd15")
+    assert (facts.encode_actors, facts.workers) == (8, 64)
+    result = values(plan(PlanInputs(images=10**8, preset=facts, gpu="A100-80GB", gpus=64)))
+    assert result["encode_hours"] == pytest.approx(result["encode_gpu_hours"] / 8, rel=1e-12)
+    assert result["encode_idle_gpu_hours"] == pytest.approx(result["encode_hours"] * 56, rel=1e-12)
+    total = result["download_hours"] + result["encode_hours"] + result["train_hours"]
+    assert result["total_hours"] == pytest.approx(total, rel=1e-12)
+    # Actors beyond the GPUs do not count, and with one per GPU nothing idles.
+    spread = plan(PlanInputs(images=10**8, preset=facts, gpu="A100-80GB", gpus=64, encode_actors=100))
+    assert spread["inputs"]["encode_actors"] == 64 and "encode_idle_gpu_hours" not in spread["estimates"]
+    assert "at most one per GPU" in spread["assumptions"]["encode_actors"]["source"]
+
+
+def test_an_assumed_mfu_gives_a_range_down_to_what_sd_v1_achieved_and_a_given_one_does_not():
+    facts = preset_facts("sd15")
+    result = plan(PlanInputs(images=10**8, preset=facts, gpu="A100-80GB", gpus=64))
+    estimates, low = result["estimates"], result["assumptions"]["mfu_low"]["value"]
+    assert low == pytest.approx(estimates["check_sd_v1_implied_mfu"]["value"]) and 0 < low < 0.4
+    for name in ("encode_hours", "train_hours", "train_gpu_hours"):
+        assert estimates[name]["high"] == pytest.approx(estimates[name]["value"] * 0.4 / low, rel=1e-9), name
+        assert "mfu_low" in estimates[name]["uses"]
+    # Between the ends: download does not rest on the MFU.
+    for name in ("total_hours", "cost_usd"):
+        assert estimates[name]["value"] < estimates[name]["high"] < estimates[name]["value"] * 0.4 / low, name
+    assert estimates["download_hours"]["high"] is None
+    assert "total_hours " in render(result) and " to " in render(result).split("total_hours")[1].splitlines()[0]
+    given = plan(PlanInputs(images=10**8, preset=facts, gpu="A100-80GB", gpus=64, mfu=0.3))
+    assert "mfu_low" not in given["assumptions"] and all(e["high"] is None for e in given["estimates"].values())
+    cpu = plan(PlanInputs(images=3000, preset=preset_facts("tiny"), gpu="CPU", gpus=1))  # bench rates: measured
+    assert all(e["high"] is None for e in cpu["estimates"].values())
 
 
 def test_storage_per_sample_is_fp16_latent_plus_text_as_the_encode_manifest_counts():

@@ -13,9 +13,10 @@ from synthetic_latents import write_latent_run
 from pipeline import runner
 from pipeline.core import layout
 from pipeline.core.config import load_config
+from pipeline.core.resources import training_reservation
 from sample import watch
 from sample.validate import stage as validate
-from sample.watch import Watcher, crowded_out, training_reservation
+from sample.watch import Watcher, crowded_out
 
 
 def entries(run) -> list[dict]:
