@@ -73,6 +73,15 @@ def check_run_contract(url: str) -> None:
         export = f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"
         assert run.exists(f"{export}/{layout.COMMIT_MARKER}")
         assert run.exists(f"{export}/{layout.EXPORT_UNET}/diffusion_pytorch_model.safetensors")
+        # A whole diffusers pipeline: the run's encoders shared in (hard links, or copies on S3), its sampler, a card.
+        pipeline_parts = (
+            "vae/config.json",
+            "text_encoder/config.json",
+            "tokenizer/tokenizer_config.json",
+            "scheduler/scheduler_config.json",
+        )
+        for part in (layout.EXPORT_MODEL_INDEX, layout.EXPORT_MODEL_CARD, *pipeline_parts):
+            assert run.exists(f"{export}/{part}"), (export, part)
     assert any(name.startswith("events.out.tfevents") for name in run.list(layout.TRAIN_LOGS))
     rows = [json.loads(line) for line in run.read_text(layout.TRAIN_METRICS).splitlines()]
     assert rows and all(row["loss"] > 0 for row in rows)

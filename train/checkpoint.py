@@ -8,7 +8,8 @@ rank 0 prunes to the newest `keep_checkpoints` committed ones (`train.retention`
 every folder); a run (rerun, or restarted by Ray Train) resumes from the newest folder with the marker.
 
 An export is `RUN/train/export/step-NNNNNNN/{unet,scheduler}` in diffusers format
-(safetensors), plus `unet_online` when there is a moving average (then `unet` holds it) and,
+(safetensors), for a text-conditional run a whole StableDiffusionPipeline folder (`train.pipeline_export`:
+vae, text_encoder, tokenizer, model_index.json, a model card), plus `unet_online` when there is a moving average (then `unet` holds it) and,
 for class-conditional training, `classes.json` (the mode and the class names; the UNet config's
 num_class_embeds counts them plus the null class), published with `RunDir.put_dir` (marker last). Exports are for others to load.
 
@@ -27,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.core import faults, layout
-from pipeline.core.config import TrainConfig
+from pipeline.core.config import PipelineConfig, TrainConfig
 from pipeline.core.rundir import RunDir, now
-from train import distributed, masters, phases
+from train import distributed, masters, phases, pipeline_export
 from train.ema import ExponentialMovingAverage, averaged_parameters, weights_replaced
 from train.order import BatchPosition
 from train.retention import prune_checkpoints
@@ -258,8 +259,13 @@ def export_model(
     step: int,
     ema: ExponentialMovingAverage | None = None,
     classes: dict | None = None,
+    pipeline: PipelineConfig | None = None,
 ) -> None:
     """Rank 0 writes the UNet and its noise schedule in diffusers format; collective under ZeRO-3.
+
+    With the run's whole config (`pipeline`), `scheduler/` is the sampler it validates with, and a
+    text-conditional export is a whole diffusers pipeline folder (`train.pipeline_export`); without it
+    (tests of the weights alone), `scheduler/` is the training DDPM schedule.
 
     With `ema`, `unet/` holds the averaged weights (what sampling and StableDiffusionPipeline load)
     and `unet_online/` the raw ones. `classes` (`classes_record`) is written as classes.json.
@@ -290,7 +296,12 @@ def export_model(
                 if averaged is not None:
                     with weights_replaced(unet, averaged):
                         unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
-                make_noise_scheduler(config).save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
+                scheduler = make_noise_scheduler(config) if pipeline is None else pipeline_export.sampler(pipeline)
+                scheduler.save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
                 if classes is not None:
                     Path(local, layout.EXPORT_CLASSES).write_text(json.dumps(classes, indent=1))
-                run.put_dir(local, relative)
+                shared = {}
+                if pipeline is not None and pipeline_export.whole(pipeline):
+                    shared = pipeline_export.shared_components(run, pipeline)
+                    pipeline_export.write_pipeline_files(local, run, pipeline, step)
+                run.put_dir(local, relative, shared)

@@ -84,7 +84,7 @@ def train_worker(loop_config: dict) -> None:
     metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
-        export_model(engine, run, train, 0, ema, classes)  # the starting point, validated like the exports after it
+        export_model(engine, run, train, 0, ema, classes, config)  # the starting point, validated like the exports after it
 
     order = data_order(worker, state)
     world, batch_size = distributed.world_size(), train.batch_size_per_worker
@@ -139,7 +139,7 @@ def _save(
     classes: dict | None,
 ) -> None:
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
-    export_model(engine, run, config.train, state.step, ema, classes)
+    export_model(engine, run, config.train, state.step, ema, classes, config)
     metrics.publish()
     save_checkpoint(engine, run, state, _summary(state, metrics), ema, keep=config.train.keep_checkpoints)
 

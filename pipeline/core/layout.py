@@ -26,6 +26,10 @@ ENCODE_PREVIOUS = "encode/previous.json"
 TRAIN_DIR = "train"
 TRAIN_CHECKPOINTS = "train/checkpoints"
 TRAIN_EXPORT = "train/export"
+# The encoders that made the latents, saved once per run (vae/, text_encoder/, tokenizer/) and shared into each export.
+TRAIN_COMPONENTS = "train/components"
+EXPORT_MODEL_INDEX = "model_index.json"
+EXPORT_MODEL_CARD = "README.md"
 # Inside an export: the weights sampling loads (the EMA when train.ema_decay > 0), and then also the raw ones.
 EXPORT_UNET = "unet"
 EXPORT_UNET_ONLINE = "unet_online"

@@ -151,12 +151,16 @@ class RunDir:
     def write_json(self, relative: str, value: Any) -> None:
         self.write_text(relative, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
-    def put_dir(self, local_dir: str | os.PathLike, relative: str) -> None:
-        """Upload a local folder to `relative`, then write its commit marker last."""
+    def put_dir(self, local_dir: str | os.PathLike, relative: str, shared: dict[str, str] | None = None) -> None:
+        """Upload a local folder to `relative`, then write its commit marker last. `shared` maps subfolders of
+        `relative` to folders already in the run, put there too before the marker: hard links in a local run
+        (no second copy on disk), server-side copies on an object store."""
         target = self._fs_path(relative)
         if self.is_local:
             temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
             shutil.copytree(local_dir, temporary)
+            for name, source in (shared or {}).items():
+                shutil.copytree(self._fs_path(source), f"{temporary}/{name}", copy_function=os.link)
             if os.path.exists(target):  # move the old one aside first: a folder is always there
                 stale = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 os.replace(target, stale)
@@ -166,6 +170,10 @@ class RunDir:
                 os.replace(temporary, target)
         else:
             self.fs.put(str(local_dir).rstrip("/") + "/", target, recursive=True)
+            for name, source in (shared or {}).items():
+                base = self._fresh_path(source)
+                files = [path for path in self.fs.find(base) if not path.endswith(f"/{layout.COMMIT_MARKER}")]
+                self.fs.copy(files, [f"{target}/{name}/{path[len(base) + 1 :]}" for path in files])
         self.write_text(f"{relative}/{layout.COMMIT_MARKER}", now() + "\n")
 
     def get_dir(self, relative: str, local_dir: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Path:

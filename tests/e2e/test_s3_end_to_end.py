@@ -31,11 +31,12 @@ def test_tiny_run_on_s3(s3_server, tmp_path):
     ]
     assert not [key for key in keys if "/_tmp/" in key or ".tmp-" in key or "/.tmp" in key]
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
+    # The export, copied out of the bucket, is a whole pipeline: its encoders were copied in server-side.
     local = RunDir(url).get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(8)}", tmp_path / "export")
-    unet = UNet2DConditionModel.from_pretrained(local / layout.EXPORT_UNET)
-    assert sum(parameter.numel() for parameter in unet.parameters()) > 0
+    pipe = StableDiffusionPipeline.from_pretrained(local)
+    assert sum(parameter.numel() for parameter in pipe.unet.parameters()) > 0 and pipe.vae and pipe.text_encoder
 
     raising_max_steps_continues_training_and_validates_only_new_exports(url)
 

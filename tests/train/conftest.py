@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sample_support import model_dirs  # noqa: F401  (a pytest fixture: tiny foreign encoders for export tests)
 from synthetic_latents import write_latent_run
 
 from pipeline.core.rundir import RunDir
