@@ -83,13 +83,17 @@ def write_pipeline_files(local: str, run: RunDir, config: PipelineConfig, step: 
 def model_card(run: RunDir, config: PipelineConfig, step: int) -> str:
     """README.md: what the model is, how to load it, what it was trained on, and the run's whole config."""
     manifest = run.read_json(layout.ENCODE_MANIFEST) if run.exists(layout.ENCODE_MANIFEST) else {}
-    counts = manifest.get("counts") or {}
     sample, train, encode = config.sample, config.train, config.encode
     prompt = (sample.prompts or ["a photo"])[0]
     rows = [
         ("step", f"{step:,} of {train.max_steps:,} (train.max_steps)"),
         ("run", run.url),
-        ("images encoded", f"{counts['samples']:,}" if "samples" in counts else "see encode/manifest.json"),
+        (
+            "images encoded",
+            f"{manifest['samples']:,} in {manifest.get('latent_shard_count', '?')} shards"
+            if "samples" in manifest
+            else "see encode/manifest.json",
+        ),
         ("resolution", f"{encode.resolution} px"),
         ("prediction type", train.prediction_type),
         ("VAE", f"{encode.vae}" + (f" (subfolder {encode.vae_subfolder})" if encode.vae_subfolder else "")),

@@ -160,7 +160,7 @@ class RunDir:
             temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
             shutil.copytree(local_dir, temporary)
             for name, source in (shared or {}).items():
-                shutil.copytree(self._fs_path(source), f"{temporary}/{name}", copy_function=os.link)
+                shutil.copytree(self._fs_path(source), f"{temporary}/{name}", copy_function=_link_or_copy)
             if os.path.exists(target):  # move the old one aside first: a folder is always there
                 stale = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 os.replace(target, stale)
@@ -249,3 +249,11 @@ def _complete_ids(names: list[str]) -> set[int]:
             if name.endswith(suffix) and name[: -len(suffix)].isdigit():
                 kinds.setdefault(name[: -len(suffix)], set()).add(suffix)
     return {int(stem) for stem, found in kinds.items() if len(found) == 2}
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link where the filesystem makes one (no second copy on disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

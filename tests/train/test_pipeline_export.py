@@ -29,7 +29,7 @@ def exported_run(tmp_path, config, unet) -> RunDir:
     """A run with its encode manifest and two exports of `unet`, written as the train stage writes them."""
     run = RunDir(tmp_path / "run")
     encode = config.encode
-    manifest = encode_manifest(encode.vae, encode.text_encoder, encode.tokenizer)
+    manifest = {**encode_manifest(encode.vae, encode.text_encoder, encode.tokenizer), "samples": 1200, "latent_shard_count": 5}
     run.write_json(layout.ENCODE_MANIFEST, manifest)
     for step in STEPS:
         export_model(SimpleNamespace(module=unet), run, config.train, step, pipeline=config)
@@ -91,6 +91,7 @@ def test_the_encoders_are_saved_once_and_shared_and_the_card_says_what_was_train
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "CLIPTextModel"]
     card = Path(last, layout.EXPORT_MODEL_CARD).read_text()
     assert f"step {STEPS[-1]:,}" in card and "StableDiffusionPipeline.from_pretrained" in card
+    assert "| images encoded | 1,200 in 5 shards |" in card
     assert str(model_dirs["vae"]) in card and "[train]" in card  # the encoders and the run's config
 
 
