@@ -19,6 +19,12 @@ The stage has three rates, all in the JSON:
 - `stage_summary_samples_per_s`: what `run_stage` itself reports, the mean of the windows'
   rates with the first one included.
 
+How near the cores' limit a step is: `cpu_mfu`, the steady rate times the UNet's training FLOPs per
+sample (forward and backward, counted by torch's FlopCounterMode: `pipeline.plan.UNET_TRAIN_FLOPS`,
+which tests/pipeline/test_plan.py recounts) over the FLOP/s of a plain fp32 matmul on the same
+threads, measured before and after the stage (the faster of the two); `bare_cpu_mfu` likewise for
+the bare loop.
+
 Memory. On 2 workers, a few steps with ZeRO 0 and then ZeRO 3, after which every rank counts
 the bytes of parameters and optimizer state it holds (each storage once, see `held_bytes`);
 `zero3_memory_ratio` is the largest rank's ZeRO-3 total over the largest rank's ZeRO-0 total
@@ -296,13 +302,46 @@ def run_bench(images: int = DEFAULT_IMAGES, cpus: int = 2) -> dict[str, Any]:
         run = RunDir(Path(scratch) / "run")
         shards = write_synthetic_latents(config, run, steps * samples_per_step)
         bare = BareLoop(config, run)
+        matmul = [matmul_flops_per_s(train.threads_per_worker)]
         first_half = _timed_bare_half(bare, bare_steps // 2, "first half")
         log(f"the stage: {steps} steps of {samples_per_step} samples, {shards} latent shards, 1 worker, ZeRO 0")
         summary, stage_seconds, rows = _timed_stage(config, run)
         second_half = _timed_bare_half(bare, bare_steps - bare_steps // 2, "second half")
+        matmul.append(matmul_flops_per_s(train.threads_per_worker))
         memory = {zero: _held_bytes_per_rank(_memory_config(config, zero, cpus), run, Path(scratch)) for zero in (0, 3)}
     speed = _speed_report(config, shards, summary, stage_seconds, rows, [first_half, second_half])
-    return {"bench": "train", **speed, **_memory_report(memory), "device": "cpu"}
+    return {"bench": "train", **speed, **_mfu_report(config, speed, matmul), **_memory_report(memory), "device": "cpu"}
+
+
+def matmul_flops_per_s(threads: int, size: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of a plain fp32 [size x size] matmul on `threads` intra-op threads: what these cores do at best."""
+    with torch_threads(threads):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        out = torch.mm(a, b)  # warm-up
+        count, watch = 0, Stopwatch()
+        with watch:
+            while watch.seconds < seconds:
+                torch.mm(a, b, out=out)
+                count += 1
+    return 2 * size**3 * count / watch.seconds
+
+
+def train_flops_per_sample(config: PipelineConfig) -> float:
+    """The UNet's forward and backward FLOPs for one sample at the config's resolution (pipeline.plan's count)."""
+    from pipeline.plan import UNET_TRAIN_FLOPS, quadratic_flops
+
+    return quadratic_flops(UNET_TRAIN_FLOPS[config.train.unet], config.encode.resolution)
+
+
+def _mfu_report(config: PipelineConfig, speed: dict[str, Any], matmul: list[float]) -> dict[str, Any]:
+    flops, peak = train_flops_per_sample(config), max(matmul)
+    return {
+        "cpu_mfu": round(speed["samples_per_s"] * flops / peak, 4),
+        "bare_cpu_mfu": round(speed["bare_samples_per_s"] * flops / peak, 4),
+        "train_flops_per_sample": flops,
+        "matmul_flops_per_s": round(peak),
+        "matmul_flops_per_s_halves": [round(value) for value in matmul],
+    }
 
 
 def _steps(images: int) -> int:

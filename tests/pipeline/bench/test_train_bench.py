@@ -15,7 +15,8 @@ from train.step import PlainEngine
 
 POSITIVE = (
     "ratio samples_per_s bare_samples_per_s wall_ratio stage_wall_samples_per_s stage_summary_samples_per_s "
-    "stage_seconds stage_steady_seconds bare_seconds zero3_memory_ratio parameter_count"
+    "stage_seconds stage_steady_seconds bare_seconds zero3_memory_ratio parameter_count "
+    "cpu_mfu bare_cpu_mfu train_flops_per_sample matmul_flops_per_s"
 )
 
 
@@ -35,6 +36,15 @@ def test_bench_train_prints_ratio_and_zero3_memory_json_last():
     assert report["ratio"] == pytest.approx(report["samples_per_s"] / report["bare_samples_per_s"], rel=0.01)
     assert report["wall_ratio"] == pytest.approx(report["stage_wall_samples_per_s"] / report["bare_samples_per_s"], rel=0.01)
     assert report["stage_seconds"] > report["stage_steady_seconds"]  # the wall clock holds start-up and the checkpoint too
+    # How near the cores' limit: the steady rate's FLOP/s over a plain matmul's on the same thread, the faster half.
+    assert (
+        report["matmul_flops_per_s"] == max(report["matmul_flops_per_s_halves"]) and len(report["matmul_flops_per_s_halves"]) == 2
+    )
+    expected = report["samples_per_s"] * report["train_flops_per_sample"] / report["matmul_flops_per_s"]
+    assert report["cpu_mfu"] == pytest.approx(expected, rel=0.01)
+    from pipeline.plan import UNET_TRAIN_FLOPS, quadratic_flops
+
+    assert report["train_flops_per_sample"] == quadratic_flops(UNET_TRAIN_FLOPS["tiny"], 64)  # the counted tiny UNet at 64 px
 
     zero0, zero3 = report["zero0_held_per_rank"], report["zero3_held_per_rank"]
     assert len(zero0) == len(zero3) == report["memory_workers"] == 2
