@@ -276,7 +276,7 @@ def _run_planned(config: PipelineConfig, run: RunDir, plan: Plan) -> None:
     ]
     if on_ray:  # every stage's request, before the first starts: not a day of encoding, then a refused train
         ensure_ray(config.ray)
-        refuse_unfit(config, on_ray)
+        refuse_unfit(config, on_ray, before_any=True)
     watched = False
     for name in layout.STAGES:
         entry = run.stage(name)
@@ -411,7 +411,7 @@ def _run_one(
     logger.info(f"start ({mode})")
     if needs_ray:
         ensure_ray(config.ray)
-        refuse_unfit(config, [name])  # again: nodes may have gone since the run started
+        refuse_unfit(config, [name], before_any=False)  # again: nodes may have gone since the run started
     started = time.monotonic()
     _mark_running(run, name, stage_fingerprints)
     try:
@@ -429,24 +429,26 @@ def _run_one(
     logger.info(f"done in {seconds:.1f} s" + (f": {counts}" if counts else ""))
 
 
-def refuse_unfit(config: PipelineConfig, names: list[str]) -> None:
+def refuse_unfit(config: PipelineConfig, names: list[str], before_any: bool) -> None:
     """StageError naming the keys and numbers where a stage of `names` asks Ray for more than the cluster has or
-    its autoscaler can add (pipeline.core.resources): Ray would wait for it forever."""
+    its autoscaler can add (pipeline.core.resources): Ray would wait for it forever. `before_any`: no stage of
+    this call has run yet (else only the stage about to start is held back)."""
     if not config.ray.check_resources:
         return
     cluster = resources.current_cluster()
     if cluster is None:
-        get_logger("run").warning(
-            "an autoscaler runs but reported no maximum to Ray: whether "
-            + ", ".join(names)
-            + " can get the resources it asks for is not checked"
-        )
+        if before_any:  # said once per run
+            get_logger("run").warning(
+                "an autoscaler runs but reported no maximum to Ray: whether "
+                + ", ".join(names)
+                + " can get the resources it asks for is not checked"
+            )
         return
     reasons = [reason for name in names if (reason := resources.unfit(name, config, cluster))]
     if reasons:
-        why = "; ".join(reasons)
+        held = "Nothing was started" if before_any else f"Stage {names[0]!r} was not started"
         raise StageError(
-            f"{why}. Nothing was started (where an autoscaler Ray does not know of adds nodes, --set ray.check_resources=false)"
+            f"{'; '.join(reasons)}. {held} (where an autoscaler Ray does not know of adds nodes, --set ray.check_resources=false)"
         )
 
 

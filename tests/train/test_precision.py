@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 STEPS = 3
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -20,6 +22,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.e2e  # two gloo ranks through ZeRO 0-3 (about half a minute): `make test-e2e`, keeping `make test` under 8 minutes
 def test_bf16_keeps_the_average_exports_and_gradient_sums_in_fp32(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     logs = [tmp_path / f"rank-{rank}.log" for rank in (0, 1)]

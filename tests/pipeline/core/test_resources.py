@@ -80,7 +80,10 @@ def test_a_run_too_big_for_the_local_cluster_is_refused_before_any_stage_starts(
     assert "\n" not in message and message.endswith("--set ray.check_resources=false)")
     assert run.manifest()["stages"] == {} and not run.exists(layout.INGEST_SHARDS)  # nothing started
     # Where an autoscaler Ray does not know of would add nodes, the check can be turned off.
-    refuse_unfit(load_config("tiny", overrides=["train.num_workers=3", "ray.check_resources=false"]), ["train"])
+    refuse_unfit(load_config("tiny", overrides=["train.num_workers=3", "ray.check_resources=false"]), ["train"], True)
+    # Checked again before each stage (nodes may have gone): then only that stage is held back.
+    with pytest.raises(StageError, match=r"\. Stage 'train' was not started \(where"):
+        refuse_unfit(config, ["train"], before_any=False)
 
 
 @pytest.mark.timeout(120)
