@@ -303,5 +303,5 @@ def export_model(
                 shared = {}
                 if pipeline is not None and pipeline_export.whole(pipeline):
                     shared = pipeline_export.shared_components(run, pipeline)
-                    pipeline_export.write_pipeline_files(local, run, pipeline, step)
+                    pipeline_export.write_pipeline_files(local, run, pipeline, step, type(scheduler).__name__)
                 run.put_dir(local, relative, shared)

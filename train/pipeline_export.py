@@ -60,8 +60,9 @@ def shared_components(run: RunDir, config: PipelineConfig) -> dict[str, str]:
     return {name: f"{layout.TRAIN_COMPONENTS}/{name}" for name in COMPONENTS}
 
 
-def write_pipeline_files(local: str, run: RunDir, config: PipelineConfig, step: int) -> None:
-    """model_index.json and README.md into the export being staged in `local` (its scheduler/ is written by the caller)."""
+def write_pipeline_files(local: str, run: RunDir, config: PipelineConfig, step: int, scheduler_class: str) -> None:
+    """model_index.json and README.md into the export being staged in `local` (its scheduler/, of `scheduler_class`,
+    is written by the caller)."""
     import diffusers
 
     classes = json.loads(run.read_text(f"{layout.TRAIN_COMPONENTS}/{CLASSES_FILE}"))
@@ -70,7 +71,7 @@ def write_pipeline_files(local: str, run: RunDir, config: PipelineConfig, step: 
         "_diffusers_version": diffusers.__version__,
         **{name: [LIBRARIES[name], classes[name]] for name in COMPONENTS},
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", type(sampler(config)).__name__],
+        "scheduler": ["diffusers", scheduler_class],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

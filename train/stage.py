@@ -17,6 +17,7 @@ from pipeline.core.config import PipelineConfig
 from pipeline.core.errors import StageFailure
 from pipeline.core.identity import EncoderMismatchError, check_run_encoders
 from pipeline.core.log import get_logger
+from pipeline.core.resources import worker_resources
 from pipeline.core.rundir import RunDir
 from train import finetune, phases
 from train.checkpoint import make_universal
@@ -45,7 +46,6 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
 
     model = check_inputs(config, run)
     train = config.train
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     init_folder = model.get("init", {}).get("folder")  # resolved here: workers run in another directory
     trainer = TorchTrainer(
         train_worker,
@@ -53,7 +53,7 @@ def run_stage(config: PipelineConfig, run: RunDir) -> dict:
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(config),
             placement_strategy=train.placement_strategy,
         ),
         run_config=run_config(config, run),

@@ -50,11 +50,12 @@ def training_reservation(config: PipelineConfig) -> dict[str, float]:
     from ray.train import ScalingConfig
 
     train = config.train
-    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=_worker(config))
+    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=worker_resources(config))
     return {resource: float(amount) for resource, amount in scaling.total_resources.items()}
 
 
-def _worker(config: PipelineConfig) -> dict[str, float]:
+def worker_resources(config: PipelineConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for (train/stage.py's ScalingConfig)."""
     train = config.train
     return {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
 
@@ -89,7 +90,7 @@ def stage_asks(name: str, config: PipelineConfig) -> list[Ask]:
             ),
         ]
     if name == "train":
-        train, worker = config.train, _worker(config)
+        train, worker = config.train, worker_resources(config)
         shown = f"train.num_workers = {train.num_workers} x (train.cpus_per_worker = {train.cpus_per_worker:g}"
         shown += ", one GPU each: train.use_gpu)" if train.use_gpu else ")"
         keys = "train.cpus_per_worker" + (", or train.use_gpu = false" if train.use_gpu else "")
