@@ -216,6 +216,7 @@ BENCHES = {
     "ingest": "pipeline.bench.ingest:run_bench",
     "encode": "pipeline.bench.encode:run_bench",
     "train": "pipeline.bench.train:run_bench",
+    "lora": "pipeline.bench.lora:run_bench",
     "readers": "pipeline.bench.readers:run_bench",
     "scale-train": "pipeline.bench.scale_train:run_bench",
     "scale-ingest": "pipeline.bench.scale_ingest:run_bench",

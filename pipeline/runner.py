@@ -88,6 +88,9 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
         "threads_per_worker",
         "placement_strategy",
         "record_samples",
+        # Where metrics go, not what is trained: a tracker added to a run logs from its next step on.
+        "trackers",
+        "tracker_project",
     },
 }
 
@@ -129,7 +132,15 @@ def stage_function(name: str) -> Callable[[PipelineConfig, RunDir], dict[str, An
 # Keys added with a default that keeps the old behaviour: left out of fingerprints at that default,
 # as unset optional keys are, so runs made before the key existed stay valid.
 NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"conditioning": "text", "record_samples": False, "placement_strategy": "PACK", "rescale_betas_zero_snr": False}
+    "train": {
+        "conditioning": "text",
+        "record_samples": False,
+        "placement_strategy": "PACK",
+        "rescale_betas_zero_snr": False,
+        "lora_fuse_export": False,
+        "trackers": ["tensorboard"],
+        "tracker_project": "t2i-pipeline",
+    }
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pipeline.core import layout, models
+from pipeline.core import layout, lora, models
 from pipeline.core.arrays import from_base64_npy
 from pipeline.core.config import PipelineConfig
 from pipeline.core.identity import check_run_encoders
@@ -20,12 +20,13 @@ from pipeline.core.rundir import RunDir
 
 
 def load_export(run: RunDir, step: int, scratch: str, device: torch.device, with_classes: bool = False):
-    """(UNet, training scheduler config) of a committed export; copied locally first if remote. `with_classes`
-    adds its classes.json (None for a text-conditional export)."""
+    """(UNet, training scheduler config) of a committed export, copied locally first if remote; a LoRA export's
+    UNet is its base with the adapter fused in. `with_classes` adds its classes.json (None for a text-conditional export)."""
     folder = run.get_dir(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}", Path(scratch) / layout.step_name(step))
     unet = UNet2DConditionModel.from_pretrained(
         folder / "unet", torch_dtype=torch.float32, use_safetensors=True, **models.DIFFUSERS_LOAD_OPTIONS
     )
+    unet = lora.apply_if_adapter(unet, folder)  # a LoRA export: its base with the adapter fused in
     unet.eval().requires_grad_(False)
     loaded = unet.to(device), DDPMScheduler.load_config(folder / "scheduler")
     if not with_classes:

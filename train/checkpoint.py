@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.core import faults, layout
 from pipeline.core.config import PipelineConfig, TrainConfig
 from pipeline.core.rundir import RunDir, now
-from train import distributed, masters, phases, pipeline_export
+from train import distributed, lora, masters, phases, pipeline_export
 from train.ema import ExponentialMovingAverage, averaged_parameters, weights_replaced
 from train.order import BatchPosition
 from train.retention import prune_checkpoints
@@ -84,8 +84,11 @@ def save_checkpoint(
     metrics: dict,
     ema: ExponentialMovingAverage | None = None,
     keep: int | None = None,
+    adapters_only: bool = False,
 ) -> None:
     """Every rank saves its engine state (and its part of the EMA) and reports it; collective.
+
+    `adapters_only` (train.lora) leaves the frozen base out: it is train.init_from's, loaded again on resume.
 
     Once rank 0 has committed it, it prunes older checkpoints down to the newest `keep` committed
     ones (`train.retention`; None: none pruned). Never before: killed in between, the run would
@@ -95,7 +98,7 @@ def save_checkpoint(
 
     name = layout.step_name(state.step)
     with tempfile.TemporaryDirectory(prefix="checkpoint-", ignore_cleanup_errors=True) as local:
-        engine.save_checkpoint(local, tag=DEEPSPEED_TAG)
+        engine.save_checkpoint(local, tag=DEEPSPEED_TAG, exclude_frozen_parameters=adapters_only)
         if ema is not None:
             ema.save(local)
         if distributed.is_rank_zero():
@@ -114,7 +117,7 @@ def save_checkpoint(
                 distributed.log(f"pruned checkpoints {pruned} (train.keep_checkpoints = {keep})")
 
 
-def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> TrainState:
+def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None, adapters_only: bool = False) -> TrainState:
     """Load the latest committed checkpoint into `engine` (and `ema`); a fresh state if none.
 
     Only COMMITTED folders count: a folder without it may be half uploaded (a rank died between
@@ -148,7 +151,9 @@ def resume(engine, run: RunDir, ema: ExponentialMovingAverage | None = None) -> 
             engine._config.load_universal_checkpoint = True  # read once, at this load only
         try:
             with weights_only_loads():  # a planted file is refused, never unpickled (train.safe_load)
-                loaded, _ = engine.load_checkpoint(str(local), tag=UNIVERSAL_TAG if elastic else DEEPSPEED_TAG)
+                loaded, _ = engine.load_checkpoint(
+                    str(local), tag=UNIVERSAL_TAG if elastic else DEEPSPEED_TAG, load_module_strict=not adapters_only
+                )
         except UnsafeCheckpointError as error:
             raise _in_run(error, run, relative, local) from None
         finally:
@@ -289,19 +294,21 @@ def export_model(
     with distributed.full_parameters(engine, config.zero_stage):
         if distributed.is_rank_zero():
             with tempfile.TemporaryDirectory(prefix="export-") as local:
-                unet = engine.module
-                online_folder = layout.EXPORT_UNET if averaged is None else layout.EXPORT_UNET_ONLINE
-                with weights_replaced(unet, online):
-                    unet.save_pretrained(f"{local}/{online_folder}", safe_serialization=True)
-                if averaged is not None:
-                    with weights_replaced(unet, averaged):
-                        unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
+                unet, shared = engine.module, {}
+                if config.lora is not None:
+                    shared = lora.write_export(local, run, unet, online, averaged, config)
+                else:
+                    online_folder = layout.EXPORT_UNET if averaged is None else layout.EXPORT_UNET_ONLINE
+                    with weights_replaced(unet, online):
+                        unet.save_pretrained(f"{local}/{online_folder}", safe_serialization=True)
+                    if averaged is not None:
+                        with weights_replaced(unet, averaged):
+                            unet.save_pretrained(f"{local}/{layout.EXPORT_UNET}", safe_serialization=True)
                 scheduler = make_noise_scheduler(config) if pipeline is None else pipeline_export.sampler(pipeline)
                 scheduler.save_pretrained(f"{local}/{layout.EXPORT_SCHEDULER}")
                 if classes is not None:
                     Path(local, layout.EXPORT_CLASSES).write_text(json.dumps(classes, indent=1))
-                shared = {}
                 if pipeline is not None and pipeline_export.whole(pipeline):
-                    shared = pipeline_export.shared_components(run, pipeline)
+                    shared |= pipeline_export.shared_components(run, pipeline)
                     pipeline_export.write_pipeline_files(local, run, pipeline, step, type(scheduler).__name__)
                 run.put_dir(local, relative, shared)

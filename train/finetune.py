@@ -84,12 +84,27 @@ def resolve(train: TrainConfig) -> InitModel | None:
     in_subfolder = bool(train.init_subfolder)
     if not in_subfolder and not (folder / CONFIG_FILE).is_file() and (folder / layout.EXPORT_UNET / CONFIG_FILE).is_file():
         folder, in_subfolder = folder / layout.EXPORT_UNET, True  # an export folder or a pipeline repo
+    if in_subfolder and not train.init_subfolder:
+        _refuse_adapter_export(folder.parent)
     if not (folder / CONFIG_FILE).is_file():
         hint = "" if train.init_subfolder else " (set train.init_subfolder if the UNet is in a subfolder)"
         raise InitModelError(f"train.init_from: {folder} holds no diffusers UNet ({CONFIG_FILE} is missing){hint}")
     folder = folder.resolve()
     # Exports and pipeline repos keep the UNet's noise schedule in a sibling scheduler/.
     return InitModel(folder, folder.parent / layout.EXPORT_SCHEDULER if in_subfolder else None)
+
+
+def _refuse_adapter_export(export: Path) -> None:
+    """A LoRA export's unet/ is its base: starting from it would leave the adapter out."""
+    from pipeline.core.lora import ADAPTER_FILE, read_record
+
+    saved = read_record(export)
+    if saved is not None and saved["unet"] == "base":
+        raise InitModelError(
+            f"train.init_from: {export} is a LoRA export: its unet/ is the base, without the adapter in {ADAPTER_FILE}; "
+            "start from the run's base again (with train.lora, resume the run itself), or export with "
+            "train.lora_fuse_export = true, whose unet/ holds the adapter fused in"
+        )
 
 
 def worker_folder(train: TrainConfig, driver_folder: str | None) -> Path:
@@ -227,6 +242,16 @@ def freeze(module, patterns: list[str]) -> dict[str, int]:
     if patterns and counts["trainable"] == 0:
         raise InitModelError(f"train.freeze = {patterns} freezes every parameter: nothing is left to train")
     return counts
+
+
+def make_trainable(unet, train: TrainConfig) -> dict[str, int]:
+    """What trains, and the counts {trainable, frozen}: with train.lora its adapters alone (added here),
+    else every parameter train.freeze leaves."""
+    if train.lora is not None:
+        from train.lora import add_adapters
+
+        return add_adapters(unet, train.lora)
+    return freeze(unet, train.freeze)
 
 
 def meta_unet(

@@ -20,7 +20,7 @@ from train.checkpoint import TrainState, classes_record, export_model, is_due, r
 from train.data import LatentSpec, read_spec
 from train.ema import ExponentialMovingAverage
 from train.engine import make_engine, restart_schedule
-from train.finetune import freeze, load_unet, worker_folder
+from train.finetune import load_unet, make_trainable, worker_folder
 from train.metrics import LogWindow, MetricsLog
 from train.order import DataOrder
 from train.phases import begin_phase, latent_resolution
@@ -59,7 +59,7 @@ def setup_worker(loop_config: dict) -> WorkerContext:
     else:
         class_embeds = class_embedding_count(train.conditioning, data.classes)
         unet = build_unet(train.unet, data.cross_attention_dim, data.sample_size, num_class_embeds=class_embeds)
-    counts = freeze(unet, train.freeze)
+    counts = make_trainable(unet, train)  # train.lora: its adapters; else what train.freeze leaves
     parameters = parameter_count(unet)  # before ZeRO-3 would shard them
     distributed.log(
         f"UNet {'from ' + train.init_from if train.init_from else 'built fresh'}: "
@@ -73,7 +73,7 @@ def train_worker(loop_config: dict) -> None:
     config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.spec, worker.engine
     train = config.train
     ema = ExponentialMovingAverage.of(engine, train)  # None when train.ema_decay is 0
-    state = resume(engine, run, ema)
+    state = resume(engine, run, ema, adapters_only=train.lora is not None)
     if begin_phase(state, latent_resolution(run)):  # latents of another resolution: go on from this checkpoint
         distributed.log(f"phase {len(state.phases)}: {state.phases[-1]['resolution']} px from step {state.step}")
     restart_schedule(engine, train)
@@ -81,7 +81,8 @@ def train_worker(loop_config: dict) -> None:
     options = loss_options(train, None if data.classes is None else len(data.classes))  # min-SNR, offset noise, classes
     classes = classes_record(train, data.classes, data.class_field)
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
-    metrics, window = MetricsLog(run, state.step, enabled=distributed.is_rank_zero()), LogWindow()
+    metrics = MetricsLog(run, state.step, distributed.is_rank_zero(), config, {"total": worker.parameter_count})
+    window = LogWindow()
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
         export_model(engine, run, train, 0, ema, classes, config)  # the starting point, validated like the exports after it
@@ -141,7 +142,15 @@ def _save(
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
     export_model(engine, run, config.train, state.step, ema, classes, config)
     metrics.publish()
-    save_checkpoint(engine, run, state, _summary(state, metrics), ema, keep=config.train.keep_checkpoints)
+    save_checkpoint(
+        engine,
+        run,
+        state,
+        _summary(state, metrics),
+        ema,
+        config.train.keep_checkpoints,
+        adapters_only=config.train.lora is not None,
+    )
 
 
 def _finish(state: TrainState, metrics: MetricsLog, run: RunDir, stopped: str | None) -> None:

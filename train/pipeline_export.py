@@ -100,10 +100,12 @@ def model_card(run: RunDir, config: PipelineConfig, step: int) -> str:
         ("VAE", f"{encode.vae}" + (f" (subfolder {encode.vae_subfolder})" if encode.vae_subfolder else "")),
         ("text encoder", encode.text_encoder),
         ("sampler", f"{sample.scheduler}, {sample.timestep_spacing} spacing, {sample.steps} steps"),
-        ("weights", "unet/: the moving average (train.ema_decay)" if train.ema_decay else "unet/: the trained weights"),
+        ("weights", weights_row(config)),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     guidance = max(sample.guidance_scales or [7.5])
+    adapter = train.lora is not None and not train.lora_fuse_export
+    load_adapter = '\npipe.load_lora_weights("PATH/TO/THIS/FOLDER")  # the LoRA adapter on the base unet/' if adapter else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -122,16 +124,53 @@ encoder are the ones that encoded the training images; the UNet was trained on t
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")
+pipe = StableDiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER"){load_adapter}
 image = pipe({prompt!r}, num_inference_steps={sample.steps}, guidance_scale={guidance:g}, guidance_rescale={sample.guidance_rescale:g}).images[0]
 ```
 
 Validation (per guidance scale, against this run's fixed prompts and seeds) is in the run's
 `sample/validation.json` and `report/index.html`: the sample stage validates each export after it is written.
-
+{validation_table(run)}
 ## The run's config
 
 ```toml
 {to_toml(config).strip()}
 ```
 """
+
+
+def weights_row(config: PipelineConfig) -> str:
+    train = config.train
+    which = "the moving average (train.ema_decay)" if train.ema_decay else "the trained weights"
+    if train.lora is None:
+        return f"unet/: {which}"
+    lora = train.lora
+    adapter = f"LoRA rank {lora.rank}, alpha {lora.scale_alpha:g} on {', '.join(lora.target_modules)}"
+    if train.lora_fuse_export:
+        return f"unet/: the base {train.init_from} with the adapter ({adapter}, {which}) fused in; the adapter alone in pytorch_lora_weights.safetensors"
+    return f"unet/: the base {train.init_from}; pytorch_lora_weights.safetensors: the adapter ({adapter}), {which}"
+
+
+def validation_table(run: RunDir) -> str:
+    """The run's validations so far (the earlier exports', validated beside training), one metric per row and guidance."""
+    if not run.exists(layout.SAMPLE_VALIDATION):
+        return ""
+    entries = run.read_json(layout.SAMPLE_VALIDATION).get("checkpoints", [])
+    rows = [
+        (entry["step"], metric, by_scale)
+        for entry in entries
+        for metric, by_scale in entry.get("metrics", {}).items()
+        if by_scale and all(isinstance(value, (int, float)) for value in by_scale.values())
+    ]
+    if not rows:
+        return ""
+    scales = sorted({scale for _, _, by_scale in rows for scale in by_scale}, key=float)
+    lines = [
+        "\nValidated so far, before this export:\n",
+        "| step | metric | " + " | ".join(f"guidance {scale}" for scale in scales) + " |",
+        "|---|---|" + "---|" * len(scales),
+    ]
+    for step, metric, by_scale in rows:
+        cells = " | ".join(f"{by_scale[scale]:.3f}" if scale in by_scale else "" for scale in scales)
+        lines.append(f"| {step:,} | {metric.replace('_', ' ')} | {cells} |")
+    return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ from pipeline.core.identity import EncoderMismatchError, check_run_encoders
 from pipeline.core.log import get_logger
 from pipeline.core.resources import worker_resources
 from pipeline.core.rundir import RunDir
+from pipeline.core.trackers import unusable
 from train import finetune, phases
 from train.checkpoint import make_universal
 from train.data import read_spec
@@ -137,9 +138,12 @@ def stage_summary(worker_summary: dict, run: RunDir) -> dict:
 
 def check_inputs(config: PipelineConfig, run: RunDir) -> dict:
     """Fail before any worker starts if the encode stage's output cannot feed this config, or the
-    UNet it names (train.init_from, train.freeze) cannot train on it; run.json's UNet summary."""
+    UNet it names (train.init_from, train.freeze, train.lora) cannot train on it; run.json's UNet summary."""
     if not run.exists(layout.ENCODE_MANIFEST):
         raise TrainStageError(f"{run.path(layout.ENCODE_MANIFEST)} is missing: run the encode stage first")
+    problem = unusable(config.train.trackers)
+    if problem:
+        raise TrainStageError(problem)
     manifest = run.read_json(layout.ENCODE_MANIFEST)
     check_order(config, run)
     stuck = phases.check_new_phase(run, config.train.max_steps)
@@ -170,8 +174,8 @@ def check_order(config: PipelineConfig, run: RunDir) -> None:
 
 
 def check_model(config: PipelineConfig, manifest: dict) -> dict:
-    """The init model fits the latents and the noise schedule, and every train.freeze entry names
-    parameters (checked on the meta device: no weights loaded); their counts, and where the model came from."""
+    """The init model fits the latents and the noise schedule, and every train.freeze entry (or
+    train.lora target) names parameters (checked on the meta device: no weights loaded); their counts, and where the model came from."""
     train, latent_shape, text_shape = config.train, manifest["latent_shape"], manifest["text_embedding_shape"]
     try:
         class_embeds = class_embedding_count(train.conditioning, manifest.get("classes"))
@@ -181,7 +185,7 @@ def check_model(config: PipelineConfig, manifest: dict) -> dict:
         init = finetune.resolve(train)
         if init is not None:
             finetune.check_init(init, train, latent_shape, text_shape, class_embeds)
-        counts = finetune.freeze(finetune.meta_unet(train, init, text_shape[-1], latent_shape[-1], class_embeds), train.freeze)
+        counts = finetune.make_trainable(finetune.meta_unet(train, init, text_shape[-1], latent_shape[-1], class_embeds), train)
     except finetune.InitModelError as error:
         raise TrainStageError(str(error)) from error
     summary = {"parameters": {**counts, "total": counts["trainable"] + counts["frozen"]}}

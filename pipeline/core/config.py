@@ -202,6 +202,26 @@ DEEPSPEED_OWNED_KEYS = {
 }
 
 
+class LoraSettings(Section):
+    """LoRA adapters on the UNet (peft, as diffusers' train_text_to_image_lora.py adds them); the base is train.init_from."""
+
+    rank: int = Field(4, ge=1, description="Rank of each adapter's two factors (diffusers' LoRA example: 4).")
+    alpha: float | None = Field(
+        None, gt=0, description="Scale numerator: an adapter adds (alpha / rank) * B @ A to its layer; unset: rank (scale 1)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each adapter's input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        min_length=1,
+        description="Layers that get an adapter, by name or name suffix as peft matches them (default: every attention "
+        "projection, as diffusers' LoRA example).",
+    )
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+
 class TrainConfig(Section):
     unet: Literal["tiny", "sd15"] = Field("tiny", description="UNet2DConditionModel preset.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers, each running one DeepSpeed engine.")
@@ -288,11 +308,29 @@ class TrainConfig(Section):
         description="Parameters left untrained, by name as in named_parameters(): a dotted prefix ('down_blocks', 'mid_block', "
         "'up_blocks.1', 'conv_in', 'time_embedding') or a glob ('*.attn2.*': cross-attention); each must match some parameter.",
     )
+    lora: LoraSettings | None = Field(
+        None,
+        description="Train LoRA adapters on the init_from UNet instead of its weights, e.g. {rank = 8}; the optimizer, ZeRO, "
+        "the EMA and checkpoints then hold the adapters only, and exports hold pytorch_lora_weights.safetensors "
+        "(StableDiffusionPipeline.load_lora_weights reads it) next to the base unet/.",
+    )
+    lora_fuse_export: bool = Field(
+        False, description="With train.lora: each export's unet/ holds the base with the adapter fused in, not the base alone."
+    )
     checkpoint_every: int = Field(
         500, ge=1, description="Save (and export) a checkpoint every N steps; the last step always saves."
     )
     keep_checkpoints: int = Field(3, ge=1, description="Resumable checkpoints kept (exports are all kept).")
     log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides train/metrics.jsonl: TensorBoard files (train/logs), MLflow, W&B. The config, "
+        "every logged step and each validation (figures per guidance scale, grids) go to MLflow and W&B; their URI, "
+        "keys and mode come from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE), never from here.",
+    )
+    tracker_project: str = Field(
+        "t2i-pipeline", min_length=1, description="MLflow experiment and W&B project (MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT win)."
+    )
     min_snr_gamma: float | None = Field(
         None,
         gt=0,
@@ -341,6 +379,17 @@ class TrainConfig(Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if self.init_subfolder and not self.init_from:
             raise ValueError("init_subfolder is set but init_from is not")
+        if self.lora is not None and not self.init_from:
+            raise ValueError("lora is set but init_from is not: the adapters train on a base UNet, set train.init_from")
+        if self.lora is not None and self.freeze:
+            raise ValueError(
+                "lora and freeze are both set: with LoRA the base is frozen whole and only the adapters train; "
+                "choose their layers with train.lora.target_modules"
+            )
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"trackers = {self.trackers} names a tracker twice")
+        if self.lora_fuse_export and self.lora is None:
+            raise ValueError("lora_fuse_export is set but lora is not")
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
             raise ValueError(
                 "rescale_betas_zero_snr needs prediction_type = 'v_prediction': at zero terminal SNR the noise "

@@ -28,6 +28,8 @@ TRAIN_CHECKPOINTS = "train/checkpoints"
 TRAIN_EXPORT = "train/export"
 # The encoders that made the latents, saved once per run (vae/, text_encoder/, tokenizer/) and shared into each export.
 TRAIN_COMPONENTS = "train/components"
+# train.lora: the base UNet, saved once per run (unet/) and shared into each export's unet/.
+TRAIN_LORA_BASE = "train/lora_base"
 EXPORT_MODEL_INDEX = "model_index.json"
 EXPORT_MODEL_CARD = "README.md"
 # Inside an export: the weights sampling loads (the EMA when train.ema_decay > 0), and then also the raw ones.
@@ -44,6 +46,9 @@ TRAIN_SAMPLES = "train/samples"  # train.record_samples: step-N-rank-R.jsonl, ea
 TRAIN_RESUMES = "train/resumes.json"  # one entry per resume: the step and checkpoint it started from
 
 SAMPLE_VALIDATION = "sample/validation.json"
+# train.trackers: each tracker's run id (MLflow, W&B) and the validations logged to them; in train/, so that a
+# restarted train stage starts new tracker runs.
+TRACKERS = "train/trackers.json"
 SAMPLE_IMAGES = "sample/images"
 REPORT_INDEX = "report/index.html"
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from pipeline.core import faults, log
+from pipeline.core import faults, log, trackers
 from pipeline.core.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset imports albumentations, which otherwise
@@ -24,7 +24,7 @@ def ensure_ray(config: RayConfig) -> None:
     log.quiet_ray_driver()
     address = config.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {
-        "env_vars": {**WORKER_ENV, **faults.environment(), **log.worker_env()},
+        "env_vars": {**WORKER_ENV, **faults.environment(), **log.worker_env(), **trackers.environment()},
         "worker_process_setup_hook": log.WORKER_SETUP_HOOK,
     }
     if address:

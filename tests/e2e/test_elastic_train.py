@@ -49,7 +49,8 @@ def recorded_keys(run, epoch: int) -> Counter:
     return Counter(key for keys in by_step.values() for key in keys)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-3 only: ZeRO-2's universal form is resharded by tests/train/test_finetune.py's LoRA run (2 workers, then 1).
+@pytest.mark.parametrize("zero_stage", [3])
 def test_two_workers_then_one_then_two_see_every_sample_of_the_epoch_once(tmp_path, ray_local, zero_stage):
     # 4 shards of 32 samples in 2 streams of 64: 16 samples a step with 2 workers, 8 with 1.
     run = write_latent_run(tmp_path / "run", shards=4, per_shard=32)

@@ -168,9 +168,11 @@ def test_optional_keys_left_unset_do_not_enter_the_fingerprint():
     config = load_config("tiny")
     now = config.model_dump(mode="json")
     before_the_keys_existed = config.model_dump(mode="json")
-    for key in ("init_from", "init_subfolder", "freeze", "beta_start", "beta_end"):
+    for key in ("init_from", "init_subfolder", "freeze", "beta_start", "beta_end", "lora"):
         del before_the_keys_existed["train"][key]
     assert runner._without_unset(now) == runner._without_unset(before_the_keys_existed)
+    # Keys added with a default that keeps the old behaviour (runner.NEUTRAL_DEFAULTS) stay out at that default.
+    assert not {"lora_fuse_export", "trackers", "tracker_project"} & set(runner._fingerprinted(config)["train"])
     assert (
         runner.fingerprints(load_config("tiny", overrides=["train.freeze=['conv_in']"]))["train"]
         != runner.fingerprints(config)["train"]

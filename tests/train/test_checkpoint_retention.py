@@ -53,7 +53,7 @@ class Killed(Exception):
 
 
 class FakeEngine:
-    def save_checkpoint(self, folder: str, tag: str) -> None:
+    def save_checkpoint(self, folder: str, tag: str, exclude_frozen_parameters: bool = False) -> None:
         Path(folder, tag).mkdir(parents=True)
         Path(folder, tag, "mp_rank_00_model_states.pt").write_text("weights")
 

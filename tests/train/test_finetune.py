@@ -65,7 +65,8 @@ def exported(run, step: int, unet: str = layout.EXPORT_UNET) -> dict[str, torch.
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-3, where frozen parameters are partitioned too; the LoRA test below freezes the whole base under ZeRO-2.
+@pytest.mark.parametrize("zero_stage", [3])
 def test_finetuning_starts_from_the_export_and_trains_only_the_unfrozen_parameters(tmp_path, base_export, zero_stage):
     initial = weights(base_export / layout.EXPORT_UNET)  # the export's EMA weights: what sampling loads
     overrides = [f'train.init_from="{base_export}"', f"train.freeze={FREEZE}", f"train.zero_stage={zero_stage}"]
@@ -92,8 +93,6 @@ def test_finetuning_starts_from_the_export_and_trains_only_the_unfrozen_paramete
     scheduler = run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(2)}/{layout.EXPORT_SCHEDULER}")
     assert DDPMScheduler.load_config(scheduler)["prediction_type"] == "v_prediction"
 
-    if zero_stage == 2:
-        return  # the resume below passes under ZeRO-2 too; ZeRO-3 (frozen parameters partitioned) is the harder case
     resumed = run_stage(config(4, *overrides), run)  # a resume restores the frozen ones too, partitioned
     assert resumed["steps"] == 4 and resumed["resumed_from"] == [2] and resumed["exports"] == [0, 2, 4]
     online = exported(run, 4, layout.EXPORT_UNET_ONLINE)
@@ -227,3 +226,45 @@ def test_a_shifted_toy_set_keeps_only_the_chosen_colours():
     assert {spec for spec, _ in generate(12, 32, seed=0, colours=["red", "blue"])} == set(specs)
     with pytest.raises(ConfigError, match="ingest.toy_colours"):
         load_config("tiny", overrides=['ingest.toy_colours=["red", "purple"]'])
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.e2e
+def test_lora_trains_only_adapters_on_the_export_and_resumes_from_checkpoints_without_the_base_on_fewer_workers(
+    tmp_path, base_export
+):
+    from pipeline.core import lora
+    from sample.export import load_export
+
+    initial = weights(base_export / layout.EXPORT_UNET)
+    # ZeRO-2 (tests/train/test_lora_zero.py covers 0-3 on the engines): its universal form is resharded below.
+    overrides = [f'train.init_from="{base_export}"', "train.lora.rank=4", "train.zero_stage=2"]
+    run = write_latent_run(tmp_path / "run", seed=1)
+    summary = run_stage(config(2, *overrides), run)
+    counts = summary["parameters"]
+    assert (
+        counts["frozen"] == sum(value.numel() for value in initial.values()) and 0 < counts["trainable"] < 0.02 * counts["frozen"]
+    )
+    assert summary["exports"] == [0, 2]
+    for step in (0, 2):  # unet/ is the base, bit for bit; the adapter is beside it
+        assert all(torch.equal(value, initial[name]) for name, value in exported(run, step).items())
+        assert lora.read_record(run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}"))["unet"] == "base"
+    probe = (torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, TEXT_SHAPE[1]))
+    started, tuned = (load_export(run, step, str(tmp_path / "s"), torch.device("cpu"))[0] for step in (0, 2))
+    base = UNet2DConditionModel.from_pretrained(base_export / layout.EXPORT_UNET)
+    assert torch.allclose(started(*probe).sample, base(*probe).sample, atol=1e-6)  # B starts at zero
+    assert not torch.allclose(tuned(*probe).sample, base(*probe).sample, atol=1e-4)  # the adapter trained
+
+    full = folder_bytes(base_export.parents[1] / "checkpoints" / layout.step_name(3))  # the base run's, ZeRO-2, same UNet
+    adapters_only = folder_bytes(Path(run.path(f"{layout.TRAIN_CHECKPOINTS}/{layout.step_name(2)}")))
+    assert adapters_only < 0.1 * full, (adapters_only, full)
+
+    # From the adapter-only checkpoint, on the base loaded again, and on one worker: through DeepSpeed's universal form.
+    one_worker = ["train.num_workers=1", "train.batch_size_per_worker=16"]
+    resumed = run_stage(config(3, *overrides, *one_worker), run)
+    assert resumed["steps"] == 3 and resumed["resumed_from"] == [2] and resumed["exports"] == [0, 2, 3]
+    assert run.read_json(layout.TRAIN_RESUMES)[-1]["workers"] == [2, 1]
+    assert all(torch.equal(value, initial[name]) for name, value in exported(run, 3).items())

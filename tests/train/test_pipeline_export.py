@@ -78,6 +78,9 @@ def test_from_pretrained_draws_what_pipeline_sample_draws(tmp_path, model_dirs, 
 
 def test_the_encoders_are_saved_once_and_shared_and_the_card_says_what_was_trained(tmp_path, model_dirs):
     config = sample_config(model_dirs, scheduler="dpmsolver++")
+    run = RunDir(tmp_path / "run")  # an export validated beside training before these are written
+    validation = {"step": STEPS[0], "metrics": {"prompt_accuracy": {"0": 0.125, "7.5": 0.875}, "fid": {"0": None}}}
+    run.write_json(layout.SAMPLE_VALIDATION, {"checkpoints": [validation], "best": None})
     run = exported_run(tmp_path, config, tiny_unet())
     first, last = (run.path(f"{layout.TRAIN_EXPORT}/{layout.step_name(step)}") for step in STEPS)
     for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
@@ -93,6 +96,7 @@ def test_the_encoders_are_saved_once_and_shared_and_the_card_says_what_was_train
     assert f"step {STEPS[-1]:,}" in card and "StableDiffusionPipeline.from_pretrained" in card
     assert "| images encoded | 1,200 in 5 shards |" in card
     assert str(model_dirs["vae"]) in card and "[train]" in card  # the encoders and the run's config
+    assert "| step | metric | guidance 0 | guidance 7.5 |" in card and "| 4 | prompt accuracy | 0.125 | 0.875 |" in card
 
 
 def test_a_class_conditional_export_keeps_the_unet_the_sampler_and_its_classes_only(tmp_path, model_dirs):
