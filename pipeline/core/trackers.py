@@ -87,6 +87,7 @@ class Trackers:
 
     def __init__(self, trackers: list[Any]):
         self.active = trackers
+        self.warned = False  # of the validations' bookkeeping (new_validations): once per process
 
     @classmethod
     def of(cls, train, run: RunDir) -> Trackers:
@@ -95,7 +96,7 @@ class Trackers:
 
     @classmethod
     def open(cls, names: list[str], run: RunDir, run_name: str, project: str) -> Trackers:
-        """Open (or, from RUN/trackers.json, reopen) one tracker run per name. "tensorboard" takes the validations
+        """Open (or, from RUN/train/trackers.json, reopen) one tracker run per name. "tensorboard" takes the validations
         only: train.metrics writes the training scalars' event files itself."""
         record = run.read_json(layout.TRACKERS, default={"ids": {}, "validation_logged": []})
         opened = []
@@ -120,8 +121,20 @@ class Trackers:
             self._each("metrics", values, step)
 
     def new_validations(self, run: RunDir) -> list[int]:
-        """Log the entries of sample/validation.json no tracker run has had yet; their steps."""
-        if not self.active or not run.exists(layout.SAMPLE_VALIDATION):
+        """Log the entries of sample/validation.json no tracker run has had yet; their steps. Reading them may
+        fail (storage, a grid removed): one warning per process, the next call tries again, training goes on."""
+        if not self.active:
+            return []
+        try:
+            return self._new_validations(run)
+        except Exception as error:  # noqa: BLE001 (the trackers' bookkeeping never stops training either)
+            if not self.warned:
+                logger.warning(f"could not log the new validations to the trackers ({type(error).__name__}: {error})")
+                self.warned = True
+            return []
+
+    def _new_validations(self, run: RunDir) -> list[int]:
+        if not run.exists(layout.SAMPLE_VALIDATION):
             return []
         record = run.read_json(layout.TRACKERS, default={"ids": {}, "validation_logged": []})
         done = set(record["validation_logged"])

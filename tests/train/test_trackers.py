@@ -143,7 +143,8 @@ def test_config_steps_and_validations_reach_mlflow_and_wandb_once_across_a_resum
     assert sorted(image.step for image in events.Images("validation/guidance_3")) == [10, 20]
 
     # W&B offline: one run folder per session, all under one id, with the run's files.
-    folders = sorted(Path(run.path(layout.TRAIN_DIR), "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+    # (Sessions started in the same second get W&B's "-1" suffix.)
+    folders = sorted(Path(run.path(layout.TRAIN_DIR), "wandb").glob(f"offline-run-*-{ids['wandb']}*"))
     assert len(folders) == 3, folders  # training, the resume, the sample stage
     assert all((folder / f"run-{ids['wandb']}.wandb").stat().st_size > 0 for folder in folders)
     assert any((folder / "files" / "media").is_dir() for folder in folders)  # the grid went with the validation
@@ -204,3 +205,26 @@ def test_a_tracker_that_cannot_log_is_refused_before_any_worker_starts(tmp_path,
     given = trackers.environment()
     assert {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}.items() <= given.items()
     assert "a-secret" not in given.values()
+
+
+def test_validations_that_cannot_be_read_warn_once_and_are_tried_again(tmp_path, caplog):
+    class Recording:
+        name, id, logged = "recording", None, []
+
+        def metrics(self, values, step):
+            Recording.logged.append(step)
+
+        def image(self, key, png, file_name, step):
+            pass
+
+    run = RunDir(tmp_path / "run")
+    validated(run, 10, 0.5)
+    grid = run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"][0]["images"]["3"]
+    png = run.read_bytes(grid)
+    os.remove(run.path(grid))  # a grid the trackers cannot read (a storage error looks the same)
+    trackers = Trackers([Recording()])
+    with caplog.at_level(logging.WARNING):
+        assert trackers.new_validations(run) == [] and trackers.new_validations(run) == []
+    assert sum("could not log the new validations" in record.getMessage() for record in caplog.records) == 1
+    run.write_bytes(grid, png)  # the grid is back: the next log step logs the validation, once
+    assert trackers.new_validations(run) == [10] and trackers.new_validations(run) == []
