@@ -324,8 +324,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="Where metrics go besides train/metrics.jsonl: TensorBoard files (train/logs), MLflow, W&B. The config, "
-        "every logged step and each validation (figures per guidance scale, grids) go to MLflow and W&B; their URI, "
+        description="Where metrics go besides train/metrics.jsonl: TensorBoard files (train/logs), MLflow, W&B. Every logged "
+        "step and each validation (figures per guidance scale, grids) go to each, the config to MLflow and W&B; their URI, "
         "keys and mode come from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE), never from here.",
     )
     tracker_project: str = Field(
