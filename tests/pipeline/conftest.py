@@ -6,8 +6,10 @@ from pipeline import runner
 
 
 @pytest.fixture
-def fake_stages(monkeypatch):
-    """Each stage records its call and writes NAME/out.txt; `fail[name] = n` makes it raise n times. (calls, fail)."""
+def fake_stages(monkeypatch, ray_local):
+    """Each stage records its call and writes NAME/out.txt; `fail[name] = n` makes it raise n times. (calls, fail).
+
+    The runner's resource pre-flight reads the session's Ray (`ray_local`), which it would otherwise start itself."""
     calls = []
     fail = {}
 

@@ -44,6 +44,7 @@ def jpeg(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
+@pytest.mark.e2e  # the tiny VAE over the toy set (about 10 s): `make test-e2e`, keeping `make test` under 8 minutes
 def test_tiny_vae_reconstructions_keep_their_shape(toy_images):
     vae = load_vae("builtin:tiny-vae")
     pixels = to_model_input(np.stack([jpeg(image) for _, image in toy_images[:270]]))

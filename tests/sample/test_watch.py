@@ -105,8 +105,9 @@ def test_exports_are_validated_while_the_train_stage_runs(tmp_path, ray_local, m
     print(f"\nvalidated beside training: {watched} (when train returned: {seen['validated']})")
 
 
+@pytest.mark.e2e  # a real train stage with its watcher (about 15 s): `make test-e2e`, keeping `make test` under 8 minutes
 def test_the_runner_watches_training_and_the_sample_stage_keeps_what_was_watched(
-    synthetic_run, model_dirs, tmp_path, monkeypatch
+    synthetic_run, model_dirs, tmp_path, monkeypatch, ray_local
 ):
     """Stand-in train stage (it exports step 10 and waits for the watcher); the real sample stage."""
     from sample_support import export_step
@@ -128,7 +129,7 @@ def test_the_runner_watches_training_and_the_sample_stage_keeps_what_was_watched
 
     real_stage_function = runner.stage_function
     monkeypatch.setattr(runner, "stage_function", lambda name: train if name == "train" else real_stage_function(name))
-    monkeypatch.setattr(runner, "ensure_ray", lambda config: None)
+    monkeypatch.setattr(runner, "ensure_ray", lambda config: None)  # ray_local is up
     for force in (False, True):  # under force too, what the watcher did for this training stays
         runner.run_stages(config, synthetic_run, ["train", "sample"], force=force, restart="train")
         stage = synthetic_run.stage("sample")
