@@ -74,8 +74,9 @@ def _measure(config_json: dict, steps: int) -> dict[str, dict]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(train.threads_per_worker)
     deepspeed.init_distributed(dist_backend="gloo")
-    sides = {"full": _Side(config, lora=False), "lora": _Side(config, lora=True)}
-    batch = _batch(config)
+    width = _text_width(config)  # the text encoder is loaded once, for its width
+    sides = {"full": _Side(config, width, lora=False), "lora": _Side(config, width, lora=True)}
+    batch = _batch(config, width)
     for side in sides.values():
         for _ in range(WARMUP_STEPS):
             side.step(batch)
@@ -101,13 +102,12 @@ def _measure(config_json: dict, steps: int) -> dict[str, dict]:
     return result
 
 
-def _batch(config) -> dict:
-    """One synthetic batch of the preset's shapes (latents and text embeddings), drawn once."""
+def _batch(config, width: int) -> dict:
+    """One synthetic batch of the preset's shapes (latents, text embeddings `width` wide), drawn once."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
     size, side = config.train.batch_size_per_worker, config.encode.resolution // 8
-    width = _text_width(config)
     return {
         "latents": torch.randn(size, 4, side, side, generator=generator),
         "text_embeddings": torch.randn(size, TEXT_TOKENS, width, generator=generator),
@@ -123,7 +123,7 @@ def _text_width(config) -> int:
 class _Side:
     """One engine (full fine-tune or LoRA) on the seeded base UNet, with its moving average."""
 
-    def __init__(self, config, lora: bool):
+    def __init__(self, config, width: int, lora: bool):
         import torch
 
         from train.ema import ExponentialMovingAverage
@@ -135,14 +135,14 @@ class _Side:
         train = config.train if lora else config.train.model_copy(update={"lora": None})
         self.config, self.lora = config, lora
         torch.manual_seed(config.seed)  # the same base on both sides
-        unet = build_unet(train.unet, _text_width(config), config.encode.resolution // 8)
+        unet = build_unet(train.unet, width, config.encode.resolution // 8)
         if lora:
             add_adapters(unet, train.lora)
         self.trainable = sum(parameter.numel() for parameter in unet.parameters() if parameter.requires_grad)
         self.engine = make_engine(unet, train)
         self.ema = ExponentialMovingAverage.of(self.engine, train)
         self.noise_scheduler, self.options = make_noise_scheduler(train), loss_options(train)
-        self.empty = torch.zeros(_batch_shape(unet))
+        self.empty = torch.zeros(TEXT_TOKENS, width)  # the empty caption's embedding
         self.generator = torch.Generator().manual_seed(config.seed)
 
     def step(self, batch: dict) -> float:
@@ -166,7 +166,3 @@ class _Side:
             if self.ema is not None:
                 self.ema.save(folder)
             return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-
-
-def _batch_shape(unet) -> tuple[int, int]:
-    return (TEXT_TOKENS, unet.config.cross_attention_dim)

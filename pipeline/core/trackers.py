@@ -1,11 +1,12 @@
 """Experiment trackers (`train.trackers`): TensorBoard files, MLflow and Weights & Biases.
 
 One tracker run per training run, its id kept in `RUN/train/trackers.json`, so a resumed run goes on
-in the same tracker run (and `--restart train` starts a new one). One writer at a time: during training, rank 0 of the train stage logs the
-resolved config as parameters, every logged step's metrics and, as the watcher beside training
-validates exports, each validation's figures per guidance scale and its image grids (read back from
-sample/validation.json at each log step); after training the sample stage logs the validations it
-adds. `trackers.json` also lists the validations already logged (step and time), so none is logged twice.
+in the same tracker run (and `--restart train` starts a new one). One writer at a time: during
+training, rank 0 of the train stage logs the resolved config as parameters, every logged step's
+metrics and, as the watcher beside training validates exports, each validation's figures per
+guidance scale and its image grids (read back from sample/validation.json at each log step); after
+training the sample stage logs the validations it adds. `trackers.json` also lists the validations
+already logged (step and time), so none is logged twice.
 
 Where a tracker is and who may write to it come from the environment, never from config.toml:
 MLflow reads MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN,
@@ -29,7 +30,7 @@ from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir
 
 logger = get_logger("trackers")
-PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}  # tracker -> the module it needs ("tensorboard": train.metrics)
+PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}  # tracker -> the module it needs (tensorboard is a dependency)
 PARAM_CHUNK = 100  # MLflow takes at most 100 params in one batch
 # What the trackers read from the environment and is no secret: passed on to the Ray workers from where
 # `pipeline` runs. Keys and passwords (WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN) are not:
@@ -134,15 +135,12 @@ class Trackers:
             return []
 
     def _new_validations(self, run: RunDir) -> list[int]:
-        if not run.exists(layout.SAMPLE_VALIDATION):
-            return []
-        record = run.read_json(layout.TRACKERS, default={"ids": {}, "validation_logged": []})
-        done = set(record["validation_logged"])
-        entries = [entry for entry in run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"] if _logged_key(entry) not in done]
+        entries = unlogged(run)
         for entry in entries:
             self.validation(entry, run)
         if entries:
-            record["validation_logged"] = sorted(done | {_logged_key(entry) for entry in entries})
+            record = run.read_json(layout.TRACKERS, default={"ids": {}, "validation_logged": []})
+            record["validation_logged"] = sorted({*record["validation_logged"], *map(_logged_key, entries)})
             run.write_json(layout.TRACKERS, record)
         return [entry["step"] for entry in entries]
 
@@ -169,6 +167,14 @@ class Trackers:
             except Exception as error:  # noqa: BLE001
                 _warn(tracker.name, f"failed in {method}", error)
                 self.active.remove(tracker)
+
+
+def unlogged(run: RunDir) -> list[dict[str, Any]]:
+    """The entries of sample/validation.json that trackers.json does not list as logged."""
+    if not run.exists(layout.SAMPLE_VALIDATION):
+        return []
+    done = set(run.read_json(layout.TRACKERS, default={"validation_logged": []})["validation_logged"])
+    return [entry for entry in run.read_json(layout.SAMPLE_VALIDATION)["checkpoints"] if _logged_key(entry) not in done]
 
 
 def _logged_key(entry: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from pipeline.core.identity import check_run_encoders
 from pipeline.core.log import get_logger
 from pipeline.core.rundir import RunDir, now
 from pipeline.core.toy import parse_caption
-from pipeline.core.trackers import Trackers
+from pipeline.core.trackers import Trackers, unlogged
 from sample.conditions import Conditions, validation_conditions
 from sample.export import load_export
 from sample.grid import image_grid, png_bytes
@@ -269,11 +269,12 @@ def has_conditions(config: PipelineConfig) -> bool:
 
 def run_stage(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     summary = validate_pending(config, run)
-    trackers = Trackers.of(config.train, run)  # training is over: this stage is the trackers' one writer now
-    logged = trackers.new_validations(run)
-    if logged:
-        logger.info(f"logged the validations of steps {logged} to {', '.join(tracker.name for tracker in trackers.active)}")
-    trackers.close()
+    if unlogged(run):  # training is over: this stage is the trackers' one writer now (opened only with something to log)
+        trackers = Trackers.of(config.train, run)
+        logged = trackers.new_validations(run)
+        if logged:
+            logger.info(f"logged the validations of steps {logged} to {', '.join(tracker.name for tracker in trackers.active)}")
+        trackers.close()
     return summary
 
 
