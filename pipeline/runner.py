@@ -88,6 +88,7 @@ RESUMABLE_KEYS: dict[str, set[str]] = {
         "threads_per_worker",
         "placement_strategy",
         "record_samples",
+        "profile",
         # Where metrics go, not what is trained: a tracker added to a run logs from its next step on.
         "trackers",
         "tracker_project",
@@ -135,6 +136,7 @@ NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
         "conditioning": "text",
         "record_samples": False,
+        "profile": False,
         "placement_strategy": "PACK",
         "rescale_betas_zero_snr": False,
         "lora_fuse_export": False,

@@ -35,7 +35,8 @@ def deepspeed_config(config: TrainConfig, hidden_size: int | None = None) -> dic
         "communication_data_type": "fp32",
         # We log ourselves (train.metrics); DeepSpeed's own step prints would only interleave.
         "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
+        # train.profile reads DeepSpeed's backward, reduce and step timers (train.profile).
+        "wall_clock_breakdown": config.profile,
     }
     if config.precision != "fp32" and config.zero_stage > 0:
         # ...and summed over micro-batches and kept until the step in fp32 (DeepSpeed keeps them in
@@ -63,6 +64,10 @@ def make_engine(unet: torch.nn.Module, config: TrainConfig):
         config=deepspeed_config(config, hidden_size=max(unet.config.block_out_channels)),
         dist_init_required=False,
     )
+    if config.profile:
+        # DeepSpeed prints its timers every step whatever the log level, and resets them as it does: keep
+        # the reset, drop the print (train.profile reads get_wall_clock_timers, the step's values).
+        engine.timers.log = lambda names, *args, **kwargs: [engine.timers(name).reset() for name in names]
     return engine
 
 

@@ -7,6 +7,7 @@ data (the run URL and the config as JSON), so the same call works on any cluster
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from train.finetune import load_unet, make_trainable, worker_folder
 from train.metrics import LogWindow, MetricsLog
 from train.order import DataOrder
 from train.phases import begin_phase, latent_resolution
+from train.profile import StepProfile
 from train.step import loss_options, make_noise_scheduler, train_step
 from train.stream import ShardStream
 from train.unet import build_unet, class_embedding_count, parameter_count
@@ -69,6 +71,7 @@ def setup_worker(loop_config: dict) -> WorkerContext:
 
 
 def train_worker(loop_config: dict) -> None:
+    entered = time.perf_counter()
     worker = setup_worker(loop_config)
     config, run, rank, data, engine = worker.config, worker.run, worker.rank, worker.spec, worker.engine
     train = config.train
@@ -83,6 +86,7 @@ def train_worker(loop_config: dict) -> None:
     empty_caption = torch.from_numpy(data.empty_caption_embedding).float()
     metrics = MetricsLog(run, state.step, distributed.is_rank_zero(), config, {"total": worker.parameter_count})
     window = LogWindow()
+    profile = StepProfile(train.profile, run, state.step)
     start_export = f"{layout.TRAIN_EXPORT}/{layout.step_name(0)}/{layout.COMMIT_MARKER}"
     if state.step == 0 and train.init_from and not run.exists(start_export):
         export_model(engine, run, train, 0, ema, classes, config)  # the starting point, validated like the exports after it
@@ -94,11 +98,16 @@ def train_worker(loop_config: dict) -> None:
     batches = order.batches(rank, world, batch_size, state.epoch, state.taken)
     stopped = None  # why training diverged; every rank agrees, as it does on `skipped`
     recorded: list[dict] = []  # train.record_samples: the steps since the last checkpoint
+    profile.first_step(entered)
     while state.step < train.max_steps:
-        position = next(batches)
-        generator = distributed.batch_generator(config.seed, rank, position.epoch, position.taken)
-        batch = stream.batch(position, generator)  # flips and posterior draws, then train_step's draws
-        result = train_step(engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, **options)
+        profile.step_started()
+        with profile.phase("data"):
+            position = next(batches)
+            generator = distributed.batch_generator(config.seed, rank, position.epoch, position.taken)
+            batch = stream.batch(position, generator)  # flips and posterior draws, then train_step's draws
+        result = train_step(
+            engine, batch, noise_scheduler, empty_caption, train.caption_dropout, generator, phase=profile.phase, **options
+        )
         previous_step = state.step
         state.advance(position, result["skipped"], engine.global_steps)
         if train.record_samples:
@@ -111,22 +120,26 @@ def train_worker(loop_config: dict) -> None:
             continue  # inside a gradient accumulation window, or a skipped step
         faults.inject("train-step", rank=rank, step=state.step)
         if ema is not None and engine.was_step_applied():  # not after an fp16 overflow's skipped step
-            ema.update()
+            with profile.phase("ema"):
+                ema.update()
         if is_due(state.step, train.log_every, train.max_steps):
-            metrics.add(window.row(state.step, engine))
+            with profile.phase("log"):
+                metrics.add(window.row(state.step, engine))
         if is_due(state.step, train.checkpoint_every, train.max_steps):
             if not distributed.all_ranks_finite_parameters(engine.module):  # a finite loss, then a bad update
                 stopped = f"the weights are not finite after step {state.step}: training diverged; not saving them"
                 break
-            _save(engine, run, config, state, metrics, ema, classes)
+            _save(engine, run, config, state, metrics, ema, classes, profile)
             if recorded:
                 rows = "".join(json.dumps(row) + "\n" for row in recorded)
                 run.write_text(f"{layout.TRAIN_SAMPLES}/{layout.step_name(state.step)}-rank-{rank}.jsonl", rows)
                 recorded.clear()
             window.restart()
+        profile.step_done(engine)
 
     stream.close()
     distributed.log(f"latent shards read by rank 0: {stream.counts()}")
+    profile.report()
     _finish(state, metrics, run, stopped)
 
 
@@ -138,19 +151,23 @@ def _save(
     metrics: MetricsLog,
     ema: ExponentialMovingAverage | None,
     classes: dict | None,
+    profile: StepProfile,
 ) -> None:
     """Export (rank 0), publish metrics, then the resumable checkpoint (every rank)."""
-    export_model(engine, run, config.train, state.step, ema, classes, config)
-    metrics.publish()
-    save_checkpoint(
-        engine,
-        run,
-        state,
-        _summary(state, metrics),
-        ema,
-        config.train.keep_checkpoints,
-        adapters_only=config.train.lora is not None,
-    )
+    with profile.phase("export"):
+        export_model(engine, run, config.train, state.step, ema, classes, config)
+        metrics.publish()
+    with profile.phase("checkpoint"):
+        save_checkpoint(
+            engine,
+            run,
+            state,
+            _summary(state, metrics),
+            ema,
+            config.train.keep_checkpoints,
+            adapters_only=config.train.lora is not None,
+        )
+    profile.write()  # so far: a run stopped before its end keeps its profile
 
 
 def _finish(state: TrainState, metrics: MetricsLog, run: RunDir, stopped: str | None) -> None:

@@ -6,7 +6,9 @@ module plus a torch optimizer behind the same four methods) in tests and noteboo
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +131,7 @@ def train_step(
     noise_offset: float = 0.0,
     null_class: int | None = None,
     text_conditioned: bool = True,
+    phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
 ) -> dict:
     """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch.
 
@@ -140,36 +143,40 @@ def train_step(
 
     With `null_class` (class conditioning) the UNet also gets the batch's `class_labels`, dropped to
     `null_class` with the captions; without `text_conditioned` every caption is the empty one.
+    `phase(name)` times the parts (train.profile: "draws", "forward", "loss check").
     """
     device, dtype = engine.device, next(engine.module.parameters()).dtype
-    # fp16 (or pinned) on the host; copied without blocking and cast on the device.
-    latents = batch["latents"].to(device, non_blocking=True).float()
-    text = batch["text_embeddings"]
-    if not text_conditioned:
-        text = empty_caption_embedding.to(text.dtype).expand_as(text)
-    labels = batch["class_labels"] if null_class is not None else None
-    text, labels = drop_conditioning(text, labels, empty_caption_embedding, null_class, caption_dropout, generator)
-    extra = {} if labels is None else {"class_labels": labels.to(device)}
-    noise = sample_noise(latents.shape, noise_offset, generator).to(device, non_blocking=True)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timesteps = timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-
-    prediction = engine(
-        noisy.to(dtype), timesteps, encoder_hidden_states=text.to(device, dtype, non_blocking=True), **extra
-    ).sample
-    if min_snr_gamma is None:
-        loss = F.mse_loss(prediction.float(), target)
-    else:
-        per_sample = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
-        weights = min_snr_weights(noise_scheduler.alphas_cumprod, timesteps.cpu(), min_snr_gamma, prediction_type)
-        loss = (weights.to(device) * per_sample).mean()
-    if not distributed.all_ranks_finite(loss):
+    with phase("draws"):
+        # fp16 (or pinned) on the host; copied without blocking and cast on the device.
+        latents = batch["latents"].to(device, non_blocking=True).float()
+        text = batch["text_embeddings"]
+        if not text_conditioned:
+            text = empty_caption_embedding.to(text.dtype).expand_as(text)
+        labels = batch["class_labels"] if null_class is not None else None
+        text, labels = drop_conditioning(text, labels, empty_caption_embedding, null_class, caption_dropout, generator)
+        extra = {} if labels is None else {"class_labels": labels.to(device)}
+        noise = sample_noise(latents.shape, noise_offset, generator).to(device, non_blocking=True)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+    with phase("forward"):
+        prediction = engine(
+            noisy.to(dtype), timesteps, encoder_hidden_states=text.to(device, dtype, non_blocking=True), **extra
+        ).sample
+        if min_snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), target)
+        else:
+            per_sample = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+            weights = min_snr_weights(noise_scheduler.alphas_cumprod, timesteps.cpu(), min_snr_gamma, prediction_type)
+            loss = (weights.to(device) * per_sample).mean()
+    with phase("loss check"):
+        finite = distributed.all_ranks_finite(loss)
+    if not finite:
         return {"loss": float("nan"), "skipped": True}
     engine.backward(loss)
     engine.step()

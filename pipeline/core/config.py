@@ -246,6 +246,12 @@ class TrainConfig(Section):
         description="Write every rank's sample keys, step by step, to RUN/train/samples/step-N-rank-R.jsonl with each "
         "checkpoint N: an audit of the data order (large at scale).",
     )
+    profile: bool = Field(
+        False,
+        description="Time each phase of every step on every rank (batch reading, forward, backward, gradient reduce, "
+        "optimizer, moving average, logging, export, checkpoint): RUN/train/profile/rank-N.json, and rank 0 logs the "
+        "table at the end. Costs a few timer reads per step.",
+    )
     data_streams: int | None = Field(
         None,
         ge=1,

@@ -43,6 +43,7 @@ TRAIN_METRICS = "train/metrics.jsonl"
 # Written when the workers stop before max_steps because training diverged: why, and at which step.
 TRAIN_STOPPED = "train/stopped.json"
 TRAIN_SAMPLES = "train/samples"  # train.record_samples: step-N-rank-R.jsonl, each step's sample keys up to checkpoint N
+TRAIN_PROFILE = "train/profile"  # train.profile: rank-N.json, the time of each phase of a step
 TRAIN_RESUMES = "train/resumes.json"  # one entry per resume: the step and checkpoint it started from
 
 SAMPLE_VALIDATION = "sample/validation.json"

@@ -9,6 +9,7 @@ import pytest
 from run_contract import SMALL, check_run_contract, pipeline
 
 from pipeline.core import layout
+from train.profile import WARMUP
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
@@ -29,7 +30,8 @@ def test_config_show_prints_every_section():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    result = pipeline("run", "--preset", "tiny", "--out", str(out), *[arg for item in SMALL for arg in ("--set", item)])
+    overrides = [*SMALL, "train.profile=true"]
+    result = pipeline("run", "--preset", "tiny", "--out", str(out), *[arg for item in overrides for arg in ("--set", item)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     (out.parent / "console.txt").write_text(result.stdout + result.stderr)
     return out
@@ -55,6 +57,23 @@ def test_console_shows_each_stage_start_progress_and_end_and_keeps_ray_chatter_i
 
 def test_run_directory_contract(tiny_run):
     check_run_contract(str(tiny_run))
+
+
+def test_profile_times_every_phase_of_both_workers_steps(tiny_run):
+    """train.profile on the two ZeRO-2 workers: each phase that the run has takes time, and the rows make up the steps."""
+    for rank in (0, 1):
+        table = json.loads((tiny_run / layout.TRAIN_PROFILE / f"rank-{rank}.json").read_text())
+        assert table["rank"] == rank and table["world_size"] == 2
+        assert table["steps_timed"] == 8 - WARMUP and table["setup_seconds"] > 0
+        rows = table["rows"]
+        for row in ("data", "draws", "forward", "loss check", "backward", "gradient reduce", "optimizer step", "ema"):
+            assert rows[row]["ms_per_step"] > 0, (rank, row)
+        assert rows["export"]["ms_per_step"] > 0 or rank == 1  # rank 0 writes the exports (steps 4 and 8)
+        assert rows["checkpoint"]["ms_per_step"] > 0
+        assert sum(figures["share"] for figures in rows.values()) == pytest.approx(1.0, abs=0.01)
+        assert sum(figures["ms_per_step"] for figures in rows.values()) == pytest.approx(table["ms_per_step"], rel=0.01)
+    console = (tiny_run.parent / "console.txt").read_text()
+    assert re.search(r"profile of rank 0 of 2: 6 steps timed", console) and re.search(r"gradient reduce +[\d.]+", console)
 
 
 def test_rerun_of_a_finished_run_skips_every_stage(tiny_run):
