@@ -10,6 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build (~200 MB). README: Installing.
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# uv installs what pip takes minutes for in about half a minute (README: Installing). INSTALLER=pip uses pip
+# alone; where uv cannot install (no PyPI, only a local index that pip is configured for), pip does it anyway.
+INSTALLER ?= uv
+# uv reads neither pip.conf nor PIP_* variables: the wheel folder pip is told about is passed on.
+UV_FLAGS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -23,9 +28,14 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	@echo "Installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX)) first (CPU build ~200 MB, CUDA build several GB), then the rest"
-	$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(PIP) install --progress-bar on -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	if [ "$(INSTALLER)" = uv ] && $(PIP) install -q uv \
+		&& $(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" \
+		&& $(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -c $(VENV)/torch-constraint.txt -e '.[dev]'; then :; else \
+		[ "$(INSTALLER)" = pip ] || echo "uv could not install (see above): installing with pip, which takes minutes"; \
+		$(PIP) install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" \
+		&& $(PIP) install --progress-bar on -c $(VENV)/torch-constraint.txt -e '.[dev]'; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed
