@@ -49,12 +49,13 @@ FLOP_COUNT_SOURCE = "counted here: torch FlopCounterMode on the meta-device mode
 UNET_TRAIN_FLOPS = {  # forward + backward per sample, the backward counted too (about 2x forward)
     "sd15": (6_070_435_840, 496_391_280, 21_903.75),
     "tiny": (29_491_200, 9_344_256, 2_688),
+    "micro": (14_311_424, 2_415_744, 1_344),
 }
 VAE_ENCODE_FLOPS = {"sd15": (0, 264_233_088, 2_048), "tiny": (0, 6_042_752, 256)}  # encoder + quant_conv
 TEXT_ENCODE_FLOPS = {"sd15": 13_298_503_680, "tiny": 13_128_192}  # 77 tokens, once per caption
 TEXT_SHAPE = {"sd15": (77, 768), "tiny": (77, 64)}
 LATENT_CHANNELS = 4
-PARAMS = {"sd15": 859_520_964, "tiny": 4_192_900}  # UNet parameters, counted the same way
+PARAMS = {"sd15": 859_520_964, "tiny": 4_192_900, "micro": 1_077_572}  # UNet parameters, counted the same way
 
 
 def quadratic_flops(coefficients: tuple[float, float, float], resolution: int) -> float:
@@ -144,6 +145,7 @@ class PresetFacts:
 
     name: str
     unet: str
+    encoders: str  # the VAE and text encoder: "tiny" (builtin) or "sd15"
     source: str  # ingest.source: toy or urls
     resolution: int
     steps: int
@@ -167,6 +169,7 @@ def preset_facts(preset: str) -> PresetFacts:
     return PresetFacts(
         name=name,
         unet=train.unet,
+        encoders="tiny" if encode.vae.startswith("builtin:") else "sd15",
         source=config.ingest.source,
         resolution=encode.resolution,
         steps=train.max_steps,
@@ -401,7 +404,7 @@ def estimate_download(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> float
 
 def estimate_storage(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> None:
     """Raw shard bytes (given, or measured/published and scaled with pixels) and fp16 latent + text bytes."""
-    images, preset, model, resolution = inputs.images, inputs.preset, inputs.preset.unet, setup.resolution
+    images, preset, model, resolution = inputs.images, inputs.preset, inputs.preset.encoders, setup.resolution
     raw_bytes_per_image = inputs.raw_bytes_per_image
     if raw_bytes_per_image is None:
         if preset.source == "toy":
@@ -459,7 +462,7 @@ def assume_rates(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> Rates:
     device, mfu = setup.device, inputs.mfu
     if device.peak_flops is None:
         tiny_encode = quadratic_flops(VAE_ENCODE_FLOPS["tiny"], 64) + TEXT_ENCODE_FLOPS["tiny"]
-        tiny_train = quadratic_flops(UNET_TRAIN_FLOPS["tiny"], 64)
+        tiny_train = quadratic_flops(UNET_TRAIN_FLOPS["micro"], 64)  # the tiny preset's UNet, which the bench trains
         encode_rate = ledger.assume(
             "encode_flops_per_device",
             BENCH_ENCODE_SAMPLES_PER_S * tiny_encode,
@@ -470,7 +473,7 @@ def assume_rates(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> Rates:
             "train_flops_per_device",
             BENCH_TRAIN_SAMPLES_PER_S * tiny_train,
             "FLOP/s",
-            f"measured here: pipeline bench train on 2 CPU cores, {BENCH_TRAIN_SAMPLES_PER_S} samples/s x the tiny UNet's FLOPs at 64 px",
+            f"measured here: pipeline bench train on 2 CPU cores, {BENCH_TRAIN_SAMPLES_PER_S} samples/s x the tiny preset's UNet's (micro) FLOPs at 64 px",
         )
         mfu = ledger.assume(
             "mfu", mfu or device.mfu, "", GIVEN if mfu else "assumed 1: the CPU rates above are achieved rates, not peaks"
@@ -490,7 +493,7 @@ def assume_rates(ledger: Ledger, inputs: PlanInputs, setup: Setup) -> Rates:
 
 def estimate_encode(ledger: Ledger, inputs: PlanInputs, setup: Setup, rates: Rates) -> float:
     """GPU-seconds to encode every image (VAE, once per flip copy) and caption (text encoder)."""
-    preset, model, resolution = inputs.preset, inputs.preset.unet, setup.resolution
+    preset, model, resolution = inputs.preset, inputs.preset.encoders, setup.resolution
     vae_flops = ledger.assume(
         "vae_encode_flops",
         preset.vae_passes * quadratic_flops(VAE_ENCODE_FLOPS[model], resolution),

@@ -14,7 +14,7 @@ import math
 
 VAE_DOWNSAMPLE = 8
 # How often each UNet preset of train/unet.py halves the latent (len(down_block_types) - 1).
-UNET_DOWNSAMPLINGS = {"tiny": 1, "sd15": 3}
+UNET_DOWNSAMPLINGS = {"tiny": 1, "micro": 1, "sd15": 3}
 # "auto": pixel counts within this share of resolution^2, aspect ratios up to this (SDXL: ~4:1; 2:1 is safer at 256 px).
 AUTO_AREA_TOLERANCE = 0.15
 AUTO_MAX_RATIO = 2.0

@@ -223,7 +223,7 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
-    unet: Literal["tiny", "sd15"] = Field("tiny", description="UNet2DConditionModel preset.")
+    unet: Literal["tiny", "micro", "sd15"] = Field("tiny", description="UNet2DConditionModel preset.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers, each running one DeepSpeed engine.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker (CPU training).")

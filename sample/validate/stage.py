@@ -240,8 +240,9 @@ class Validator:
                 latent_shape,
                 self.manifest["vae"]["scaling_factor"],
             )
-            run.write_bytes(grid_path(step, guidance_scale), png_bytes(image_grid(images, conditions.texts)))
-            entry["images"][key] = grid_path(step, guidance_scale)
+            grid = grid_path(step, guidance_scale)
+            run.write_bytes(grid, png_bytes(image_grid(images, conditions.texts)))
+            entry["images"][key] = grid
             measured = self.metrics.measure(images, conditions.texts)
             judged_shapes = [(shape, row) for shape, row in zip(shapes, images) if shape is not None]
             if judged_shapes:
@@ -255,7 +256,7 @@ class Validator:
             shown = ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in measured.items())
             logger.info(
                 f"step {step} guidance {key}: {images.shape[0] * images.shape[1]} images"
-                f"{', ' + shown if shown else ''} ({time.monotonic() - scale_started:.1f}s)"
+                f"{', ' + shown if shown else ''} ({time.monotonic() - scale_started:.1f}s): {run.path(grid)}"
             )
         entry["skipped_metrics"] = dict(self.metrics.skipped)
         entry["seconds"] = round(time.monotonic() - started, 3)

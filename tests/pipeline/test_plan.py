@@ -262,3 +262,8 @@ def test_flop_constants_match_a_fresh_count():
         encode = count(lambda: vae.encode(pixels).latent_dist.mode())  # noqa: B023
         assert encode == pytest.approx(quadratic_flops(VAE_ENCODE_FLOPS[model], resolution), rel=1e-9), model
         assert count(lambda: text(tokens).last_hidden_state) == TEXT_ENCODE_FLOPS[model]  # noqa: B023
+    unet = build_unet("micro", 64, side, on_meta=True)  # the tiny preset's UNet, on the tiny encoders
+    unet.set_attn_processor(AttnProcessor())
+    assert sum(parameter.numel() for parameter in unet.parameters()) == PARAMS["micro"]
+    train = count(lambda: unet(latents, timestep, torch.randn(1, 77, 64, device=meta)).sample.sum().backward())
+    assert train == pytest.approx(quadratic_flops(UNET_TRAIN_FLOPS["micro"], resolution), rel=1e-9)

@@ -196,7 +196,8 @@ def test_a_freeze_entry_matching_no_parameter_fails_naming_it(tmp_path):
         check_inputs(config(2, 'train.freeze=["*"]'), run)
     counts = check_inputs(config(2, 'train.freeze=["*.attn2.*"]'), run)["parameters"]  # a glob: cross-attention
     assert 0 < counts["frozen"] < counts["trainable"]
-    assert counts["total"] == parameter_count(build_unet("tiny", cross_attention_dim=TEXT_SHAPE[1], sample_size=8))
+    unet = build_unet(load_config("tiny").train.unet, cross_attention_dim=TEXT_SHAPE[1], sample_size=8)
+    assert counts["total"] == parameter_count(unet)
 
 
 def test_the_average_covers_only_trainable_parameters():

@@ -233,7 +233,7 @@ def test_finite_parameters_check_sees_one_bad_weight():
 # (runwayml/stable-diffusion-v1-5/scheduler); tiny: its own, cosine with v-prediction.
 REFERENCE_SCHEDULES = {
     "sd15": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"},
-    "tiny": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
+    "micro": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
 }
 
 

@@ -28,6 +28,7 @@ from pipeline.bench.gpu import (
     unet_flops_per_image,
 )
 from pipeline.core import layout
+from pipeline.core.config import load_config
 from pipeline.core.rundir import RunDir
 from train.data import read_spec
 from train.unet import build_unet
@@ -94,7 +95,7 @@ def test_flops_counted_on_the_meta_device_match_a_real_count_with_attention():
     fused attention is not in the counter's table, so the real count forces the math kernel."""
     batch = 2
     torch.manual_seed(0)
-    unet = build_unet("tiny", TINY.text_width, TINY.resolution // 8)
+    unet = build_unet(load_config(TINY.preset).train.unet, TINY.text_width, TINY.resolution // 8)
     latents = torch.randn(batch, 4, 8, 8)
     text = torch.randn(batch, 77, TINY.text_width)
 
