@@ -5,8 +5,8 @@ draws (caption dropout, noise, timesteps), the forward with the loss, the loss c
 collective: it also waits for the slowest rank), the moving average, logging, export and
 checkpoint. DeepSpeed's engine timers (`wall_clock_breakdown`) split the rest: backward
 (autograd), the gradient reduction that ends it, and the optimizer step (under ZeRO 1-2 it ends
-with the all-gather of the updated partitions). On a CPU these timers do not synchronize, so the cost is a few
-`perf_counter` calls per step.
+with the all-gather of the updated partitions). On a CPU these timers do not synchronize, so the
+cost is a few clock reads per step.
 
 Each rank writes `RUN/train/profile/rank-N.json` at every checkpoint and at the end, and rank 0
 logs the table once training is done. The first `WARMUP` steps of a session are left out of the
@@ -50,7 +50,7 @@ ROWS = (
 
 
 class StepProfile:
-    """One rank's phase totals; `phase` and `engine_step` are no-ops when profiling is off."""
+    """One rank's phase totals; every method is a no-op when profiling is off."""
 
     def __init__(self, enabled: bool, run: RunDir | None = None, start_step: int = 0):
         self.enabled, self.run = enabled, run
@@ -98,9 +98,9 @@ class StepProfile:
         steps = max(self.steps, 1)
         covered = sum(self.totals[row] for row in ROWS)
         totals = {**self.totals, "other": max(self.wall - covered, 0.0)}
-        wall = self.wall
+        wall = self.wall or 1.0  # nothing timed yet: every share is 0
         rows = {
-            row: {"ms_per_step": round(1000 * totals[row] / steps, 3), "share": round(totals[row] / wall, 4) if wall else 0.0}
+            row: {"ms_per_step": round(1000 * totals[row] / steps, 3), "share": round(totals[row] / wall, 4)}
             for row in (*ROWS, "other")
         }
         return {
@@ -108,14 +108,14 @@ class StepProfile:
             "world_size": distributed.world_size(),
             "steps_timed": self.steps,
             "warmup_steps_left_out": min(self.seen, WARMUP),
-            "first_step": self.start_step,
-            "ms_per_step": round(1000 * wall / steps, 3),
+            "from_step": self.start_step,
+            "ms_per_step": round(1000 * self.wall / steps, 3),
             "setup_seconds": round(self.setup_seconds, 2),
             "rows": rows,
         }
 
     def first_step(self, entered: float) -> None:
-        """`entered`: the worker function's start, on `time.perf_counter`."""
+        """Just before the first step; `entered`: the worker function's start, on `time.perf_counter`."""
         self.setup_seconds = time.perf_counter() - entered
 
     def write(self) -> None:

@@ -247,7 +247,8 @@ def test_lora_trains_only_adapters_on_the_export_and_resumes_from_checkpoints_wi
     summary = run_stage(config(2, *overrides), run)
     counts = summary["parameters"]
     assert (
-        counts["frozen"] == sum(value.numel() for value in initial.values()) and 0 < counts["trainable"] < 0.02 * counts["frozen"]
+        # Rank 4 on the micro UNet's 32- and 64-wide projections: 2.2% of it (1% of the 4.2M tiny UNet).
+        counts["frozen"] == sum(value.numel() for value in initial.values()) and 0 < counts["trainable"] < 0.03 * counts["frozen"]
     )
     assert summary["exports"] == [0, 2]
     for step in (0, 2):  # unet/ is the base, bit for bit; the adapter is beside it

@@ -61,7 +61,7 @@ def test_phases_add_up_to_the_step_and_the_warmup_is_left_out(clock, tmp_path):
         one_step(timer, clock, export_seconds=0.2 if index == 3 else 0.0)
     table = timer.table()
     rows = table["rows"]
-    assert table["steps_timed"] == 4 and table["warmup_steps_left_out"] == WARMUP and table["first_step"] == 100
+    assert table["steps_timed"] == 4 and table["warmup_steps_left_out"] == WARMUP and table["from_step"] == 100
     expected = {"data": 2, "draws": 1, "forward": 10, "loss check": 0.5, "backward": 30, "gradient reduce": 5}
     expected |= {"optimizer step": 4, "ema": 3, "log": 0, "other": 1.5, "export": 50, "checkpoint": 0}
     assert {row: pytest.approx(figures["ms_per_step"], abs=1e-6) for row, figures in rows.items()} == expected

@@ -34,7 +34,8 @@ def test_bench_train_prints_ratio_and_zero3_memory_json_last():
     assert all(report[key] > 0 for key in POSITIVE.split()), report
     assert len(report["bare_samples_per_s_halves"]) == 2 and min(report["bare_samples_per_s_halves"]) > 0
     assert report["ratio"] == pytest.approx(report["samples_per_s"] / report["bare_samples_per_s"], rel=0.01)
-    assert report["wall_ratio"] == pytest.approx(report["stage_wall_samples_per_s"] / report["bare_samples_per_s"], rel=0.01)
+    wall_ratio = report["stage_wall_samples_per_s"] / report["bare_samples_per_s"]
+    assert report["wall_ratio"] == pytest.approx(wall_ratio, rel=0.01, abs=5e-4)  # ratios are rounded to 3 decimals
     assert report["stage_seconds"] > report["stage_steady_seconds"]  # the wall clock holds start-up and the checkpoint too
     # How near the cores' limit: the steady rate's FLOP/s over a plain matmul's on the same thread, the faster half.
     assert (
