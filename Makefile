@@ -13,8 +13,10 @@ PYTEST_ARGS ?=
 # uv installs what pip takes minutes for in about half a minute (README: Installing). INSTALLER=pip uses pip
 # alone; where uv cannot install (no PyPI, only a local index that pip is configured for), pip does it anyway.
 INSTALLER ?= uv
-# uv reads neither pip.conf nor PIP_* variables: the wheel folder pip is told about is passed on.
-UV_FLAGS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+# uv reads neither pip.conf nor PIP_* variables: the wheel folder pip is told about is passed on. It
+# compiles the bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and
+# every process would compile torch's and diffusers' imports again (5 s against 12 s here).
+UV_FLAGS := --compile-bytecode $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
