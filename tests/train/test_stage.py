@@ -23,6 +23,10 @@ from train.stage import TrainStageError, check_inputs, run_config, run_stage, st
 # flip choices and posterior draws of latents encoded with both encode options), and so must the
 # moving average of the weights (the tiny preset keeps one, train.ema_decay = 0.999).
 OVERRIDES = [
+    # The 4.2M-parameter UNet and lr these tests were calibrated on (the demo's micro UNet at 1e-3 would
+    # make the ZeRO-2 against ZeRO-3 comparison's reduction-order noise about 50 times larger).
+    "train.unet=tiny",
+    "train.lr=5e-4",
     "train.num_workers=2",
     "train.cpus_per_worker=0.5",
     "train.zero_stage=2",
@@ -124,10 +128,9 @@ def test_zero_3_keeps_a_partitioned_average_that_resumes_and_matches_zero_2(tmp_
     lag = (averaged_2 - online_2).norm()
     assert lag > 0.01  # ~0.25: the average trails the weights
     # ZeRO-2 and ZeRO-3 reduce gradients in another order, and Adam magnifies that in a few weights
-    # whose gradients are ~0 (up to ~1e-4 after 6 steps), in the weights and their average alike
-    # (1.5% of the lag on the micro UNet, under 1% on the 4.2M tiny one); the average's lag behind
-    # the weights, what the EMA adds, agrees to float precision.
-    assert (online - online_2).norm() < 0.02 * lag and (averaged - averaged_2).norm() < 0.02 * lag
+    # whose gradients are ~0 (up to ~1e-4 after 6 steps), in the weights and their average alike;
+    # the average's lag behind the weights, what the EMA adds, agrees to float precision.
+    assert (online - online_2).norm() < 0.01 * lag and (averaged - averaged_2).norm() < 0.01 * lag
     torch.testing.assert_close(averaged - online, averaged_2 - online_2, rtol=0, atol=1e-6)
 
 

@@ -43,9 +43,11 @@ def test_bench_train_prints_ratio_and_zero3_memory_json_last():
     )
     expected = report["samples_per_s"] * report["train_flops_per_sample"] / report["matmul_flops_per_s"]
     assert report["cpu_mfu"] == pytest.approx(expected, rel=0.01)
+    from pipeline.core.config import load_config
     from pipeline.plan import UNET_TRAIN_FLOPS, quadratic_flops
 
-    assert report["train_flops_per_sample"] == quadratic_flops(UNET_TRAIN_FLOPS["tiny"], 64)  # the counted tiny UNet at 64 px
+    unet = load_config("tiny").train.unet  # the tiny preset's UNet, counted at 64 px
+    assert report["train_flops_per_sample"] == quadratic_flops(UNET_TRAIN_FLOPS[unet], 64)
 
     zero0, zero3 = report["zero0_held_per_rank"], report["zero3_held_per_rank"]
     assert len(zero0) == len(zero3) == report["memory_workers"] == 2
