@@ -16,15 +16,16 @@ start to its first step (config, encode manifest, UNet, DeepSpeed engine, resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from contextlib import contextmanager
 
 from pipeline.core import layout
 from pipeline.core.rundir import RunDir
 from train import distributed
 
 WARMUP = 2
+_UNTIMED = contextlib.nullcontext()  # reusable: it holds no state
 # DeepSpeed's global timer names (deepspeed.utils.timer) and the row each becomes; the forward is
 # timed here, with the loss.
 ENGINE_TIMERS = {
@@ -62,11 +63,12 @@ class StepProfile:
         self.setup_seconds = 0.0
         self._step_started: float | None = None
 
-    @contextmanager
-    def phase(self, name: str):
-        if not self.enabled:
-            yield
-            return
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Times the block as row `name`; off, a shared no-op (nothing per step on the hot path)."""
+        return self._timed(name) if self.enabled else _UNTIMED
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
         started = time.perf_counter()
         try:
             yield

@@ -2,7 +2,7 @@
 
 `micro` is the offline demo's 1.1M-parameter UNet (the tiny preset's: two levels, cross-attention
 in both); `tiny` is the same at twice the width (4.2M parameters, 3.7x the FLOPs), which the demo
-trained before; `sd15` is Stable Diffusion 1.5's UNet shape (~860M parameters). Both cross-attend to the
+trained before; `sd15` is Stable Diffusion 1.5's UNet shape (~860M parameters). All cross-attend to the
 text encoder's last hidden state, whose width is `cross_attention_dim`. Class-conditional
 training adds diffusers' class embedding (`num_class_embeds`: the classes plus the null class),
 added to the timestep embedding.
